@@ -1,0 +1,40 @@
+"""Shared helpers: tiny supernets and weights moved away from their initial values."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import ofa
+
+SEED_SPACE = ofa.ConfigSpace(kernel=(5, 7), depth=(2, 3), width=(2, 4))
+PAPER_SPACE = ofa.ConfigSpace(kernel=(3, 5, 7), depth=(2, 3, 4), width=(3, 4, 6))
+# Small but complete: both activations, SE on and off, strides 1 and 2, a residual and a non-residual first block.
+TINY_UNITS = [
+    ofa.UnitSpec(8, stride=1, activation="relu", se=False),
+    ofa.UnitSpec(16, stride=2, activation="hswish", se=True),
+]
+
+
+def tiny_net(space: ofa.ConfigSpace, in_channels: int = 3, num_classes: int = 10) -> ofa.OFANet:
+    torch.manual_seed(0)
+    return ofa.OFANet(space, in_channels, num_classes, units=TINY_UNITS, stem_channels=8, final_channels=32)
+
+
+@torch.no_grad()
+def perturb(module: nn.Module, seed: int = 1) -> nn.Module:
+    """Move every weight, transform matrix and BN statistic off its initial value (identities and 0/1 stats hide bugs)."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in module.named_parameters():
+        p.add_(0.2 * torch.randn(p.shape, generator=g) * (p.abs().mean() + 0.1))
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(0.3 * torch.randn(m.running_mean.shape, generator=g))
+            m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
+    return module
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(2)
