@@ -17,7 +17,6 @@ import socket
 import struct
 import sys
 import tarfile
-import tempfile
 import urllib.error
 import urllib.request
 import zlib
@@ -27,6 +26,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from .io import atomic_write
 
 __all__ = [
     "CIFAR10_FILES",
@@ -477,20 +478,9 @@ def _compact(t: torch.Tensor) -> torch.Tensor:
 
 
 def save_split(split: Split, path: Path) -> None:
-    """Atomically save a Split as a dict of tensors (temp file in the same dir, then os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"images": _compact(split.images), "labels": _compact(split.labels)}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Atomically save a Split as a dict of tensors."""
+    atomic_write(Path(path), lambda f: torch.save({"images": _compact(split.images), "labels": _compact(split.labels)}, f),
+                 binary=True)
 
 
 def load_split(path: Path) -> Split:
@@ -514,8 +504,8 @@ def load_split(path: Path) -> Split:
 # augmentation
 
 
-def augment(images: torch.Tensor, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
-    """Random crop with zero padding + random horizontal flip, as batched tensor ops on the tensor's device (no per-sample Python loop)."""
+def augment(images: torch.Tensor, generator: torch.Generator, padding: int = 4, flip: bool = True) -> torch.Tensor:
+    """Random crop with zero padding (+ random horizontal flip), as batched tensor ops on the tensor's device (no per-sample Python loop)."""
     if images.ndim != 4:
         raise ValueError(f"augment images must have shape (B, C, H, W), got {tuple(images.shape)}")
     if not isinstance(padding, int) or padding < 0:
@@ -526,7 +516,7 @@ def augment(images: torch.Tensor, generator: torch.Generator, padding: int = 4) 
         )
     b, c, h, w = images.shape
     device = images.device
-    flip = torch.rand(b, generator=generator, device=device) < 0.5
+    flip = (torch.rand(b, generator=generator, device=device) < 0.5) & flip
     offset_y = torch.randint(0, 2 * padding + 1, (b,), generator=generator, device=device)
     offset_x = torch.randint(0, 2 * padding + 1, (b,), generator=generator, device=device)
     padded = F.pad(images, (padding, padding, padding, padding)) if padding else images

@@ -1,11 +1,129 @@
-"""Training, evaluation and batch-norm re-calibration."""
+"""Training, evaluation, knowledge distillation and batch-norm re-calibration.
+
+The whole dataset lives on the training device as uint8; each batch is augmented there (``data.augment``)
+and normalised. One loop serves every phase: a step samples configs (just ``None`` for a plain module,
+the max config for the supernet phase, random subnets for the shrink phases), accumulates their
+gradients, and adds distillation from a frozen teacher.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+import random
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
+
+from . import data as data_mod
+from .io import atomic_write
+from .space import SubnetConfig
+
+
+class DivergenceError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """'auto' picks CUDA when available, else CPU."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device: cuda is not available on this machine (auto or cpu)")
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+@dataclass
+class DeviceData:
+    """Both splits resident on the training device (uint8) plus the normalisation of the training split."""
+
+    train: data_mod.Split
+    test: data_mod.Split
+    mean: torch.Tensor  # (1, C, 1, 1) float
+    std: torch.Tensor  # (1, C, 1, 1) float
+    device: torch.device
+
+    @classmethod
+    def load(cls, prepared_dir: Path, device: torch.device) -> DeviceData:
+        train = data_mod.load_split(Path(prepared_dir) / "train.pt")
+        test = data_mod.load_split(Path(prepared_dir) / "test.pt")
+        pixels = train.images.float().transpose(0, 1).reshape(train.images.shape[1], -1)  # (C, N*H*W)
+        mean = pixels.mean(dim=1).view(1, -1, 1, 1)
+        std = pixels.std(dim=1).clamp_min(1.0).view(1, -1, 1, 1)
+        move = lambda s: data_mod.Split(s.images.to(device), s.labels.to(device))  # noqa: E731
+        return cls(move(train), move(test), mean.to(device), std.to(device), device)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train.images.shape[1:])
+
+    def inputs(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, C, H, W) -> normalised float, channels_last (faster for depthwise convs on CPU and GPU)."""
+        x = (images.float() - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last)
+
+    def calibration_batches(self, images: int, batch_size: int, seed: int) -> list[torch.Tensor]:
+        """A fixed random subset of un-augmented training images, in batches, for BN re-calibration."""
+        g = torch.Generator().manual_seed(seed)
+        idx = torch.randperm(len(self.train), generator=g)[: min(images, len(self.train))].to(self.device)
+        return [self.inputs(self.train.images[idx[i : i + batch_size]]) for i in range(0, len(idx), batch_size)]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """SGD with Nesterov momentum, linear warm-up then cosine decay to zero, label smoothing."""
+
+    epochs: int
+    lr: float
+    batch_size: int
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 3e-5
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    crop_padding: int = 4
+    flip: bool = True
+    images_per_epoch: int | None = None  # None: the whole training split
+
+    def lr_at(self, step: int, total_steps: int, steps_per_epoch: int) -> float:
+        warmup = min(int(self.warmup_epochs * steps_per_epoch), total_steps // 2)
+        if step < warmup:
+            return self.lr * (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * self.lr * (1 + math.cos(math.pi * progress))
+
+
+def soft_cross_entropy(logits: torch.Tensor, soft_targets: torch.Tensor) -> torch.Tensor:
+    """Cross entropy against the teacher's probabilities (knowledge distillation, OFA's KD loss)."""
+    return torch.sum(-soft_targets * F.log_softmax(logits, dim=1), dim=1).mean()
+
+
+def _call(model: nn.Module, x: torch.Tensor, cfg: SubnetConfig | None) -> torch.Tensor:
+    return model(x) if cfg is None else model(x, cfg)
+
+
+def _autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: DeviceData, cfg: SubnetConfig | None = None, batch_size: int = 1000) -> float:
+    """Top-1 accuracy on the test split (eval mode, restored afterwards)."""
+    training = model.training
+    model.eval()
+    correct = 0
+    try:
+        for i in range(0, len(data.test), batch_size):
+            with _autocast(data.device):
+                logits = _call(model, data.inputs(data.test.images[i : i + batch_size]), cfg)
+            correct += int((logits.argmax(1) == data.test.labels[i : i + batch_size]).sum())
+    finally:
+        model.train(training)
+    return correct / len(data.test)
 
 
 @torch.no_grad()
@@ -24,7 +142,8 @@ def calibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
     seen = 0
     try:
         for x in batches:
-            model(x)
+            with _autocast(x.device):
+                model(x)
             seen += x.shape[0]
     finally:
         model.train(training)
@@ -34,3 +153,155 @@ def calibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
     if seen == 0:
         raise ValueError("calibrate_bn: no batches given (at least one batch of training images is needed)")
     return seen
+
+
+@dataclass
+class EpochStats:
+    epoch: int
+    loss: float
+    accuracy: float  # training accuracy of the first sampled config of each step
+    lr: float
+    images: int
+    seconds: float
+    logged: dict  # what went to the curves: train/loss, train/accuracy, lr and the epoch_metrics
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / max(self.seconds, 1e-9)
+
+
+def _load_state(path: Path | None, key: str) -> dict | None:
+    if path is None or not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - an unreadable resume state is only a lost shortcut
+        return None
+    return state if isinstance(state, dict) and state.get("key") == key else None
+
+
+def fit(
+    model: nn.Module,
+    data: DeviceData,
+    schedule: Schedule,
+    *,
+    sample: Callable[[random.Random], Sequence[SubnetConfig | None]] = lambda rng: [None],
+    parameters: Iterable[nn.Parameter] | None = None,
+    teacher: nn.Module | None = None,
+    kd_ratio: float = 0.0,
+    seed: int = 0,
+    desc: str = "train",
+    epoch_metrics: Callable[[], dict[str, float]] | None = None,
+    log: Callable[[dict[str, float]], None] | None = None,
+    resume: Path | None = None,
+    resume_key: str = "",
+    progress: bool = True,
+) -> list[EpochStats]:
+    """Train `model` for `schedule.epochs`; each step sums the losses of the configs `sample` draws.
+
+    `parameters` restricts what the optimizer updates (default: all). With a `teacher` and kd_ratio > 0 the
+    loss adds kd_ratio x soft cross entropy against the teacher's predictions. After each epoch the
+    curves entry (training loss/accuracy, lr, plus `epoch_metrics()`) goes to `log`, and with `resume` the
+    whole training state is saved there; a later call with the same `resume_key` continues after the last
+    finished epoch and ends exactly where an uninterrupted run would. A non-finite loss raises
+    DivergenceError naming the epoch, step and learning rate.
+    """
+    params = [p for p in (model.parameters() if parameters is None else parameters) if p.requires_grad]
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]  # BN and biases: no weight decay
+    optimizer = torch.optim.SGD(
+        [{"params": decay, "weight_decay": schedule.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=schedule.lr, momentum=schedule.momentum, nesterov=schedule.nesterov and schedule.momentum > 0,
+    )
+    n = len(data.train)
+    per_epoch = min(n, schedule.images_per_epoch or n)
+    batch = min(schedule.batch_size, per_epoch)
+    steps_per_epoch = per_epoch // batch
+    total = steps_per_epoch * schedule.epochs
+    rng = random.Random(seed)
+    shuffle = torch.Generator().manual_seed(seed)
+    aug = torch.Generator(device=data.device).manual_seed(seed + 1)
+    history: list[EpochStats] = []
+    state = _load_state(resume, resume_key)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        rng.setstate(_tuples(state["rng"]))
+        shuffle.set_state(state["shuffle"])
+        aug.set_state(state["aug"].to(aug.get_state().device))
+        history = [EpochStats(**h) for h in state["history"]]
+        print(f"{desc}: resuming after epoch {len(history)}/{schedule.epochs} from {resume}", file=sys.stderr)
+        for h in history:
+            if log is not None:
+                log(h.logged)
+    use_kd = teacher is not None and kd_ratio > 0
+    if teacher is not None:
+        teacher.eval()
+    model.train()
+    for epoch in range(len(history), schedule.epochs):
+        order = torch.randperm(n, generator=shuffle)[: steps_per_epoch * batch].to(data.device)
+        loss_sum = torch.zeros((), device=data.device)
+        correct = torch.zeros((), device=data.device, dtype=torch.long)
+        start = time.perf_counter()
+        bar = tqdm(range(steps_per_epoch), desc=f"{desc} {epoch + 1}/{schedule.epochs}", disable=not progress,
+                   file=sys.stderr, mininterval=1.0 if sys.stderr.isatty() else 30.0, leave=True)
+        for step in bar:
+            lr = schedule.lr_at(epoch * steps_per_epoch + step, total, steps_per_epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            idx = order[step * batch : (step + 1) * batch]
+            images = data.train.images[idx]
+            if schedule.crop_padding or schedule.flip:
+                images = data_mod.augment(images, aug, schedule.crop_padding, schedule.flip)
+            x, y = data.inputs(images), data.train.labels[idx]
+            configs = list(sample(rng))
+            optimizer.zero_grad(set_to_none=True)
+            with _autocast(data.device):
+                soft = None
+                if use_kd:
+                    with torch.no_grad():
+                        soft = F.softmax(teacher(x).float(), dim=1)
+                step_loss = torch.zeros((), device=data.device)
+                for i, cfg in enumerate(configs):
+                    logits = _call(model, x, cfg).float()
+                    loss = F.cross_entropy(logits, y, label_smoothing=schedule.label_smoothing)
+                    if soft is not None:
+                        loss = loss + kd_ratio * soft_cross_entropy(logits, soft)
+                    (loss / len(configs)).backward()
+                    step_loss += loss.detach() / len(configs)
+                    if i == 0:
+                        correct += (logits.argmax(1) == y).sum()
+            if not torch.isfinite(step_loss):
+                raise DivergenceError(
+                    f"{desc}: loss is {float(step_loss)} at epoch {epoch + 1} step {step + 1} (lr {lr:.4g}); "
+                    "lower the learning rate"
+                )
+            optimizer.step()
+            loss_sum += step_loss
+            if progress and (step % 20 == 0 or step == steps_per_epoch - 1):
+                seen = (step + 1) * batch
+                bar.set_postfix(loss=f"{float(loss_sum) / (step + 1):.3f}", acc=f"{int(correct) / seen:.3f}",
+                                lr=f"{lr:.3g}", img_s=f"{seen / (time.perf_counter() - start):.0f}", refresh=False)
+        bar.close()
+        seconds = time.perf_counter() - start
+        mean_loss = float(loss_sum) / max(1, steps_per_epoch)
+        accuracy = int(correct) / max(1, steps_per_epoch * batch)
+        logged = {"train/loss": round(mean_loss, 6), "train/accuracy": round(accuracy, 6), "lr": lr}
+        if epoch_metrics is not None:
+            logged.update(epoch_metrics())
+        stats = EpochStats(epoch + 1, mean_loss, accuracy, lr, steps_per_epoch * batch, seconds, logged)
+        history.append(stats)
+        if log is not None:
+            log(logged)
+        if resume is not None:
+            atomic_write(resume, lambda f: torch.save({
+                "key": resume_key, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "rng": rng.getstate(), "shuffle": shuffle.get_state(), "aug": aug.get_state().cpu(),
+                "history": [asdict(h) for h in history],
+            }, f), binary=True)
+    return history
+
+
+def _tuples(x):
+    """random.Random state comes back from torch.load with lists where setstate wants tuples."""
+    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x

@@ -1,0 +1,228 @@
+"""Typed pipeline parameters: params.yaml parsed into frozen dataclasses, validated before any work.
+
+Every mistake raises ``ParamsError`` whose message is one line ``<key.path>: <what is wrong> (<what is
+allowed>)``; unknown keys get a did-you-mean. This is the only module that reads params.yaml.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .space import ConfigSpace
+from .supernet import UnitSpec
+
+DATASETS = ("cifar10", "fashion_mnist", "synthetic")
+DEVICES = ("auto", "cpu", "cuda")
+ACTIVATIONS = ("relu", "hswish")
+
+
+class ParamsError(ValueError):
+    """A bad value in params.yaml; str() is one line naming the key."""
+
+
+def _rule(*, min: float | None = None, gt: float | None = None, max: float | None = None,
+          lt: float | None = None, choices: tuple | None = None, help: str = "", default: Any = dataclasses.MISSING,
+          default_factory: Any = dataclasses.MISSING) -> Any:
+    meta = {"min": min, "gt": gt, "max": max, "lt": lt, "choices": choices, "help": help}
+    return field(default=default, default_factory=default_factory, metadata=meta)
+
+
+@dataclass(frozen=True)
+class DataParams:
+    dataset: str = _rule(choices=DATASETS, default="cifar10")
+    source_dir: str | None = None  # a local directory holding the official files (offline use)
+    train_limit: int | None = _rule(min=1, default=None)  # first N training images; null = all
+    test_limit: int | None = _rule(min=1, default=None)  # first N test images; null = all
+
+
+@dataclass(frozen=True)
+class SpaceParams:
+    kernel: tuple[int, ...] = (5, 7)
+    depth: tuple[int, ...] = (2, 3)
+    width: tuple[float, ...] = (2, 4)
+
+    def build(self) -> ConfigSpace:
+        return ConfigSpace(kernel=self.kernel, depth=self.depth, width=self.width)
+
+
+@dataclass(frozen=True)
+class UnitParams:
+    channels: int = _rule(min=1)
+    stride: int = _rule(choices=(1, 2), default=1)
+    activation: str = _rule(choices=ACTIVATIONS, default="relu")
+    se: bool = False
+
+
+@dataclass(frozen=True)
+class NetParams:
+    units: tuple[UnitParams, ...]
+    stem_channels: int = _rule(min=1, default=16)
+    stem_stride: int = _rule(choices=(1, 2), default=1)
+    final_channels: int = _rule(min=1, default=640)
+
+    def unit_specs(self) -> list[UnitSpec]:
+        return [UnitSpec(**dataclasses.asdict(u)) for u in self.units]
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    batch_size: int = _rule(min=1, default=128)
+    eval_batch_size: int = _rule(min=1, default=1000)
+    momentum: float = _rule(min=0, lt=1, default=0.9)
+    nesterov: bool = True
+    weight_decay: float = _rule(min=0, default=3e-5)
+    warmup_epochs: float = _rule(min=0, default=1.0)  # linear warm-up, then cosine to 0
+    label_smoothing: float = _rule(min=0, lt=1, default=0.1)
+    crop_padding: int = _rule(min=0, default=4)  # random crop with this zero padding; 0 = no crop
+    flip: bool = True  # random horizontal flip
+    device: str = _rule(choices=DEVICES, default="auto")
+
+
+@dataclass(frozen=True)
+class PhaseParams:
+    epochs: int = _rule(min=0)
+    lr: float = _rule(gt=0)
+
+
+@dataclass(frozen=True)
+class KernelPhaseParams(PhaseParams):
+    transforms_only: bool = False  # the source's variant: train only the kernel transform matrices
+
+
+@dataclass(frozen=True)
+class ShrinkParams:
+    kernel: KernelPhaseParams
+    depth: PhaseParams
+    width: PhaseParams
+    kd_ratio: float = _rule(min=0, default=1.0)  # weight of distillation from the previous stage's max net
+    subnets_per_step: int = _rule(min=1, default=2)  # sampled subnets whose gradients each step accumulates
+
+
+@dataclass(frozen=True)
+class FinetuneParams(PhaseParams):
+    images_per_epoch: int | None = _rule(min=1, default=None)  # null = the whole training split
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    finetune: FinetuneParams
+    bn_calibration_images: int = _rule(min=1, default=2000)
+    sampled_configs: int = _rule(min=0, default=0)  # random per-block configs besides the uniform grid
+
+
+@dataclass(frozen=True)
+class Params:
+    data: DataParams
+    space: SpaceParams
+    net: NetParams
+    train: TrainParams
+    supernet: PhaseParams
+    shrink: ShrinkParams
+    evaluate: EvaluateParams
+    seed: int = _rule(min=0, default=0)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null"}[tp]
+
+
+def _convert(value: Any, tp: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(tp):
+            return None
+        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _convert(value, inner, path)
+    if dataclasses.is_dataclass(tp):
+        return _parse(tp, value, path)
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ParamsError(f"{path}: got {value!r} ({_type_name(tp)})")
+        if not value:
+            raise ParamsError(f"{path}: empty list (at least one entry)")
+        return tuple(_convert(v, typing.get_args(tp)[0], f"{path}[{i}]") for i, v in enumerate(value))
+    ok = {
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+        bool: isinstance(value, bool),
+    }[tp]
+    if not ok:
+        raise ParamsError(f"{path}: got {value!r} ({_type_name(tp)})")
+    return value
+
+
+def _check_range(value: Any, meta: typing.Mapping, path: str) -> None:
+    if value is None:
+        return
+    if meta.get("choices") is not None and value not in meta["choices"]:
+        raise ParamsError(f"{path}: {value!r} is not allowed (one of {', '.join(map(str, meta['choices']))})")
+    bounds = [("min", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
+              ("max", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<")]
+    for key, ok, sign in bounds:
+        if meta.get(key) is not None and not ok(value, meta[key]):
+            allowed = [f"{s} {meta[k]:g}" for k, _, s in bounds if meta.get(k) is not None]
+            raise ParamsError(f"{path}: {value!r} is out of range ({' and '.join(allowed)})")
+
+
+def _parse(cls: type, raw: Any, path: str) -> Any:
+    where = path or "params"
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{where}: got {raw!r} (a mapping of {', '.join(f.name for f in dataclasses.fields(cls))})")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"did you mean {path + '.' if path else ''}{close[0]}?" if close else f"allowed: {', '.join(fields)}"
+            raise ParamsError(f"{path + '.' if path else ''}{key}: unknown key ({hint})")
+    values = {}
+    for name, f in fields.items():
+        key = f"{path}.{name}" if path else name
+        if name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ParamsError(f"{key}: missing ({_type_name(hints[name])})")
+            continue
+        values[name] = _convert(raw[name], hints[name], key)
+        _check_range(values[name], f.metadata, key)
+    return cls(**values)
+
+
+def parse_params(raw: Any) -> Params:
+    """Typed, validated Params from the mapping in params.yaml; ParamsError names the first bad key."""
+    params = _parse(Params, raw, "")
+    try:
+        params.space.build()
+    except ValueError as e:  # ConfigSpace messages already start with "space.<key>:"
+        raise ParamsError(str(e)) from None
+    for i, unit in enumerate(params.net.units):
+        if unit.channels < 1:
+            raise ParamsError(f"net.units[{i}].channels: {unit.channels} is out of range (>= 1)")
+    return params
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: file not found (run from the project root)") from None
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
+    return parse_params(raw)

@@ -1,0 +1,308 @@
+"""The pipeline's stages as library functions; ``stages/*.py`` call these with the parsed params.
+
+download -> train_supernet -> shrink_kernel -> shrink_depth -> shrink_width -> evaluate_space. Paths are
+relative to a project root; every output is written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import data as data_mod
+from .config import Params, PhaseParams
+from .flops import count_macs, count_params
+from .io import atomic_write, write_json
+from .space import SubnetConfig
+from .supernet import OFANet
+from .train import DeviceData, Schedule, calibrate_bn, evaluate, fit, select_device
+
+NUM_CLASSES = 10
+PREPARED, RAW, MODELS, METRICS = Path("data/prepared"), Path("data/raw"), Path("models"), Path("metrics")
+RESUME = Path(".resume")  # per-epoch training state of interrupted stages (git- and dvc-ignored)
+
+# stage -> (the stage whose checkpoint it starts from, which dimensions it samples)
+TRAINING_STAGES: dict[str, tuple[str | None, dict[str, bool]]] = {
+    "train_supernet": (None, {"kernel": False, "depth": False, "width": False}),
+    "shrink_kernel": ("train_supernet", {"kernel": True, "depth": False, "width": False}),
+    "shrink_depth": ("shrink_kernel", {"kernel": True, "depth": True, "width": False}),
+    "shrink_width": ("shrink_depth", {"kernel": True, "depth": True, "width": True}),
+}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable, or was built from other net/space params."""
+
+
+def _plain(obj: Any) -> Any:
+    return json.loads(json.dumps(obj))
+
+
+def save_checkpoint(net: OFANet, path: Path) -> None:
+    """Atomically save the supernet's weights with its architecture (CPU, contiguous tensors)."""
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in net.state_dict().items()}
+    atomic_write(Path(path), lambda f: torch.save({"arch": _plain(net.arch), "state_dict": state}, f), binary=True)
+
+
+def load_checkpoint(net: OFANet, path: Path) -> None:
+    """Load weights saved by save_checkpoint (weights_only); refuse a checkpoint of another architecture."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not found (run the upstream stage first: dvc repro)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch.load raises many types on corrupt files
+        raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or "arch" not in ckpt or "state_dict" not in ckpt:
+        raise CheckpointError(f"{path}: not a checkpoint of this project (keys arch and state_dict)")
+    ours, theirs = _plain(net.arch), ckpt["arch"]
+    for key in ours:
+        if theirs.get(key) != ours[key]:
+            where = {"space": "space", "units": "net.units"}.get(key, f"net.{key}")
+            if key in ("in_channels", "num_classes"):
+                where = "data.dataset"
+            raise CheckpointError(
+                f"{path}: built with {where} = {theirs.get(key)!r}, params give {ours[key]!r} "
+                "(rerun the upstream stages: dvc repro)"
+            )
+    net.load_state_dict(ckpt["state_dict"])
+
+
+def build_net(params: Params, input_shape: tuple[int, ...]) -> OFANet:
+    """The supernet of params.space / params.net for inputs of (C, H, W)."""
+    n = params.net
+    return OFANet(params.space.build(), in_channels=input_shape[0], num_classes=NUM_CLASSES,
+                  units=n.unit_specs(), stem_channels=n.stem_channels, stem_stride=n.stem_stride,
+                  final_channels=n.final_channels)
+
+
+def schedule(params: Params, phase: PhaseParams, images_per_epoch: int | None = None) -> Schedule:
+    t = params.train
+    return Schedule(epochs=phase.epochs, lr=phase.lr, batch_size=t.batch_size, momentum=t.momentum,
+                    nesterov=t.nesterov, weight_decay=t.weight_decay, warmup_epochs=t.warmup_epochs,
+                    label_smoothing=t.label_smoothing, crop_padding=t.crop_padding, flip=t.flip,
+                    images_per_epoch=images_per_epoch)
+
+
+def download(params: Params, root: Path = Path(".")) -> dict[str, Any]:
+    """Fetch, verify and parse the dataset, apply the limits, save uint8 splits to data/prepared."""
+    d = params.data
+    source = Path(d.source_dir) if d.source_dir else None
+    train, test = data_mod.prepare(d.dataset, root / RAW / d.dataset, source_dir=source, seed=params.seed)
+    limit = lambda s, n: s if n is None else data_mod.Split(s.images[:n], s.labels[:n])  # noqa: E731
+    train, test = limit(train, d.train_limit), limit(test, d.test_limit)
+    data_mod.save_split(train, root / PREPARED / "train.pt")
+    data_mod.save_split(test, root / PREPARED / "test.pt")
+    return {"dataset": d.dataset, "train_images": len(train), "test_images": len(test),
+            "image_shape": list(train.images.shape[1:])}
+
+
+def subnet_accuracy(net: OFANet, cfg: SubnetConfig, data: DeviceData, calibration: list[torch.Tensor],
+                    batch_size: int) -> float:
+    """Test accuracy of subnet cfg: extract, re-calibrate BN, evaluate."""
+    sub = net.extract(cfg)
+    calibrate_bn(sub, calibration)
+    return evaluate(sub, data, batch_size=batch_size)
+
+
+def _setup(params: Params, root: Path, stage_index: int) -> tuple[DeviceData, OFANet, list[torch.Tensor]]:
+    torch.manual_seed(params.seed)
+    device = select_device(params.train.device)
+    data = DeviceData.load(root / PREPARED, device)
+    net = build_net(params, data.input_shape).to(device, memory_format=torch.channels_last)
+    calibration = data.calibration_batches(params.evaluate.bn_calibration_images, params.train.eval_batch_size,
+                                           seed=params.seed + stage_index)
+    return data, net, calibration
+
+
+def _md5(path: Path) -> str:
+    h = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def resume_key(params: Params, stage: str, inputs: list[Path]) -> str:
+    """Identifies a stage run: all params, the stage, and the content of its input files."""
+    h = hashlib.sha256(json.dumps({"stage": stage, "params": asdict(params)}, sort_keys=True).encode())
+    for path in inputs:
+        h.update(_md5(path).encode())
+    return h.hexdigest()
+
+
+def train_stage(params: Params, stage: str, root: Path = Path("."), progress: bool = True) -> dict[str, Any]:
+    """Run one training stage: load the previous stage's supernet, train, save checkpoint, curves and metrics.
+
+    After every epoch the training state goes to .resume/<stage>.pt (outside DVC's outputs); rerunning an
+    interrupted stage with the same params and inputs continues from there. Removed once outputs are written.
+    """
+    from dvclive import Live
+
+    start = time.perf_counter()
+    previous, sampled = TRAINING_STAGES[stage]
+    stage_index = list(TRAINING_STAGES).index(stage)
+    data, net, calibration = _setup(params, root, stage_index)
+    inputs = [root / PREPARED / "train.pt", root / PREPARED / "test.pt"]
+    if previous is not None:
+        inputs.append(root / MODELS / f"{previous}.pt")
+        load_checkpoint(net, inputs[-1])
+    phase = params.supernet if previous is None else getattr(params.shrink, stage.removeprefix("shrink_"))
+    teacher = None
+    if previous is not None and params.shrink.kd_ratio > 0:
+        teacher = net.extract(net.max_config())  # frozen max network of the previous stage
+        calibrate_bn(teacher, calibration)
+        teacher.requires_grad_(False)
+    if stage == "shrink_width":
+        net.sort_channels()
+    parameters = None
+    if stage == "shrink_kernel" and params.shrink.kernel.transforms_only:
+        parameters = [p for name, p in net.named_parameters() if ".transforms." in name]
+    if previous is None:
+        sample = lambda rng: [net.max_config()]  # noqa: E731
+    else:
+        n = params.shrink.subnets_per_step
+        sample = lambda rng: [net.sample_config(rng, **sampled) for _ in range(n)]  # noqa: E731
+    eval_bs = params.train.eval_batch_size
+    # curves are written beside the resume state and moved into metrics/ only when the stage succeeds
+    live_dir = root / RESUME / "live" / stage
+    shutil.rmtree(live_dir, ignore_errors=True)
+    live = Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=None)
+
+    def log(entry: dict[str, float]) -> None:
+        for name, value in entry.items():
+            live.log_metric(name, value)
+        live.next_step()
+
+    state = root / RESUME / f"{stage}.pt"
+    history = fit(
+        net, data, schedule(params, phase), sample=sample, parameters=parameters, teacher=teacher,
+        kd_ratio=params.shrink.kd_ratio if previous else 0.0, seed=params.seed * 1000 + stage_index, desc=stage,
+        epoch_metrics=lambda: {"test/accuracy_max": subnet_accuracy(net, net.max_config(), data, calibration, eval_bs)},
+        log=log, resume=state, resume_key=resume_key(params, stage, inputs), progress=progress,
+    )
+    live.end()
+    metrics: dict[str, Any] = {
+        "epochs": phase.epochs,
+        "accuracy_max": subnet_accuracy(net, net.max_config(), data, calibration, eval_bs),
+    }
+    if previous is not None:
+        metrics["accuracy_min"] = subnet_accuracy(net, net.min_config(), data, calibration, eval_bs)
+    metrics["train_loss"] = round(history[-1].loss, 6) if history else None
+    train_s = sum(h.seconds for h in history)
+    timing = {
+        "wall_s": round(time.perf_counter() - start, 1),
+        "train_s": round(train_s, 1),
+        "images_per_s": round(sum(h.images for h in history) / train_s, 1) if train_s else None,
+        "device": data.device.type,
+    }
+    save_checkpoint(net, root / MODELS / f"{stage}.pt")
+    write_json(root / METRICS / f"{stage}.json", metrics)
+    write_json(root / METRICS / "timing" / f"{stage}.json", timing)
+    final_live = root / METRICS / "live" / stage
+    shutil.rmtree(final_live, ignore_errors=True)
+    final_live.parent.mkdir(parents=True, exist_ok=True)
+    live_dir.rename(final_live)
+    state.unlink(missing_ok=True)
+    return {**metrics, **timing}
+
+
+def evaluate_space(params: Params, root: Path = Path("."), progress: bool = True) -> tuple[list[dict], dict]:
+    """Every uniform config plus sampled ones: MACs, params, accuracy after BN calibration, after fine-tuning."""
+    start = time.perf_counter()
+    data, net, calibration = _setup(params, root, len(TRAINING_STAGES))
+    load_checkpoint(net, root / MODELS / "shrink_width.pt")
+    rng = random.Random(params.seed)
+    configs = net.uniform_configs()
+    for _ in range(params.evaluate.sampled_configs):
+        configs.append(net.sample_config(rng))
+    configs = list(dict.fromkeys(configs))
+    ft = params.evaluate.finetune
+    ft_schedule = schedule(params, ft, ft.images_per_epoch)
+    records = []
+    for i, cfg in enumerate(configs):
+        sub = net.extract(cfg)
+        calibrate_bn(sub, calibration)
+        accuracy = evaluate(sub, data, batch_size=params.train.eval_batch_size)
+        macs, n_params = count_macs(sub, (1, *data.input_shape)), count_params(sub)
+        fit(sub, data, ft_schedule, seed=params.seed * 1000 + 100 + i, desc=f"finetune {cfg}", progress=progress)
+        uniform = cfg.uniform_values()
+        record = {
+            "config": str(cfg),
+            "kernel": uniform[0] if uniform else None,
+            "depth": uniform[1] if uniform else None,
+            "width": uniform[2] if uniform else None,
+            "macs": macs,
+            "params": n_params,
+            "accuracy": accuracy,
+            "accuracy_finetuned": evaluate(sub, data, batch_size=params.train.eval_batch_size),
+            "subnet": cfg.to_dict(),
+        }
+        records.append(record)
+        if progress:
+            print(f"[{i + 1}/{len(configs)}] {record['config']}: {macs / 1e6:.2f}M MACs, accuracy "
+                  f"{record['accuracy']:.4f}, fine-tuned {record['accuracy_finetuned']:.4f}", flush=True)
+    summary = _summary(records, net, ft.epochs)
+    write_json(root / METRICS / "space.json", records)
+    write_json(root / METRICS / "evaluate_space.json", summary)
+    write_json(root / METRICS / "timing" / "evaluate_space.json",
+               {"wall_s": round(time.perf_counter() - start, 1), "device": data.device.type})
+    return records, summary
+
+
+def _summary(records: list[dict], net: OFANet, finetune_epochs: int) -> dict[str, Any]:
+    by_name = {r["config"]: r for r in records}
+    largest, smallest = by_name[str(net.max_config())], by_name[str(net.min_config())]
+    acc = [r["accuracy"] for r in records]
+    acc_ft = [r["accuracy_finetuned"] for r in records]
+    return {
+        "configs": len(records),
+        "accuracy_largest": largest["accuracy"],
+        "accuracy_smallest": smallest["accuracy"],
+        "accuracy_mean": round(sum(acc) / len(acc), 6),
+        "accuracy_min": min(acc),
+        "accuracy_finetuned_mean": round(sum(acc_ft) / len(acc_ft), 6),
+        "macs_largest": largest["macs"],
+        "macs_smallest": smallest["macs"],
+        "finetune_epochs": finetune_epochs,
+    }
+
+
+def table(records: list[dict], finetune_epochs: int):
+    """The source's Table 2: config, MACs, accuracy, accuracy after fine-tuning (a pandas DataFrame)."""
+    import pandas as pd
+
+    def name(r: dict) -> str:
+        return f"({r['kernel']}, {r['depth']}, {r['width']:g})" if r["kernel"] is not None else r["config"]
+
+    return pd.DataFrame({
+        "Config: (k, d, w)": [name(r) for r in records],
+        "MACs": [f"{r['macs'] / 1e6:.2f}M" for r in records],
+        "Accuracy": [f"{r['accuracy']:.4f}" for r in records],
+        f"Accuracy #{finetune_epochs}": [f"{r['accuracy_finetuned']:.4f}" for r in records],
+    })
+
+
+def main(stage: Callable[[Params], Any]) -> None:
+    """Run a stage script: load params.yaml, run, print the result; a user's mistake is one line, exit 2."""
+    import sys
+
+    from .config import ParamsError, load_params
+    from .train import DivergenceError
+
+    try:
+        result = stage(load_params("params.yaml"))
+    except (ParamsError, data_mod.DataError, CheckpointError, DivergenceError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if result is not None:
+        print(json.dumps(result, indent=2))

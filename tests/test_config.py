@@ -1,0 +1,102 @@
+"""params.yaml: the shipped defaults, and one-line errors naming the key for every kind of mistake."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ofa.config import ParamsError, load_params, parse_params
+
+ROOT = Path(__file__).resolve().parents[1]
+RAW = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def test_defaults_are_the_source_experiment():
+    p = load_params(ROOT / "params.yaml")
+    assert p.data.dataset == "cifar10"
+    assert (p.space.kernel, p.space.depth, p.space.width) == ((5, 7), (2, 3), (2, 4))
+    assert (p.supernet.epochs, p.shrink.kernel.epochs, p.shrink.depth.epochs, p.shrink.width.epochs) == (180, 25, 25, 25)
+    assert p.evaluate.finetune.epochs == 25
+    assert (p.train.momentum, p.train.weight_decay, p.train.nesterov) == (0.9, 3e-5, True)
+    # linear scaling of the paper's rates (2048 images per step) to this batch size
+    scale = p.train.batch_size / 2048
+    assert p.supernet.lr == pytest.approx(2.6 * scale)
+    assert p.shrink.kernel.lr == pytest.approx(0.96 * scale)
+    assert p.shrink.depth.lr == pytest.approx(0.08 * scale) == p.shrink.width.lr
+    assert len(p.space.build().uniform_grid(len(p.net.units))) == 8
+
+
+def test_dvc_yaml_params_exist_in_params_yaml():
+    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    for name, stage in dvc["stages"].items():
+        assert stage["cmd"] == f"python stages/{name}.py"
+        for key in stage["params"]:
+            node = RAW
+            for part in key.split("."):
+                assert part in node, f"{name}: {key} not in params.yaml"
+                node = node[part]
+
+
+def with_change(path: str, value):
+    raw = copy.deepcopy(RAW)
+    *parents, last = path.split(".")
+    node = raw
+    for part in parents:
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    if value is KeyError:
+        del node[last]
+    else:
+        node[last] = value
+    return raw
+
+
+BAD = [
+    ("shrink.width.lrr", 0.1, r"^shrink\.width\.lrr: unknown key \(did you mean shrink\.width\.lr\?\)$"),
+    ("evaluate.finetun", {}, r"^evaluate\.finetun: unknown key \(did you mean evaluate\.finetune\?\)$"),
+    ("space.kernel", [4, 7], r"^space\.kernel: 4 is even \(odd kernel sizes only"),
+    ("space.kernel", "5", r"^space\.kernel: got '5' \(a list of an integer\)$"),
+    ("space.depth", [], r"^space\.depth: empty list"),
+    ("space.width", [0, 4], r"^space\.width: 0 is not allowed \(positive numbers\)$"),
+    ("supernet.lr", 0, r"^supernet\.lr: 0 is out of range \(> 0\)$"),
+    ("shrink.kernel.lr", -1.0, r"^shrink\.kernel\.lr: -1\.0 is out of range \(> 0\)$"),
+    ("shrink.depth.epochs", -1, r"^shrink\.depth\.epochs: -1 is out of range \(>= 0\)$"),
+    ("supernet.epochs", 2.5, r"^supernet\.epochs: got 2\.5 \(an integer\)$"),
+    ("train.batch_size", 0, r"^train\.batch_size: 0 is out of range \(>= 1\)$"),
+    ("train.nesterov", "yes", r"^train\.nesterov: got 'yes' \(true or false\)$"),
+    ("train.momentum", 1.0, r"^train\.momentum: 1\.0 is out of range \(>= 0 and < 1\)$"),
+    ("data.dataset", "imagenet", r"^data\.dataset: 'imagenet' is not allowed \(one of cifar10, fashion_mnist, synthetic\)$"),
+    ("data.train_limit", 0, r"^data\.train_limit: 0 is out of range \(>= 1\)$"),
+    ("evaluate.bn_calibration_images", 0, r"^evaluate\.bn_calibration_images: 0 is out of range \(>= 1\)$"),
+    ("evaluate.sampled_configs", -2, r"^evaluate\.sampled_configs: -2 is out of range \(>= 0\)$"),
+    ("net.units.0.stride", 3, r"^net\.units\[0\]\.stride: 3 is not allowed \(one of 1, 2\)$"),
+    ("net.units.1.activation", "gelu", r"^net\.units\[1\]\.activation: 'gelu' is not allowed \(one of relu, hswish\)$"),
+    ("net.units.0.channels", KeyError, r"^net\.units\[0\]\.channels: missing \(an integer\)$"),
+    ("shrink.kernel", KeyError, r"^shrink\.kernel: missing \(a mapping\)$"),
+    ("seed", None, r"^seed: got None \(an integer\)$"),
+]
+
+
+@pytest.mark.parametrize("path, value, message", BAD, ids=[f"{p}={v}" for p, v, _ in BAD])
+def test_bad_params_raise_one_line_naming_the_key(path, value, message):
+    with pytest.raises(ParamsError, match=message) as info:
+        parse_params(with_change(path, value))
+    assert "\n" not in str(info.value)
+
+
+def test_top_level_must_be_a_mapping():
+    with pytest.raises(ParamsError, match=r"^params: got \[1, 2\]"):
+        parse_params([1, 2])
+
+
+def test_stage_script_fails_fast_without_traceback_or_outputs(tmp_path):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(with_change("shrink.width.lr", -0.05)))
+    result = subprocess.run([sys.executable, str(ROOT / "stages" / "train_supernet.py")], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: shrink.width.lr: -0.05 is out of range (> 0)"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]

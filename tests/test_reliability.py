@@ -1,0 +1,144 @@
+"""Reliability: resume after a kill, determinism, divergence guard, safe and checked loading, atomic writes."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from ofa import pipeline
+from ofa.config import parse_params
+from ofa.io import write_json
+from test_pipeline import ROOT, STAGES, tiny_params
+
+
+def stage(name: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, str(ROOT / "stages" / f"{name}.py")], cwd=cwd,
+                            capture_output=True, text=True, timeout=600)
+    if check:
+        assert result.returncode == 0, f"{name}:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def outputs(root: Path) -> dict[str, bytes]:
+    """Every file the pipeline wrote except wall-clock timings."""
+    files = [p for d in ("models", "metrics", "data/prepared") for p in (root / d).rglob("*") if p.is_file()]
+    return {str(p.relative_to(root)): p.read_bytes() for p in files if "timing" not in p.parts}
+
+
+def kill_after_first_epoch(cwd: Path, name: str) -> int:
+    """Start a stage, SIGKILL it once its resume state holds at least one finished epoch; the epochs done."""
+    state = cwd / ".resume" / f"{name}.pt"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "stages" / f"{name}.py")], cwd=cwd,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not state.exists():
+        assert proc.poll() is None, f"{name} ended before writing its resume state"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return len(torch.load(state, weights_only=True)["history"])
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """The synthetic profile run twice; the second run's train_supernet is killed after an epoch and rerun."""
+    raw = tiny_params()
+    raw["supernet"]["epochs"] = 4
+    runs = []
+    for name in ("a", "b"):
+        root = tmp_path_factory.mktemp(name)
+        (root / "params.yaml").write_text(yaml.safe_dump(raw))
+        log = {}
+        for s in STAGES:
+            if name == "b" and s == "train_supernet":
+                log["epochs_before_kill"] = kill_after_first_epoch(root, s)
+                log["after_kill"] = sorted(str(p.relative_to(root)) for p in root.rglob("*")
+                                           if p.is_file() and "data" not in p.parts and ".resume" not in p.parts)
+                log["resumed"] = stage(s, root).stderr
+            else:
+                stage(s, root)
+        runs.append((root, log))
+    return runs
+
+
+def test_killed_stage_leaves_no_output_and_resumes(two_runs):
+    (_, _), (b, log) = two_runs
+    assert 1 <= log["epochs_before_kill"] < 4
+    assert log["after_kill"] == ["params.yaml"]  # no checkpoint, metrics or curves of the killed stage
+    assert f"train_supernet: resuming after epoch {log['epochs_before_kill']}/4" in log["resumed"]
+    assert not (b / ".resume" / "train_supernet.pt").exists()  # removed once the outputs are written
+
+
+def test_same_params_give_byte_identical_outputs(two_runs):
+    (a, _), (b, _) = two_runs
+    out_a, out_b = outputs(a), outputs(b)
+    assert len(out_a) > 20 and out_a.keys() == out_b.keys()
+    assert "models/train_supernet.pt" in out_a and "metrics/space.json" in out_a
+    differing = [k for k in out_a if out_a[k] != out_b[k]]
+    assert differing == []
+
+
+def test_non_finite_loss_stops_the_stage_with_one_line(two_runs, tmp_path):
+    (a, _), _ = two_runs
+    raw = tiny_params()
+    raw["supernet"]["lr"] = 1.0e12
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    stage("download", tmp_path)
+    result = stage("train_supernet", tmp_path, check=False)
+    assert result.returncode == 2
+    assert re.fullmatch(r"error: train_supernet: loss is (nan|inf) at epoch 1 step \d+ \(lr [0-9.e+]+\); "
+                        r"lower the learning rate\n", result.stderr), result.stderr
+    assert not (tmp_path / "models").exists() and not (tmp_path / "metrics" / "train_supernet.json").exists()
+
+
+def test_checkpoint_of_other_params_is_refused(two_runs):
+    (a, _), _ = two_runs
+    ckpt = a / "models" / "shrink_width.pt"
+    raw = tiny_params()
+    shape = (3, 16, 16)
+    pipeline.load_checkpoint(pipeline.build_net(parse_params(raw), shape), ckpt)  # the matching one loads
+    raw["space"]["kernel"] = [3, 5, 7]
+    with pytest.raises(pipeline.CheckpointError, match=r"built with space = .*'kernel': \[5, 7\]"):
+        pipeline.load_checkpoint(pipeline.build_net(parse_params(raw), shape), ckpt)
+    raw = tiny_params()
+    raw["net"]["units"][1]["channels"] = 24
+    with pytest.raises(pipeline.CheckpointError, match=r"built with net.units = "):
+        pipeline.load_checkpoint(pipeline.build_net(parse_params(raw), shape), ckpt)
+    with pytest.raises(pipeline.CheckpointError, match=r"built with data.dataset = 3, params give 1"):
+        pipeline.load_checkpoint(pipeline.build_net(parse_params(tiny_params()), (1, 16, 16)), ckpt)
+
+
+def test_garbage_checkpoint_is_refused(tmp_path):
+    bad = tmp_path / "x.pt"
+    bad.write_bytes(b"not a checkpoint")
+    net = pipeline.build_net(parse_params(tiny_params()), (3, 16, 16))
+    with pytest.raises(pipeline.CheckpointError, match=r"x.pt: unreadable checkpoint"):
+        pipeline.load_checkpoint(net, bad)
+    with pytest.raises(pipeline.CheckpointError, match=r"missing.pt: not found"):
+        pipeline.load_checkpoint(net, tmp_path / "missing.pt")
+
+
+def test_every_torch_load_is_weights_only():
+    calls = [(p.name, line) for p in (ROOT / "ofa").glob("*.py") for line in p.read_text().splitlines()
+             if "torch.load(" in line]
+    assert calls and all("weights_only=True" in line for _, line in calls), calls
+
+
+def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    target = tmp_path / "m.json"
+    write_json(target, {"a": 1})
+
+    with pytest.raises(TypeError):
+        write_json(target, {"a": object()})
+    assert target.read_text() == '{\n  "a": 1\n}\n'
+    assert os.listdir(tmp_path) == ["m.json"]
