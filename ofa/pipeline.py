@@ -191,9 +191,10 @@ def train_stage(params: Params, stage: str, root: Path = Path("."), progress: bo
         log=log, resume=state, resume_key=resume_key(params, stage, inputs), progress=progress,
     )
     live.end()
+    last = history[-1].logged["test/accuracy_max"] if history else None  # the final weights' accuracy
     metrics: dict[str, Any] = {
         "epochs": phase.epochs,
-        "accuracy_max": subnet_accuracy(net, net.max_config(), data, calibration, eval_bs),
+        "accuracy_max": last if last is not None else subnet_accuracy(net, net.max_config(), data, calibration, eval_bs),
     }
     if previous is not None:
         metrics["accuracy_min"] = subnet_accuracy(net, net.min_config(), data, calibration, eval_bs)
@@ -211,6 +212,7 @@ def train_stage(params: Params, stage: str, root: Path = Path("."), progress: bo
     final_live = root / METRICS / "live" / stage
     shutil.rmtree(final_live, ignore_errors=True)
     final_live.parent.mkdir(parents=True, exist_ok=True)
+    live_dir.mkdir(parents=True, exist_ok=True)  # DVCLive writes nothing when there are no epochs
     live_dir.rename(final_live)
     state.unlink(missing_ok=True)
     return {**metrics, **timing}

@@ -206,7 +206,11 @@ def fit(
     finished epoch and ends exactly where an uninterrupted run would. A non-finite loss raises
     DivergenceError naming the epoch, step and learning rate.
     """
-    params = [p for p in (model.parameters() if parameters is None else parameters) if p.requires_grad]
+    if parameters is not None:  # freeze the rest: no gradient is computed for it at all
+        chosen = {id(p) for p in parameters}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in chosen)
+    params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim > 1]
     no_decay = [p for p in params if p.ndim <= 1]  # BN and biases: no weight decay
     optimizer = torch.optim.SGD(
@@ -267,7 +271,8 @@ def fit(
                     loss = F.cross_entropy(logits, y, label_smoothing=schedule.label_smoothing)
                     if soft is not None:
                         loss = loss + kd_ratio * soft_cross_entropy(logits, soft)
-                    (loss / len(configs)).backward()
+                    if loss.requires_grad:  # e.g. only transforms train and this subnet uses none
+                        (loss / len(configs)).backward()
                     step_loss += loss.detach() / len(configs)
                     if i == 0:
                         correct += (logits.argmax(1) == y).sum()

@@ -446,6 +446,16 @@ def test_augment_flip_only() -> None:
     assert 10 < int(mirrored.sum()) < 54  # roughly half of the 64 samples are flipped
 
 
+def test_augment_without_flip_only_crops() -> None:
+    images = distinct_images()
+    assert torch.equal(data.augment(images, torch.Generator().manual_seed(0), padding=0, flip=False), images)
+    out = data.augment(images, torch.Generator().manual_seed(0), padding=2, flip=False)
+    padded = torch.nn.functional.pad(images, (2,) * 4)
+    h, w = images.shape[-2:]
+    for i in range(images.shape[0]):
+        assert any(torch.equal(out[i], padded[i, :, dy : dy + h, dx : dx + w]) for dy in range(5) for dx in range(5))
+
+
 def test_augment_crop_matches_reference() -> None:
     padding = 2
     images = distinct_images()

@@ -109,7 +109,9 @@ def test_outputs_have_the_documented_shape(repro):
     assert summary["configs"] == 9 and summary["accuracy_largest"] == by["k7-d3-w4"]["accuracy"]
     for stage in STAGES[1:5]:
         m = json.loads((project / "metrics" / f"{stage}.json").read_text())
-        assert m["epochs"] >= 1 and 0 <= m["accuracy_max"] <= 1 and m["images_per_s"] > 0
+        assert m["epochs"] >= 1 and 0 <= m["accuracy_max"] <= 1
+        timing = json.loads((project / "metrics" / "timing" / f"{stage}.json").read_text())
+        assert timing["images_per_s"] > 0 and timing["wall_s"] >= timing["train_s"] > 0 and timing["device"] == "cpu"
         assert ("accuracy_min" in m) == (stage != "train_supernet")
         assert (project / "models" / f"{stage}.pt").is_file()
         loss = (project / "metrics" / "live" / stage / "plots" / "metrics" / "train" / "loss.tsv").read_text()
