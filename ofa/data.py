@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .io import atomic_write
+from .io import atomic_write, load_tensors
 
 __all__ = [
     "CIFAR10_FILES",
@@ -485,15 +485,7 @@ def save_split(split: Split, path: Path) -> None:
 
 def load_split(path: Path) -> Split:
     """Load a Split written by save_split (torch.load with weights_only=True)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"split file {path} does not exist; run the prepare stage first")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch.load raises many types for corrupt files
-        raise DataError(f"cannot load split file {path}: {type(e).__name__}: {_one_line(e)[:200]}") from e
-    if not isinstance(obj, dict) or not {"images", "labels"} <= obj.keys():
-        raise DataError(f"split file {path} must hold a dict with keys 'images' and 'labels'")
+    obj = load_tensors(path, {"images", "labels"}, DataError, "split file")
     try:
         return Split(images=obj["images"], labels=obj["labels"])
     except ValueError as e:

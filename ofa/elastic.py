@@ -84,7 +84,7 @@ class ElasticConv2d(nn.Module):
         if out_channels < self.out_channels:
             w = w[:out_channels]
         if not self.depthwise and in_channels < self.in_channels:
-            w = w[:, :in_channels]
+            w = w[:, :in_channels].contiguous()  # conv kernels are faster on a dense weight
         size = self.kernel_sizes[-1]
         for small in reversed(self.kernel_sizes[:-1]):
             if small < kernel_size:

@@ -29,3 +29,19 @@ def atomic_write(path: Path, write: Callable[[IO], None], binary: bool = False) 
 def write_json(path: Path, obj: Any) -> None:
     """Write JSON atomically."""
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2) + "\n"))
+
+
+def load_tensors(path: Path, keys: set[str], error: type[Exception], what: str) -> dict:
+    """A dict holding `keys`, read with torch.load(weights_only=True); else `error` with a one-line message."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: {what} not found (run the upstream stage first: dvc repro)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch.load raises many types on corrupt files
+        raise error(f"{path}: unreadable {what} ({type(e).__name__})") from None
+    if not isinstance(obj, dict) or not keys <= obj.keys():
+        raise error(f"{path}: not a {what} of this project (keys {', '.join(sorted(keys))})")
+    return obj

@@ -21,7 +21,7 @@ import torch
 from . import data as data_mod
 from .config import Params, PhaseParams
 from .flops import count_macs, count_params
-from .io import atomic_write, write_json
+from .io import atomic_write, load_tensors, write_json
 from .space import SubnetConfig
 from .supernet import OFANet
 from .train import DeviceData, Schedule, calibrate_bn, evaluate, fit, select_device
@@ -55,15 +55,7 @@ def save_checkpoint(net: OFANet, path: Path) -> None:
 
 def load_checkpoint(net: OFANet, path: Path) -> None:
     """Load weights saved by save_checkpoint (weights_only); refuse a checkpoint of another architecture."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: not found (run the upstream stage first: dvc repro)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch.load raises many types on corrupt files
-        raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or "arch" not in ckpt or "state_dict" not in ckpt:
-        raise CheckpointError(f"{path}: not a checkpoint of this project (keys arch and state_dict)")
+    ckpt = load_tensors(path, {"arch", "state_dict"}, CheckpointError, "checkpoint")
     ours, theirs = _plain(net.arch), ckpt["arch"]
     for key in ours:
         if theirs.get(key) != ours[key]:
