@@ -22,6 +22,7 @@ from .supernet import UnitSpec
 DATASETS = ("cifar10", "fashion_mnist", "synthetic")
 DEVICES = ("auto", "cpu", "cuda")
 ACTIVATIONS = ("relu", "hswish")
+MAX_KERNEL = 9  # a depthwise kernel wider than the late feature maps (4x4 to 8x8) only adds padding
 
 
 class ParamsError(ValueError):
@@ -210,9 +211,9 @@ def parse_params(raw: Any) -> Params:
         params.space.build()
     except ValueError as e:  # ConfigSpace messages already start with "space.<key>:"
         raise ParamsError(str(e)) from None
-    for i, unit in enumerate(params.net.units):
-        if unit.channels < 1:
-            raise ParamsError(f"net.units[{i}].channels: {unit.channels} is out of range (>= 1)")
+    for k in params.space.kernel:
+        if k > MAX_KERNEL:
+            raise ParamsError(f"space.kernel: {k} is too large (odd sizes from 1 to {MAX_KERNEL})")
     return params
 
 

@@ -59,6 +59,7 @@ BAD = [
     ("shrink.width.lrr", 0.1, r"^shrink\.width\.lrr: unknown key \(did you mean shrink\.width\.lr\?\)$"),
     ("evaluate.finetun", {}, r"^evaluate\.finetun: unknown key \(did you mean evaluate\.finetune\?\)$"),
     ("space.kernel", [4, 7], r"^space\.kernel: 4 is even \(odd kernel sizes only"),
+    ("space.kernel", [5, 11], r"^space\.kernel: 11 is too large \(odd sizes from 1 to 9\)$"),
     ("space.kernel", "5", r"^space\.kernel: got '5' \(a list of an integer\)$"),
     ("space.depth", [], r"^space\.depth: empty list"),
     ("space.width", [0, 4], r"^space\.width: 0 is not allowed \(positive numbers\)$"),

@@ -126,7 +126,7 @@ def test_garbage_checkpoint_is_refused(tmp_path):
     net = pipeline.build_net(parse_params(tiny_params()), (3, 16, 16))
     with pytest.raises(pipeline.CheckpointError, match=r"x.pt: unreadable checkpoint"):
         pipeline.load_checkpoint(net, bad)
-    with pytest.raises(pipeline.CheckpointError, match=r"missing.pt: not found"):
+    with pytest.raises(pipeline.CheckpointError, match=r"missing.pt: checkpoint not found \(run the upstream stage first"):
         pipeline.load_checkpoint(net, tmp_path / "missing.pt")
 
 
