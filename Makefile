@@ -1,6 +1,6 @@
 # make setup: the virtual environment in .venv (CPU PyTorch unless a CUDA one is already there)
 # make test:  the test suite (CPU, a few minutes)
-# make quick: the whole pipeline on Fashion-MNIST on the CPU, as a DVC experiment (about 12 minutes)
+# make quick: the whole pipeline on Fashion-MNIST on the CPU, as a DVC experiment (about 13 minutes)
 # make bench: speed benchmarks (print figures)
 VENV ?= .venv
 PY := $(VENV)/bin/python
