@@ -16,12 +16,13 @@ from typing import Any
 
 import yaml
 
+from . import subnet
+from .data import DATASETS
 from .space import ConfigSpace
 from .supernet import UnitSpec
 
-DATASETS = ("cifar10", "fashion_mnist", "synthetic")
 DEVICES = ("auto", "cpu", "cuda")
-ACTIVATIONS = ("relu", "hswish")
+ACTIVATIONS = tuple(subnet.ACTIVATIONS)
 MAX_KERNEL = 9  # a depthwise kernel wider than the late feature maps (4x4 to 8x8) only adds padding
 
 

@@ -165,10 +165,6 @@ class EpochStats:
     seconds: float
     logged: dict  # what went to the curves: train/loss, train/accuracy, lr and the epoch_metrics
 
-    @property
-    def images_per_s(self) -> float:
-        return self.images / max(self.seconds, 1e-9)
-
 
 def _load_state(path: Path | None, key: str) -> dict | None:
     if path is None or not path.is_file():
