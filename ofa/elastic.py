@@ -20,6 +20,7 @@ from .subnet import (
     SqueezeAndExcite,
     Unit,
     expanded_channels,
+    has_residual,
     make_activation,
     se_channels,
 )
@@ -225,7 +226,7 @@ class ElasticMBBlock(nn.Module):
         self.project = ElasticConv2d(mid, out_channels)
         self.project_bn = nn.BatchNorm2d(out_channels)
         self.act = make_activation(activation)
-        self.residual = stride == 1 and in_channels == out_channels
+        self.residual = has_residual(in_channels, out_channels, stride)
 
     def forward(self, x: torch.Tensor, kernel_size: int, width: float) -> torch.Tensor:
         mid = expanded_channels(self.in_channels, width)

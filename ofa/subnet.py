@@ -5,6 +5,10 @@ The channel arithmetic shared with the elastic twins in ``ofa.elastic`` lives he
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,14 +24,26 @@ def make_divisible(value: float, divisor: int = 8) -> int:
     return rounded
 
 
+@functools.cache  # a handful of distinct arguments, and the cost functions call it for every block
 def expanded_channels(in_channels: int, width: float) -> int:
     """Middle channels of an MBConv block with expand ratio `width`."""
     return make_divisible(in_channels * width)
 
 
+@functools.cache
 def se_channels(channels: int, reduction: int = 4) -> int:
     """Hidden channels of a squeeze-and-excite layer on `channels` channels."""
     return make_divisible(channels / reduction)
+
+
+def has_residual(in_channels: int, out_channels: int, stride: int) -> bool:
+    """An MBConv block adds its input back iff it keeps the shape: stride 1 and equal channels."""
+    return stride == 1 and in_channels == out_channels
+
+
+def conv_output_size(size: int, stride: int) -> int:
+    """Spatial size after a conv with an odd kernel k, padding k // 2 and `stride`."""
+    return (size - 1) // stride + 1
 
 
 def make_activation(name: str) -> nn.Module:
@@ -35,6 +51,50 @@ def make_activation(name: str) -> nn.Module:
     if name not in ACTIVATIONS:
         raise ValueError(f"activation {name!r} is not allowed ({' or '.join(ACTIVATIONS)})")
     return ACTIVATIONS[name](inplace=False)
+
+
+def conv_bn_act(in_channels: int, out_channels: int, kernel: int, stride: int, activation: str) -> nn.Sequential:
+    """Conv (no bias, padding k // 2) -> BatchNorm -> activation: the stem and the final layer."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel, stride, kernel // 2, bias=False),
+        nn.BatchNorm2d(out_channels),
+        make_activation(activation),
+    )
+
+
+class BlockShape(NamedTuple):
+    """The static shape of one active MBConv block of a subnet (a named tuple: the cost functions build many)."""
+
+    in_channels: int
+    mid_channels: int
+    out_channels: int
+    kernel: int
+    stride: int
+    activation: str
+    se: bool
+
+    @property
+    def residual(self) -> bool:
+        return has_residual(self.in_channels, self.out_channels, self.stride)
+
+    @property
+    def se_channels(self) -> int:
+        return se_channels(self.mid_channels)
+
+
+def block_shapes(arch: Mapping[str, Any], config) -> list[list[BlockShape]]:
+    """The active blocks of each unit of subnet `config` of the supernet described by `arch` (``OFANet.arch``)."""
+    shapes = []
+    channels = arch["stem_channels"]
+    for unit, kernels, widths, depth in zip(arch["units"], config.kernel, config.width, config.depth):
+        out, stride, activation, se = unit["channels"], unit["stride"], unit["activation"], unit["se"]
+        blocks = []
+        for b in range(depth):
+            blocks.append(BlockShape(channels, expanded_channels(channels, widths[b]), out, kernels[b],
+                                     stride if b == 0 else 1, activation, se))
+            channels = out
+        shapes.append(blocks)
+    return shapes
 
 
 class SqueezeAndExcite(nn.Module):
@@ -83,20 +143,57 @@ class MBBlock(nn.Module):
         return x + h if self.residual else h
 
 
+    @classmethod
+    def build(cls, shape: BlockShape) -> MBBlock:
+        """A freshly initialised block of the given shape (the skeleton ``load_subnet`` fills)."""
+        mid = shape.mid_channels
+        se = None
+        if shape.se:
+            hidden = shape.se_channels
+            se = SqueezeAndExcite(nn.Conv2d(mid, hidden, 1), nn.Conv2d(hidden, mid, 1))
+        return cls(
+            expand=nn.Conv2d(shape.in_channels, mid, 1, bias=False),
+            expand_bn=nn.BatchNorm2d(mid),
+            depthwise=nn.Conv2d(mid, mid, shape.kernel, shape.stride, shape.kernel // 2, groups=mid, bias=False),
+            depthwise_bn=nn.BatchNorm2d(mid),
+            se=se,
+            project=nn.Conv2d(mid, shape.out_channels, 1, bias=False),
+            project_bn=nn.BatchNorm2d(shape.out_channels),
+            activation=shape.activation,
+            residual=shape.residual,
+        )
+
+
 class Unit(nn.Sequential):
     """The active blocks of one unit, in order."""
 
 
 class Subnet(nn.Module):
-    """A fixed network cut out of an OFANet: stem, the active blocks of each unit, final layer, classifier."""
+    """A fixed network cut out of an OFANet: stem, the active blocks of each unit, final layer, classifier.
 
-    def __init__(self, stem: nn.Module, units: nn.Sequential, final: nn.Module, classifier: nn.Linear, config) -> None:
+    ``config`` is its SubnetConfig and ``arch`` the supernet's architecture (``OFANet.arch``): together they
+    determine every layer's shape, which is how ``ofa.load_subnet`` rebuilds it without the supernet.
+    """
+
+    def __init__(self, stem: nn.Module, units: nn.Sequential, final: nn.Module, classifier: nn.Linear, config,
+                 arch: Mapping[str, Any] | None = None) -> None:
         super().__init__()
         self.stem = stem
         self.units = units
         self.final = final
         self.classifier = classifier
         self.config = config
+        self.arch = arch
+
+    @classmethod
+    def build(cls, arch: Mapping[str, Any], config) -> Subnet:
+        """A freshly initialised subnet with the layer shapes of `config` in the supernet `arch`."""
+        units = arch["units"]
+        stem = conv_bn_act(arch["in_channels"], arch["stem_channels"], 3, arch["stem_stride"], units[0]["activation"])
+        blocks = nn.Sequential(*(Unit(*(MBBlock.build(s) for s in unit)) for unit in block_shapes(arch, config)))
+        final = conv_bn_act(units[-1]["channels"], arch["final_channels"], 1, 1, units[-1]["activation"])
+        classifier = nn.Linear(arch["final_channels"], arch["num_classes"])
+        return cls(stem, blocks, final, classifier, config, arch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.final(self.units(self.stem(x)))  # (B, C, H, W)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -11,9 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cost
 from .elastic import ElasticMBBlock, ElasticUnit
 from .space import ConfigSpace, Number, SubnetConfig
-from .subnet import ACTIVATIONS, Subnet, make_activation
+from .subnet import ACTIVATIONS, Subnet, conv_bn_act
 
 
 @dataclass(frozen=True)
@@ -46,14 +48,6 @@ CIFAR_UNITS: tuple[UnitSpec, ...] = (
 )
 
 
-def _conv_bn_act(in_channels: int, out_channels: int, kernel: int, stride: int, activation: str) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel, stride, kernel // 2, bias=False),
-        nn.BatchNorm2d(out_channels),
-        make_activation(activation),
-    )
-
-
 class OFANet(nn.Module):
     """The supernet: every subnet of `space` is ``net(x, cfg)``, and ``net.extract(cfg)`` cuts it out exactly.
 
@@ -82,12 +76,12 @@ class OFANet(nn.Module):
         if not specs:
             raise ValueError("units: empty (at least one unit)")
         self.space = space
-        self.arch = {
+        self.arch = json.loads(json.dumps({  # plain JSON values: saved with checkpoints and subnets
             "space": asdict(space), "in_channels": in_channels, "num_classes": num_classes,
             "units": [asdict(u) for u in specs], "stem_channels": stem_channels,
             "stem_stride": stem_stride, "final_channels": final_channels,
-        }
-        self.stem = _conv_bn_act(in_channels, stem_channels, 3, stem_stride, specs[0].activation)
+        }))
+        self.stem = conv_bn_act(in_channels, stem_channels, 3, stem_stride, specs[0].activation)
         blocks_in = stem_channels
         units_ = []
         for spec in specs:
@@ -100,7 +94,7 @@ class OFANet(nn.Module):
                 blocks_in = spec.channels
             units_.append(ElasticUnit(blocks))
         self.units = nn.ModuleList(units_)
-        self.final = _conv_bn_act(blocks_in, final_channels, 1, 1, specs[-1].activation)
+        self.final = conv_bn_act(blocks_in, final_channels, 1, 1, specs[-1].activation)
         self.classifier = nn.Linear(final_channels, num_classes)
         nn.init.normal_(self.classifier.weight, std=0.01)
         nn.init.zeros_(self.classifier.bias)
@@ -130,6 +124,16 @@ class OFANet(nn.Module):
         """Raise ValueError unless cfg is a subnet of this network."""
         self.space.check(cfg, self.num_units)
 
+    def macs(self, cfg: SubnetConfig, input_shape: Sequence[int]) -> int:
+        """Exact MACs of subnet cfg on one (C, H, W) image, from the config alone (equals count_macs of the extract)."""
+        self.check_config(cfg)
+        return cost.macs(self.arch, cfg, input_shape)
+
+    def num_params(self, cfg: SubnetConfig) -> int:
+        """Exact parameter count of subnet cfg, from the config alone (equals count_params of the extract)."""
+        self.check_config(cfg)
+        return cost.num_params(self.arch, cfg)
+
     def forward(self, x: torch.Tensor, cfg: SubnetConfig | None = None) -> torch.Tensor:
         cfg = self.max_config() if cfg is None else cfg
         self.check_config(cfg)
@@ -145,7 +149,8 @@ class OFANet(nn.Module):
         units = nn.Sequential(*(
             unit.extract(cfg.kernel[u], cfg.width[u], cfg.depth[u]) for u, unit in enumerate(self.units)
         ))
-        subnet = Subnet(copy.deepcopy(self.stem), units, copy.deepcopy(self.final), copy.deepcopy(self.classifier), cfg)
+        subnet = Subnet(copy.deepcopy(self.stem), units, copy.deepcopy(self.final), copy.deepcopy(self.classifier), cfg,
+                        copy.deepcopy(self.arch))
         return subnet.train(self.training)
 
     @torch.no_grad()

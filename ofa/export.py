@@ -1,0 +1,149 @@
+"""Deploying a subnet: save/load it without the supernet, export it to ONNX checked with onnxruntime.
+
+A saved subnet (``save_subnet``) is its architecture, its config and its weights; ``load_subnet`` rebuilds
+the plain torch layers from the first two and loads the weights with ``torch.load(weights_only=True)``.
+An ONNX export (``export_onnx``) given the training data's per-channel mean and std normalises inside,
+so the model takes raw pixel values: float32 (N, C, H, W) in 0..255, any batch size N.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .io import atomic_write, load_tensors
+from .space import SubnetConfig
+from .subnet import Subnet
+
+FORMAT = "ofa-subnet/1"
+ONNX_TOLERANCE = 1e-4  # max abs difference of onnxruntime's logits from PyTorch's, fp32
+
+
+class ExportError(RuntimeError):
+    """A subnet file that cannot be loaded, or an export that does not reproduce the PyTorch subnet."""
+
+
+class Normalized(nn.Module):
+    """A model behind a fixed per-channel normalisation: takes raw pixel values (N, C, H, W) in 0..255."""
+
+    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model((x - self.mean) / self.std)
+
+
+def _plain(obj):
+    return json.loads(json.dumps(obj))
+
+
+def _cpu_copy(subnet: Subnet) -> Subnet:
+    if not isinstance(subnet, Subnet) or subnet.arch is None:
+        raise ExportError("expected a Subnet from OFANet.extract or load_subnet (it carries arch and config)")
+    return copy.deepcopy(subnet).cpu().float().eval()
+
+
+def save_subnet(subnet: Subnet, path: str | Path) -> None:
+    """Atomically save a subnet's architecture, config and weights (loadable without the supernet)."""
+    sub = _cpu_copy(subnet)
+    state = {k: v.detach().contiguous().clone() for k, v in sub.state_dict().items()}
+    obj = {"format": FORMAT, "arch": _plain(sub.arch), "config": sub.config.to_dict(), "state_dict": state}
+    atomic_write(Path(path), lambda f: torch.save(obj, f), binary=True)
+
+
+def load_subnet(path: str | Path) -> Subnet:
+    """The subnet saved by save_subnet, as plain torch layers in eval mode (weights_only loading)."""
+    obj = load_tensors(Path(path), {"format", "arch", "config", "state_dict"}, ExportError, "saved subnet")
+    if obj["format"] != FORMAT:
+        raise ExportError(f"{path}: format {obj['format']!r}, this version reads {FORMAT!r}")
+    try:
+        config = SubnetConfig.from_dict(obj["config"])
+        subnet = Subnet.build(obj["arch"], config)
+        subnet.load_state_dict(obj["state_dict"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise ExportError(f"{path}: not a consistent saved subnet ({' '.join(str(e).split())[:200]})") from None
+    return subnet.eval()
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """Silence the exporter's notes that concern neither this model nor its user (torchvision ops, deprecations)."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def export_onnx(
+    subnet: Subnet,
+    path: str | Path,
+    input_shape: Sequence[int],
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    check_inputs: torch.Tensor | None = None,
+) -> float:
+    """Export `subnet` to ONNX (dynamic batch), check it with onnxruntime; returns the max abs logit difference.
+
+    With `mean` and `std` the model takes raw pixels in 0..255 and normalises inside; without, it takes the
+    subnet's own (normalised) input. `check_inputs` (N, C, H, W) in the model's input range is what the check
+    runs on (default: 8 random images). The file is written only if the difference is at most ONNX_TOLERANCE.
+    """
+    import onnx
+    import onnxruntime
+
+    input_shape = tuple(int(v) for v in input_shape)
+    if (mean is None) != (std is None):
+        raise ValueError("export_onnx: give both mean and std, or neither")
+    sub = _cpu_copy(subnet)
+    model = sub if mean is None else Normalized(sub, mean, std).eval()
+    if check_inputs is None:
+        g = torch.Generator().manual_seed(0)
+        check_inputs = torch.rand(8, *input_shape, generator=g)
+        check_inputs = check_inputs * 255 if mean is not None else check_inputs * 4 - 2
+    x = check_inputs.detach().float().cpu().contiguous()
+    if tuple(x.shape[1:]) != input_shape:
+        raise ValueError(f"export_onnx: check_inputs of shape {tuple(x.shape)}, expected (N, {input_shape})")
+    with _quiet_exporter():
+        program = torch.onnx.export(
+            model, (x[:2],), input_names=["pixels" if mean is not None else "input"], output_names=["logits"],
+            dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), external_data=False,
+            optimize=True, verbose=False,
+        )
+    proto = program.model_proto
+    meta = {
+        "ofa.config": sub.config.to_json(),
+        "ofa.subnet": str(sub.config),
+        "ofa.arch": json.dumps(_plain(sub.arch), separators=(",", ":")),
+        "ofa.input": ("raw pixel values 0..255" if mean is not None else "normalised input")
+        + f", float32 (N, {', '.join(map(str, input_shape))})",
+    }
+    if mean is not None:
+        meta["ofa.mean"], meta["ofa.std"] = json.dumps([float(m) for m in mean]), json.dumps([float(s) for s in std])
+    onnx.helper.set_model_props(proto, meta)
+    data = proto.SerializeToString()
+    session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        expected = model(x)
+    got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    diff = float((got - expected).abs().max())
+    if not diff <= ONNX_TOLERANCE:
+        raise ExportError(f"{path}: onnxruntime output differs from PyTorch by {diff:.3g} (> {ONNX_TOLERANCE:g})")
+    atomic_write(Path(path), lambda f: f.write(data), binary=True)
+    return diff

@@ -1,0 +1,78 @@
+"""Deploying a subnet: save/load without the supernet, ONNX export checked against PyTorch with onnxruntime."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import torch
+
+import ofa
+from ofa.export import ExportError
+from conftest import SEED_SPACE, perturb, tiny_net
+
+
+@pytest.fixture(scope="module")
+def subnet() -> ofa.Subnet:
+    net = perturb(tiny_net(SEED_SPACE, in_channels=3)).eval()
+    return net.extract(net.sample_config(random.Random(2)))
+
+
+def test_save_and_load_rebuild_the_subnet_without_the_supernet(subnet, tmp_path):
+    ofa.save_subnet(subnet, tmp_path / "s.pt")
+    loaded = ofa.load_subnet(tmp_path / "s.pt")
+    assert type(loaded) is ofa.Subnet and not loaded.training
+    assert loaded.config == subnet.config and loaded.arch == subnet.arch
+    assert not any("Elastic" in type(m).__name__ for m in loaded.modules())
+    assert loaded.state_dict().keys() == subnet.state_dict().keys()
+    for k, v in subnet.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    x = torch.randn(5, 3, 16, 16)
+    torch.testing.assert_close(loaded(x), subnet.eval()(x), rtol=0, atol=0)
+    assert ofa.count_macs(loaded, (1, 3, 16, 16)) == ofa.count_macs(subnet, (1, 3, 16, 16))
+
+
+def test_load_refuses_what_is_not_a_saved_subnet(subnet, tmp_path):
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(ExportError, match=r"junk.pt: unreadable saved subnet"):
+        ofa.load_subnet(tmp_path / "junk.pt")
+    torch.save({"format": "ofa-subnet/1", "arch": subnet.arch, "config": subnet.config.to_dict(),
+                "state_dict": {}}, tmp_path / "empty.pt")
+    with pytest.raises(ExportError, match=r"empty.pt: not a consistent saved subnet \(.*Missing key"):
+        ofa.load_subnet(tmp_path / "empty.pt")
+    with pytest.raises(ExportError, match="expected a Subnet"):
+        ofa.save_subnet(torch.nn.Linear(2, 2), tmp_path / "x.pt")
+
+
+def test_onnx_takes_raw_pixels_and_equals_pytorch(subnet, tmp_path):
+    mean, std = [125.0, 120.0, 110.0], [60.0, 62.0, 64.0]
+    pixels = torch.randint(0, 256, (6, 3, 16, 16)).float()
+    diff = ofa.export_onnx(subnet, tmp_path / "s.onnx", (3, 16, 16), mean=mean, std=std, check_inputs=pixels)
+    assert 0 <= diff <= 1e-4
+    session = onnxruntime.InferenceSession(str(tmp_path / "s.onnx"), providers=["CPUExecutionProvider"])
+    (inp,) = session.get_inputs()
+    assert inp.name == "pixels" and inp.shape[1:] == [3, 16, 16] and isinstance(inp.shape[0], str)  # dynamic batch
+    normalised = (pixels - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = subnet.eval()(normalised).numpy()
+    for batch in (1, 6):  # any batch size
+        got = session.run(None, {"pixels": pixels[:batch].numpy()})[0]
+        np.testing.assert_allclose(got, expected[:batch], rtol=0, atol=1e-4)
+    props = {p.key: p.value for p in onnx.load(str(tmp_path / "s.onnx")).metadata_props}
+    assert ofa.SubnetConfig.from_json(props["ofa.config"]) == subnet.config
+    assert props["ofa.input"].startswith("raw pixel values 0..255") and props["ofa.mean"] == "[125.0, 120.0, 110.0]"
+
+
+def test_onnx_without_normalisation_takes_the_subnets_own_input(subnet, tmp_path):
+    assert ofa.export_onnx(subnet, tmp_path / "n.onnx", (3, 16, 16)) <= 1e-4
+    session = onnxruntime.InferenceSession(str(tmp_path / "n.onnx"), providers=["CPUExecutionProvider"])
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        expected = subnet.eval()(x).numpy()
+    np.testing.assert_allclose(session.run(None, {"input": x.numpy()})[0], expected, rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="both mean and std"):
+        ofa.export_onnx(subnet, tmp_path / "m.onnx", (3, 16, 16), mean=[1.0, 1.0, 1.0])
+    assert not (tmp_path / "m.onnx").exists()
