@@ -1,6 +1,6 @@
 # make setup: the virtual environment in .venv (CPU PyTorch unless a CUDA one is already there)
 # make test:  the test suite (CPU, a few minutes)
-# make quick: the whole pipeline on Fashion-MNIST on the CPU, as a DVC experiment (about 13 minutes)
+# make quick: the whole pipeline on Fashion-MNIST on the CPU, as a DVC experiment (about 14 minutes)
 # make bench: speed benchmarks (print figures)
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -19,7 +19,8 @@ QUICK_PARAMS := \
 	shrink.kernel.epochs=1 shrink.kernel.lr=0.05 \
 	shrink.depth.epochs=1 shrink.depth.lr=0.05 \
 	shrink.width.epochs=2 shrink.width.lr=0.05 \
-	evaluate.finetune.epochs=1 evaluate.finetune.lr=0.01 evaluate.finetune.images_per_epoch=5000
+	evaluate.finetune.epochs=1 evaluate.finetune.lr=0.01 evaluate.finetune.images_per_epoch=5000 \
+	'specialize.budgets=[1500000,2000000,2500000,3000000]' specialize.trials=60
 
 .PHONY: setup test quick bench
 
@@ -42,3 +43,4 @@ quick: setup
 
 bench: setup
 	$(PY) benchmarks/elastic_overhead.py
+	$(PY) benchmarks/cost.py

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from . import subnet
-from .data import DATASETS
+from .data import DATASETS, TRAIN_IMAGES
 from .space import ConfigSpace
 from .supernet import UnitSpec
 
@@ -43,6 +43,7 @@ class DataParams:
     source_dir: str | None = None  # a local directory holding the official files (offline use)
     train_limit: int | None = _rule(min=1, default=None)  # first N training images; null = all
     test_limit: int | None = _rule(min=1, default=None)  # first N test images; null = all
+    val_images: int = _rule(min=1, default=5000)  # held out of the training split for validation
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,16 @@ class EvaluateParams:
 
 
 @dataclass(frozen=True)
+class SpecializeParams:
+    budgets: tuple[float, ...]  # MACs per image; one searched, exported subnet per budget
+    trials: int = _rule(min=1, default=300)  # NSGA-II trials, the uniform configs first
+    population: int | None = _rule(min=2, default=None)  # NSGA-II population; null = max(16, uniform configs)
+
+    def macs_budgets(self) -> list[int]:
+        return [int(b) for b in self.budgets]
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataParams
     space: SpaceParams
@@ -129,7 +140,12 @@ class Params:
     supernet: PhaseParams
     shrink: ShrinkParams
     evaluate: EvaluateParams
+    specialize: SpecializeParams
     seed: int = _rule(min=0, default=0)
+
+    def search_population(self) -> int:
+        """NSGA-II population: specialize.population, or enough for every uniform config and at least 16."""
+        return self.specialize.population or max(16, self.space.build().grid_size())
 
 
 def _type_name(tp: Any) -> str:
@@ -215,7 +231,32 @@ def parse_params(raw: Any) -> Params:
     for k in params.space.kernel:
         if k > MAX_KERNEL:
             raise ParamsError(f"space.kernel: {k} is too large (odd sizes from 1 to {MAX_KERNEL})")
+    _check_data(params.data)
+    _check_specialize(params)
     return params
+
+
+def _check_data(d: DataParams) -> None:
+    train = min(TRAIN_IMAGES[d.dataset], d.train_limit or TRAIN_IMAGES[d.dataset])
+    if d.val_images >= train:
+        raise ParamsError(f"data.val_images: {d.val_images} is not smaller than the {train} training images of "
+                          f"{d.dataset}{' (data.train_limit)' if d.train_limit else ''} (fewer, to leave images to train on)")
+
+
+def _check_specialize(params: Params) -> None:
+    s = params.specialize
+    for i, b in enumerate(s.budgets):
+        if not b >= 1:
+            raise ParamsError(f"specialize.budgets[{i}]: {b!r} is not allowed (MACs per image, a positive number)")
+    if len(set(s.macs_budgets())) != len(s.budgets):
+        raise ParamsError(f"specialize.budgets: duplicate budgets in {list(s.budgets)} (each budget once)")
+    grid = params.space.build().grid_size()
+    if s.trials < grid:
+        raise ParamsError(f"specialize.trials: {s.trials} is fewer than the {grid} uniform configs the search "
+                          f"starts with (at least {grid})")
+    if s.population is not None and s.population < grid:
+        raise ParamsError(f"specialize.population: {s.population} is smaller than the {grid} uniform configs of "
+                          f"the first generation (at least {grid}, or null)")
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

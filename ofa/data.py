@@ -34,11 +34,14 @@ __all__ = [
     "DATASETS",
     "FASHION_MNIST_FILES",
     "FASHION_MNIST_SYSTEM_DIR",
+    "TRAIN_IMAGES",
     "DataError",
     "RemoteFile",
     "Split",
     "augment",
+    "channel_stats",
     "fetch",
+    "hold_out",
     "load_split",
     "prepare",
     "save_split",
@@ -46,6 +49,7 @@ __all__ = [
 ]
 
 DATASETS = ("cifar10", "fashion_mnist", "synthetic")
+TRAIN_IMAGES = {"cifar10": 50000, "fashion_mnist": 60000, "synthetic": 512}  # size of each official training split
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian package dataset-fashion-mnist
 
 _CHUNK = 1 << 20
@@ -463,6 +467,23 @@ def synthetic(
         return Split(images.contiguous(), labels.to(torch.int64))
 
     return make(n_train), make(n_test)
+
+
+def channel_stats(split: Split) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std (at least 1) of a split's pixels, each (1, C, 1, 1) float: the normalisation."""
+    pixels = split.images.float().transpose(0, 1).reshape(split.images.shape[1], -1)  # (C, N*H*W)
+    return pixels.mean(dim=1).view(1, -1, 1, 1), pixels.std(dim=1).clamp_min(1.0).view(1, -1, 1, 1)
+
+
+def hold_out(split: Split, images: int, seed: int) -> tuple[Split, Split]:
+    """(rest, held out): `images` samples drawn at random (from `seed`) out of `split`, both kept in split order."""
+    if not 0 < images < len(split):
+        raise ValueError(f"cannot hold out {images} of {len(split)} images (1 to {len(split) - 1})")
+    g = torch.Generator().manual_seed(seed)
+    held = torch.zeros(len(split), dtype=torch.bool)
+    held[torch.randperm(len(split), generator=g)[:images]] = True
+    take = lambda mask: Split(split.images[mask].contiguous(), split.labels[mask].contiguous())  # noqa: E731
+    return take(~held), take(held)
 
 
 # --------------------------------------------------------------------------------------------------

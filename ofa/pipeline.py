@@ -86,24 +86,28 @@ def schedule(params: Params, phase: PhaseParams, images_per_epoch: int | None = 
 
 
 def download(params: Params, root: Path = Path(".")) -> dict[str, Any]:
-    """Fetch, verify and parse the dataset, apply the limits, save uint8 splits to data/prepared."""
+    """Fetch, verify and parse the dataset, apply the limits, hold out val, save uint8 splits to data/prepared."""
     d = params.data
     source = Path(d.source_dir) if d.source_dir else None
     train, test = data_mod.prepare(d.dataset, root / RAW / d.dataset, source_dir=source, seed=params.seed)
     limit = lambda s, n: s if n is None else data_mod.Split(s.images[:n], s.labels[:n])  # noqa: E731
     train, test = limit(train, d.train_limit), limit(test, d.test_limit)
-    data_mod.save_split(train, root / PREPARED / "train.pt")
-    data_mod.save_split(test, root / PREPARED / "test.pt")
-    return {"dataset": d.dataset, "train_images": len(train), "test_images": len(test),
+    if d.val_images >= len(train):
+        raise data_mod.DataError(f"data.val_images: {d.val_images} is not smaller than the {len(train)} training "
+                                 "images (fewer, to leave images to train on)")
+    train, val = data_mod.hold_out(train, d.val_images, seed=params.seed)
+    for name, split in (("train", train), ("val", val), ("test", test)):
+        data_mod.save_split(split, root / PREPARED / f"{name}.pt")
+    return {"dataset": d.dataset, "train_images": len(train), "val_images": len(val), "test_images": len(test),
             "image_shape": list(train.images.shape[1:])}
 
 
 def subnet_accuracy(net: OFANet, cfg: SubnetConfig, data: DeviceData, calibration: list[torch.Tensor],
-                    batch_size: int) -> float:
-    """Test accuracy of subnet cfg: extract, re-calibrate BN, evaluate."""
+                    batch_size: int, split: str = "test") -> float:
+    """Accuracy of subnet cfg on a split (test by default): extract, re-calibrate BN, evaluate."""
     sub = net.extract(cfg)
     calibrate_bn(sub, calibration)
-    return evaluate(sub, data, batch_size=batch_size)
+    return evaluate(sub, data, batch_size=batch_size, split=split)
 
 
 def _setup(params: Params, root: Path, stage_index: int) -> tuple[DeviceData, OFANet, list[torch.Tensor]]:
@@ -122,6 +126,11 @@ def _md5(path: Path) -> str:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
+
+
+def prepared_files(root: Path) -> list[Path]:
+    """The prepared splits: train, val, test."""
+    return [root / PREPARED / f"{name}.pt" for name in ("train", "val", "test")]
 
 
 def resume_key(params: Params, stage: str, inputs: list[Path]) -> str:
@@ -144,7 +153,7 @@ def train_stage(params: Params, stage: str, root: Path = Path("."), progress: bo
     previous, sampled = TRAINING_STAGES[stage]
     stage_index = list(TRAINING_STAGES).index(stage)
     data, net, calibration = _setup(params, root, stage_index)
-    inputs = [root / PREPARED / "train.pt", root / PREPARED / "test.pt"]
+    inputs = prepared_files(root)
     if previous is not None:
         inputs.append(root / MODELS / f"{previous}.pt")
         load_checkpoint(net, inputs[-1])
@@ -179,14 +188,17 @@ def train_stage(params: Params, stage: str, root: Path = Path("."), progress: bo
     history = fit(
         net, data, schedule(params, phase), sample=sample, parameters=parameters, teacher=teacher,
         kd_ratio=params.shrink.kd_ratio if previous else 0.0, seed=params.seed * 1000 + stage_index, desc=stage,
-        epoch_metrics=lambda: {"test/accuracy_max": subnet_accuracy(net, net.max_config(), data, calibration, eval_bs)},
+        epoch_metrics=lambda: {
+            "val/accuracy_max": subnet_accuracy(net, net.max_config(), data, calibration, eval_bs, "val")},
         log=log, resume=state, resume_key=resume_key(params, stage, inputs), progress=progress,
     )
     live.end()
-    last = history[-1].logged["test/accuracy_max"] if history else None  # the final weights' accuracy
+    val = history[-1].logged["val/accuracy_max"] if history else None  # the final weights' accuracy
     metrics: dict[str, Any] = {
         "epochs": phase.epochs,
-        "accuracy_max": last if last is not None else subnet_accuracy(net, net.max_config(), data, calibration, eval_bs),
+        "accuracy_max": subnet_accuracy(net, net.max_config(), data, calibration, eval_bs),
+        "val_accuracy_max": val if val is not None else subnet_accuracy(
+            net, net.max_config(), data, calibration, eval_bs, "val"),
     }
     if previous is not None:
         metrics["accuracy_min"] = subnet_accuracy(net, net.min_config(), data, calibration, eval_bs)
@@ -291,11 +303,12 @@ def main(stage: Callable[[Params], Any]) -> None:
     import sys
 
     from .config import ParamsError, load_params
+    from .export import ExportError
     from .train import DivergenceError
 
     try:
         result = stage(load_params("params.yaml"))
-    except (ParamsError, data_mod.DataError, CheckpointError, DivergenceError, ValueError) as e:
+    except (ParamsError, data_mod.DataError, CheckpointError, DivergenceError, ExportError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     if result is not None:

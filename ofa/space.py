@@ -65,6 +65,10 @@ class ConfigSpace:
         self.check(cfg, num_units)
         return cfg
 
+    def grid_size(self) -> int:
+        """Number of uniform configs."""
+        return len(self.kernel) * len(self.depth) * len(self.width)
+
     def uniform_grid(self, num_units: int) -> list[SubnetConfig]:
         """Every uniform config, ordered by kernel, then depth, then width (the seed's Table 2 order)."""
         return [self.uniform(num_units, k, d, w) for k, d, w in itertools.product(self.kernel, self.depth, self.width)]

@@ -26,6 +26,9 @@ from .io import atomic_write
 from .space import SubnetConfig
 
 
+SPLITS = ("train", "val", "test")
+
+
 class DivergenceError(RuntimeError):
     """The training loss became NaN or infinite."""
 
@@ -39,9 +42,14 @@ def select_device(name: str = "auto") -> torch.device:
 
 @dataclass
 class DeviceData:
-    """Both splits resident on the training device (uint8) plus the normalisation of the training split."""
+    """The three splits resident on the training device (uint8) plus the normalisation of the training split.
+
+    train: training only; val: held out of the training split (curves, search, selection); test: reported
+    numbers only.
+    """
 
     train: data_mod.Split
+    val: data_mod.Split
     test: data_mod.Split
     mean: torch.Tensor  # (1, C, 1, 1) float
     std: torch.Tensor  # (1, C, 1, 1) float
@@ -49,13 +57,16 @@ class DeviceData:
 
     @classmethod
     def load(cls, prepared_dir: Path, device: torch.device) -> DeviceData:
-        train = data_mod.load_split(Path(prepared_dir) / "train.pt")
-        test = data_mod.load_split(Path(prepared_dir) / "test.pt")
-        pixels = train.images.float().transpose(0, 1).reshape(train.images.shape[1], -1)  # (C, N*H*W)
-        mean = pixels.mean(dim=1).view(1, -1, 1, 1)
-        std = pixels.std(dim=1).clamp_min(1.0).view(1, -1, 1, 1)
+        train, val, test = (data_mod.load_split(Path(prepared_dir) / f"{name}.pt") for name in SPLITS)
+        mean, std = data_mod.channel_stats(train)
         move = lambda s: data_mod.Split(s.images.to(device), s.labels.to(device))  # noqa: E731
-        return cls(move(train), move(test), mean.to(device), std.to(device), device)
+        return cls(move(train), move(val), move(test), mean.to(device), std.to(device), device)
+
+    def split(self, name: str) -> data_mod.Split:
+        """The split called `name` ('train', 'val' or 'test')."""
+        if name not in SPLITS:
+            raise ValueError(f"split {name!r} is not allowed ({', '.join(SPLITS)})")
+        return getattr(self, name)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -111,19 +122,21 @@ def _autocast(device: torch.device):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: DeviceData, cfg: SubnetConfig | None = None, batch_size: int = 1000) -> float:
-    """Top-1 accuracy on the test split (eval mode, restored afterwards)."""
+def evaluate(model: nn.Module, data: DeviceData, cfg: SubnetConfig | None = None, batch_size: int = 1000,
+             split: str = "test") -> float:
+    """Top-1 accuracy on a split, 'test' by default (eval mode, restored afterwards)."""
+    images, labels = data.split(split).images, data.split(split).labels
     training = model.training
     model.eval()
-    correct = 0
+    correct = torch.zeros((), dtype=torch.long, device=data.device)
     try:
-        for i in range(0, len(data.test), batch_size):
+        for i in range(0, len(labels), batch_size):
             with _autocast(data.device):
-                logits = _call(model, data.inputs(data.test.images[i : i + batch_size]), cfg)
-            correct += int((logits.argmax(1) == data.test.labels[i : i + batch_size]).sum())
+                logits = _call(model, data.inputs(images[i : i + batch_size]), cfg)
+            correct += (logits.argmax(1) == labels[i : i + batch_size]).sum()
     finally:
         model.train(training)
-    return correct / len(data.test)
+    return int(correct) / len(labels)
 
 
 @torch.no_grad()

@@ -79,6 +79,19 @@ BAD = [
     ("net.units.0.channels", KeyError, r"^net\.units\[0\]\.channels: missing \(an integer\)$"),
     ("shrink.kernel", KeyError, r"^shrink\.kernel: missing \(a mapping\)$"),
     ("seed", None, r"^seed: got None \(an integer\)$"),
+    ("data.val_images", 0, r"^data\.val_images: 0 is out of range \(>= 1\)$"),
+    ("data.val_images", 50000, r"^data\.val_images: 50000 is not smaller than the 50000 training images of cifar10 "),
+    ("data.train_limit", 5000, r"^data\.val_images: 5000 is not smaller than the 5000 training images of cifar10 "
+                               r"\(data\.train_limit\)"),
+    ("specialize.budgets", [], r"^specialize\.budgets: empty list"),
+    ("specialize.budgets", [3.0e7, 0], r"^specialize\.budgets\[1\]: 0 is not allowed \(MACs per image, a positive"),
+    ("specialize.budgets", [-4.0e7], r"^specialize\.budgets\[0\]: -40000000\.0 is not allowed"),
+    ("specialize.budgets", ["2.5e6"], r"^specialize\.budgets\[0\]: got '2\.5e6' \(a number\)$"),
+    ("specialize.budgets", [3.0e7, 30000000], r"^specialize\.budgets: duplicate budgets"),
+    ("specialize.trials", 0, r"^specialize\.trials: 0 is out of range \(>= 1\)$"),
+    ("specialize.trials", 5, r"^specialize\.trials: 5 is fewer than the 8 uniform configs the search starts with"),
+    ("specialize.population", 4, r"^specialize\.population: 4 is smaller than the 8 uniform configs"),
+    ("specialize.budgets", KeyError, r"^specialize\.budgets: missing \(a list of a number\)$"),
 ]
 
 
@@ -101,3 +114,18 @@ def test_stage_script_fails_fast_without_traceback_or_outputs(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip() == "error: shrink.width.lr: -0.05 is out of range (> 0)"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def test_budget_below_the_smallest_subnet_fails_before_the_search(tmp_path):
+    from test_pipeline import tiny_params
+
+    raw = tiny_params()
+    raw["specialize"]["budgets"] = [2_000_000, 600_000]  # the tiny space's smallest subnet: 616512 MACs
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    for stage, code in (("download", 0), ("specialize", 2)):
+        result = subprocess.run([sys.executable, str(ROOT / "stages" / f"{stage}.py")], cwd=tmp_path,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == code, result.stderr
+    assert result.stderr.strip() == ("error: specialize.budgets[1]: 600000 MACs is below the smallest subnet "
+                                     "(k5-d2-w2: 616512 MACs); at least 616512")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "params.yaml"]

@@ -17,13 +17,13 @@ from ofa import pipeline
 from ofa.config import parse_params
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["download", "train_supernet", "shrink_kernel", "shrink_depth", "shrink_width", "evaluate_space"]
+STAGES = ["download", "train_supernet", "shrink_kernel", "shrink_depth", "shrink_width", "evaluate_space", "specialize"]
 
 
 def tiny_params(**data) -> dict:
     """The shipped params.yaml shrunk to a net and schedule that run in seconds on a CPU."""
     p = yaml.safe_load((ROOT / "params.yaml").read_text())
-    p["data"].update({"dataset": "synthetic", **data})
+    p["data"].update({"dataset": "synthetic", "val_images": 128, **data})
     p["net"] = {"stem_channels": 8, "stem_stride": 1, "final_channels": 32, "units": [
         {"channels": 8, "stride": 1, "activation": "relu", "se": False},
         {"channels": 16, "stride": 2, "activation": "hswish", "se": True}]}
@@ -33,6 +33,7 @@ def tiny_params(**data) -> dict:
         p["shrink"][phase].update(epochs=1, lr=0.05)
     p["evaluate"].update(bn_calibration_images=128, sampled_configs=1)
     p["evaluate"]["finetune"].update(epochs=1, lr=0.01, images_per_epoch=128)
+    p["specialize"] = {"budgets": [800000, 1500000], "trials": 14, "population": 8}  # the space: 0.62M-2.55M MACs
     return p
 
 
@@ -74,20 +75,87 @@ def repro(project) -> tuple[Path, str, str]:
     return project, first, second
 
 
-def test_repro_runs_six_stages_then_nothing(repro):
+def test_repro_runs_every_stage_then_nothing(repro):
     _, first, second = repro
     assert ran(first) == STAGES
     assert ran(second) == []
     assert "Data and pipelines are up to date" in second
 
 
-def test_exp_run_with_new_width_lr_reruns_exactly_two_stages(repro):
+def test_specialize_picks_within_budget_beat_uniform_on_val_and_export_what_they_report(repro):
+    import numpy as np
+    import onnxruntime
+    import torch
+
+    import ofa
+    from ofa.data import load_split
+
+    project, _, _ = repro
+    summary = json.loads((project / "metrics" / "specialize.json").read_text())
+    searched = json.loads((project / "metrics" / "search.json").read_text())
+    assert summary["configs_evaluated"] == len(searched) >= 8 and summary["trials"] == 14
+    assert [r["uniform"] for r in searched[:8]] == [True] * 8  # the first generation holds every uniform config
+    assert len({r["config"] for r in searched}) == len(searched)
+    front = [r for r in searched if r["pareto"]]
+    assert summary["pareto_front"] == len(front) >= 1
+    point = lambda r: (r["macs"], r["val_accuracy"])  # noqa: E731
+    dominated = lambda r: any(o["macs"] <= r["macs"] and o["val_accuracy"] >= r["val_accuracy"]  # noqa: E731
+                              and point(o) != point(r) for o in searched)
+    assert sorted(point(r) for r in front) == sorted({point(r) for r in searched if not dominated(r)})
+    plot = json.loads((project / "metrics" / "search_plot" / "pareto_front.json").read_text())
+    assert [p["config"] for p in plot] == [r["config"] for r in front]
+    val = load_split(project / "data" / "prepared" / "val.pt")
+    mean, std = summary["input"]["mean"], summary["input"]["std"]
+    assert list(summary["budgets"]) == ["macs-0.8M", "macs-1.5M"]
+    for name, pick in summary["budgets"].items():
+        budget, uniform = pick["budget"], pick["uniform"]
+        fits = [r for r in searched if r["macs"] <= budget]
+        assert pick["macs"] <= budget and uniform["macs"] <= budget
+        assert pick["val_accuracy"] == max(r["val_accuracy"] for r in fits)
+        assert uniform["val_accuracy"] == max(r["val_accuracy"] for r in fits if r["uniform"]) <= pick["val_accuracy"]
+        assert 0 <= pick["accuracy"] <= 1 and 0 <= uniform["accuracy"] <= 1 and pick["onnx_max_abs_diff"] <= 1e-4
+        sub = ofa.load_subnet(project / "models" / "specialized" / f"{name}.pt")
+        assert str(sub.config) == pick["config"] and ofa.count_macs(sub, (1, 3, 16, 16)) == pick["macs"]
+        pixels = val.images[:32].float()
+        with torch.no_grad():
+            expected = sub((pixels - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1))
+        session = onnxruntime.InferenceSession(str(project / "models" / "specialized" / f"{name}.onnx"))
+        got = session.run(None, {"pixels": pixels.numpy()})[0]
+        np.testing.assert_allclose(got, expected.numpy(), rtol=0, atol=1e-4)
+
+
+def test_fashion_mnist_subset_trains_well_above_chance(tmp_path):
+    if not Path("/usr/share/datasets/fashion-mnist").is_dir():
+        pytest.skip("Debian package dataset-fashion-mnist is not installed (.ci/run installs it)")
+    raw = tiny_params(dataset="fashion_mnist", train_limit=4500, test_limit=1000, val_images=500)
+    raw["net"]["stem_stride"] = 2
+    raw["supernet"] = {"epochs": 3, "lr": 0.2}
+    raw["train"].update(crop_padding=2)
+    params = parse_params(raw)
+    info = pipeline.download(params, tmp_path)
+    assert info == {"dataset": "fashion_mnist", "train_images": 4000, "val_images": 500, "test_images": 1000,
+                    "image_shape": [1, 28, 28]}
+    metrics = pipeline.train_stage(params, "train_supernet", tmp_path, progress=False)
+    assert metrics["accuracy_max"] >= 0.7, metrics  # chance is 0.1
+
+
+def test_exp_run_with_new_width_lr_reruns_exactly_the_stages_after_it(repro):
     project, _, _ = repro
     run(["git", "-C", str(project), "add", "-A"], project)
     run(["git", "-C", str(project), "commit", "-qm", "results"], project)
     out = run([sys.executable, "-m", "dvc", "exp", "run", "-S", "shrink.width.lr=0.02"], project)
-    assert ran(out) == ["shrink_width", "evaluate_space"]
+    assert ran(out) == ["shrink_width", "evaluate_space", "specialize"]
     assert yaml.safe_load((project / "params.yaml").read_text())["shrink"]["width"]["lr"] == 0.02
+
+
+def test_exp_run_with_new_budgets_reruns_only_specialize(repro):
+    project, _, _ = repro
+    out = run([sys.executable, "-m", "dvc", "exp", "run", "-S", "specialize.budgets=[700000,2600000]"], project)
+    assert ran(out) == ["specialize"]
+    picks = json.loads((project / "metrics" / "specialize.json").read_text())["budgets"]
+    assert list(picks) == ["macs-0.7M", "macs-2.6M"]
+    assert sorted(p.name for p in (project / "models" / "specialized").iterdir()) == [
+        "macs-0.7M.onnx", "macs-0.7M.pt", "macs-2.6M.onnx", "macs-2.6M.pt"]
 
 
 def test_outputs_have_the_documented_shape(repro):
@@ -118,18 +186,4 @@ def test_outputs_have_the_documented_shape(repro):
         assert loss.splitlines()[0].split("\t") == ["step", "loss"] and len(loss.splitlines()) == m["epochs"] + 1
     shown = json.loads(run([sys.executable, "-m", "dvc", "metrics", "show", "--json"], project))
     files = next(iter(shown.values()))["data"]
-    assert {"metrics/train_supernet.json", "metrics/evaluate_space.json"} <= set(files)
-
-
-def test_fashion_mnist_subset_trains_well_above_chance(tmp_path):
-    if not Path("/usr/share/datasets/fashion-mnist").is_dir():
-        pytest.skip("Debian package dataset-fashion-mnist is not installed (.ci/run installs it)")
-    raw = tiny_params(dataset="fashion_mnist", train_limit=4000, test_limit=1000)
-    raw["net"]["stem_stride"] = 2
-    raw["supernet"] = {"epochs": 3, "lr": 0.2}
-    raw["train"].update(crop_padding=2)
-    params = parse_params(raw)
-    info = pipeline.download(params, tmp_path)
-    assert info == {"dataset": "fashion_mnist", "train_images": 4000, "test_images": 1000, "image_shape": [1, 28, 28]}
-    metrics = pipeline.train_stage(params, "train_supernet", tmp_path, progress=False)
-    assert metrics["accuracy_max"] >= 0.7, metrics  # chance is 0.1
+    assert {"metrics/train_supernet.json", "metrics/evaluate_space.json", "metrics/specialize.json"} <= set(files)

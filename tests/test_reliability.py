@@ -54,6 +54,7 @@ def two_runs(tmp_path_factory):
     """The synthetic profile run twice; the second run's train_supernet is killed after an epoch and rerun."""
     raw = tiny_params()
     raw["supernet"]["epochs"] = 4
+    raw["specialize"]["budgets"] = [1500000]
     runs = []
     for name in ("a", "b"):
         root = tmp_path_factory.mktemp(name)
@@ -110,6 +111,7 @@ def test_checkpoint_of_other_params_is_refused(two_runs):
     shape = (3, 16, 16)
     pipeline.load_checkpoint(pipeline.build_net(parse_params(raw), shape), ckpt)  # the matching one loads
     raw["space"]["kernel"] = [3, 5, 7]
+    raw["specialize"]["population"] = None  # 12 uniform configs now
     with pytest.raises(pipeline.CheckpointError, match=r"built with space = .*'kernel': \[5, 7\]"):
         pipeline.load_checkpoint(pipeline.build_net(parse_params(raw), shape), ckpt)
     raw = tiny_params()
@@ -144,3 +146,4 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
         write_json(target, {"a": object()})
     assert target.read_text() == '{\n  "a": 1\n}\n'
     assert os.listdir(tmp_path) == ["m.json"]
+

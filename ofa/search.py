@@ -1,0 +1,171 @@
+"""Multi-objective search over per-block subnet configs: maximise an accuracy, minimise MACs.
+
+Built on optuna's NSGA-II sampler through its ask-and-tell interface. Optuna rather than pymoo because its
+SQLite storage keeps every finished trial on disk as it completes, so a killed search resumes where it
+stopped (pymoo would need its whole algorithm object pickled), and because enqueued trials put every
+uniform config into the first generation. Each block's kernel and width and each unit's depth is one
+categorical parameter; the first generation holds every uniform config, the rest comes from NSGA-II's
+crossover and mutation. A config is evaluated once: trials that land on a config already scored (inactive
+slots of a shallower unit do not change the subnet) reuse its score.
+
+Deterministic from `seed` even across a resume: the sampler of the n-th completed trial is seeded with
+(seed, n), so the same finished trials lead to the same next proposal.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .space import ConfigSpace, SubnetConfig
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One evaluated subnet: its config, MACs, accuracy (on the search split) and whether it is uniform."""
+
+    config: SubnetConfig
+    macs: int
+    accuracy: float
+    trial: int  # the first trial that evaluated it
+
+    @property
+    def uniform(self) -> bool:
+        return self.config.uniform_values() is not None
+
+
+def _name(unit: int, block: int | None, what: str) -> str:
+    return f"u{unit}.{what}" if block is None else f"u{unit}.b{block}.{what}"
+
+
+def distributions(space: ConfigSpace, num_units: int) -> dict[str, Any]:
+    """The optuna search space: a categorical depth per unit, kernel and width per block slot."""
+    from optuna.distributions import CategoricalDistribution
+
+    dists = {}
+    for u in range(num_units):
+        dists[_name(u, None, "depth")] = CategoricalDistribution(space.depth)
+        for b in range(space.max_depth):
+            dists[_name(u, b, "kernel")] = CategoricalDistribution(space.kernel)
+            dists[_name(u, b, "width")] = CategoricalDistribution(space.width)
+    return dists
+
+
+def to_params(config: SubnetConfig, space: ConfigSpace) -> dict[str, Any]:
+    """Optuna parameters of a config (inactive slots take the smallest choice)."""
+    params = {}
+    for u in range(config.num_units):
+        params[_name(u, None, "depth")] = config.depth[u]
+        for b in range(space.max_depth):
+            active = b < config.depth[u]
+            params[_name(u, b, "kernel")] = config.kernel[u][b] if active else space.kernel[0]
+            params[_name(u, b, "width")] = config.width[u][b] if active else space.width[0]
+    return params
+
+
+def from_params(params: dict[str, Any], space: ConfigSpace, num_units: int) -> SubnetConfig:
+    """The config an optuna trial's parameters describe."""
+    slots = range(space.max_depth)
+    return SubnetConfig(
+        kernel=[[params[_name(u, b, "kernel")] for b in slots] for u in range(num_units)],
+        depth=[params[_name(u, None, "depth")] for u in range(num_units)],
+        width=[[params[_name(u, b, "width")] for b in slots] for u in range(num_units)],
+    )
+
+
+def pareto_front(candidates: Sequence[Candidate]) -> list[Candidate]:
+    """The candidates no other beats on both objectives (higher accuracy, fewer MACs), by MACs."""
+    front: list[Candidate] = []
+    for c in sorted(candidates, key=lambda c: (c.macs, -c.accuracy, c.trial)):
+        if not front or c.accuracy > front[-1].accuracy:
+            front.append(c)
+    return front
+
+
+def best_within(candidates: Sequence[Candidate], budget: int, uniform_only: bool = False) -> Candidate | None:
+    """The most accurate candidate with at most `budget` MACs (ties: fewer MACs, then earlier); None if none fits."""
+    fits = [c for c in candidates if c.macs <= budget and (c.uniform or not uniform_only)]
+    return min(fits, key=lambda c: (-c.accuracy, c.macs, c.trial), default=None)
+
+
+def _open_study(storage: Path | None, key: str):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    directions = ["maximize", "minimize"]
+    if storage is None:
+        return optuna.create_study(directions=directions), False
+    storage = Path(storage)
+    storage.parent.mkdir(parents=True, exist_ok=True)
+    url = f"sqlite:///{storage.resolve()}"
+    if storage.exists():
+        try:
+            if key in optuna.get_all_study_names(url):
+                return optuna.load_study(study_name=key, storage=url), True
+        except Exception:  # noqa: BLE001 - an unreadable search state is only a lost shortcut
+            pass
+        storage.unlink()
+    return optuna.create_study(study_name=key, storage=url, directions=directions), False
+
+
+def search(
+    space: ConfigSpace,
+    num_units: int,
+    evaluate: Callable[[SubnetConfig], float],
+    macs: Callable[[SubnetConfig], int],
+    *,
+    trials: int,
+    population: int,
+    seed: int = 0,
+    storage: Path | None = None,
+    key: str = "search",
+    progress: bool = True,
+) -> list[Candidate]:
+    """Run `trials` NSGA-II trials (the first ones every uniform config); every distinct config evaluated, in order.
+
+    `evaluate(cfg)` is the accuracy to maximise, `macs(cfg)` the cost to minimise. With `storage` (an SQLite
+    file) each finished trial is kept there under `key`, and a later call with the same key continues
+    after the last finished trial instead of starting again.
+    """
+    import optuna
+    from optuna.trial import TrialState
+
+    uniform = space.uniform_grid(num_units)
+    if trials < len(uniform):
+        raise ValueError(f"trials {trials}: fewer than the {len(uniform)} uniform configs that open the search")
+    if population < len(uniform):
+        raise ValueError(f"population {population}: smaller than the {len(uniform)} uniform configs of generation 0")
+    study, resumed = _open_study(storage, key)
+    for t in study.get_trials(deepcopy=False, states=[TrialState.RUNNING]):  # killed mid-trial
+        study.tell(t.number, state=TrialState.FAIL)
+    dists = distributions(space, num_units)
+    seen: dict[SubnetConfig, Candidate] = {}
+    done = study.get_trials(deepcopy=False, states=[TrialState.COMPLETE])
+    for t in done:
+        cfg = SubnetConfig.from_dict(t.user_attrs["config"])
+        seen.setdefault(cfg, Candidate(cfg, int(t.values[1]), float(t.values[0]), t.number))
+    if resumed and progress:
+        print(f"search: resuming after {len(done)}/{trials} trials from {storage}", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    for n in range(len(done), trials):
+        waiting = study.get_trials(deepcopy=False, states=[TrialState.WAITING])
+        if n < len(uniform) and not waiting:
+            study.enqueue_trial(to_params(uniform[n], space))
+        study.sampler = optuna.samplers.NSGAIISampler(population_size=population, seed=seed * 1_000_003 + n)
+        trial = study.ask(dists)
+        cfg = from_params(trial.params, space, num_units)
+        known = cfg in seen
+        if not known:
+            seen[cfg] = Candidate(cfg, int(macs(cfg)), float(evaluate(cfg)), trial.number)
+        cand = seen[cfg]
+        trial.set_user_attr("config", cfg.to_dict())
+        study.tell(trial, [cand.accuracy, float(cand.macs)])
+        if progress:
+            rate = (time.perf_counter() - start) / (n + 1 - len(done))
+            print(f"search {n + 1}/{trials}: {cfg} {cand.macs / 1e6:.2f}M MACs, accuracy {cand.accuracy:.4f}"
+                  f"{' (seen)' if known else ''} [{rate:.1f} s/trial]", file=sys.stderr, flush=True)
+    return sorted(seen.values(), key=lambda c: c.trial)

@@ -1,0 +1,139 @@
+"""Stage specialize: the most accurate subnet within each MACs budget, searched on val, reported on test, exported.
+
+The search (``ofa.search``) scores every candidate on the validation split after re-calibrating its batch
+norm; its cost is ``OFANet.macs`` (exact, no tracing). For each budget the pick is the most accurate
+evaluated config within it, and beside it the best uniform config within the same budget (the search
+evaluates every uniform config first, so the pick is never worse on val). Only the picks are evaluated on
+test. Each pick is exported as ONNX (raw pixels in, normalisation inside) and as a saved subnet.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from . import search
+from .config import Params, ParamsError
+from .export import export_onnx, save_subnet
+from .io import write_json
+from .pipeline import (
+    METRICS, MODELS, RESUME, TRAINING_STAGES, _setup, load_checkpoint, prepared_files, resume_key,
+)
+from .space import SubnetConfig
+from .train import calibrate_bn, evaluate
+
+SPECIALIZED = MODELS / "specialized"
+PLOT_DIR = METRICS / "search_plot"  # MACs vs val accuracy: every evaluated config, the Pareto front, the uniform grid
+
+
+def budget_name(budget: int) -> str:
+    """File-name label of a MACs budget: 2500000 -> 'macs-2.5M'."""
+    return "macs-" + f"{budget / 1e6:.6f}".rstrip("0").rstrip(".") + "M"
+
+
+def check_budgets(budgets: list[int], smallest: int, smallest_config: SubnetConfig) -> None:
+    """ParamsError naming the first budget below the smallest subnet's MACs."""
+    for i, b in enumerate(budgets):
+        if b < smallest:
+            raise ParamsError(f"specialize.budgets[{i}]: {b} MACs is below the smallest subnet ({smallest_config}: "
+                              f"{smallest} MACs); at least {smallest}")
+
+
+def specialize(params: Params, root: Path = Path("."), progress: bool = True) -> dict[str, Any]:
+    """Search, pick per budget, report on test, export; writes metrics/specialize.json, search.json, models/specialized."""
+    start = time.perf_counter()
+    data, net, calibration = _setup(params, root, len(TRAINING_STAGES) + 1)
+    shape = data.input_shape
+    budgets = params.specialize.macs_budgets()
+    check_budgets(budgets, net.macs(net.min_config(), shape), net.min_config())
+    checkpoint = root / MODELS / "shrink_width.pt"
+    load_checkpoint(net, checkpoint)
+    net.eval()
+    eval_bs = params.train.eval_batch_size
+
+    def calibrated(cfg: SubnetConfig):
+        sub = net.extract(cfg)
+        calibrate_bn(sub, calibration)
+        return sub
+
+    candidates = search.search(
+        net.space, net.num_units, lambda cfg: evaluate(calibrated(cfg), data, batch_size=eval_bs, split="val"),
+        lambda cfg: net.macs(cfg, shape), trials=params.specialize.trials, population=params.search_population(),
+        seed=params.seed, storage=root / RESUME / "specialize.db",
+        key=resume_key(params, "specialize", [*prepared_files(root), checkpoint]), progress=progress,
+    )
+    search_s = time.perf_counter() - start
+    front = search.pareto_front(candidates)
+    mean, std = data.mean.flatten().tolist(), data.std.flatten().tolist()
+    check_inputs = data.val.images[:16].float().cpu()  # raw pixels, as a deployer feeds them
+    staging = root / MODELS / ".specialized.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    tested: dict[SubnetConfig, float] = {}
+
+    def test_accuracy(cfg: SubnetConfig) -> float:
+        if cfg not in tested:
+            tested[cfg] = evaluate(calibrated(cfg), data, batch_size=eval_bs)
+        return tested[cfg]
+
+    def describe(c: search.Candidate) -> dict[str, Any]:
+        return {"config": str(c.config), "macs": c.macs, "params": net.num_params(c.config),
+                "val_accuracy": c.accuracy, "accuracy": test_accuracy(c.config)}
+
+    picks = {}
+    for budget in budgets:
+        name = budget_name(budget)
+        chosen = search.best_within(candidates, budget)
+        uniform = search.best_within(candidates, budget, uniform_only=True)
+        sub = calibrated(chosen.config)
+        diff = export_onnx(sub, staging / f"{name}.onnx", shape, mean=mean, std=std, check_inputs=check_inputs)
+        save_subnet(sub, staging / f"{name}.pt")
+        picks[name] = {"budget": budget, **describe(chosen), "onnx_max_abs_diff": diff, "uniform": describe(uniform)}
+        if progress:
+            print(f"{name}: {chosen.config} {chosen.macs / 1e6:.2f}M MACs, val {chosen.accuracy:.4f} (best uniform "
+                  f"{uniform.config} {uniform.macs / 1e6:.2f}M, val {uniform.accuracy:.4f})", file=sys.stderr, flush=True)
+    final = root / SPECIALIZED
+    shutil.rmtree(final, ignore_errors=True)
+    staging.rename(final)
+    on_front = {c.config for c in front}
+    records = [{"config": str(c.config), "macs": c.macs, "params": net.num_params(c.config),
+                "val_accuracy": c.accuracy, "pareto": c.config in on_front, "uniform": c.uniform, "trial": c.trial,
+                "subnet": c.config.to_dict()} for c in candidates]
+    summary = {
+        "input_shape": list(shape),
+        "input": {"pixels": "float32 (N, C, H, W) in 0..255", "mean": mean, "std": std},
+        "trials": params.specialize.trials,
+        "configs_evaluated": len(candidates),
+        "pareto_front": len(front),
+        "budgets": picks,
+    }
+    write_json(root / METRICS / "search.json", records)
+    for name, subset in (("evaluated", records), ("pareto_front", [r for r in records if r["pareto"]]),
+                         ("uniform", [r for r in records if r["uniform"]])):
+        write_json(root / PLOT_DIR / f"{name}.json", [{"macs": r["macs"], "val_accuracy": r["val_accuracy"],
+                                                       "config": r["config"]} for r in subset])
+    write_json(root / METRICS / "specialize.json", summary)
+    write_json(root / METRICS / "timing" / "specialize.json", {
+        "wall_s": round(time.perf_counter() - start, 1), "search_s": round(search_s, 1),
+        "configs_evaluated": len(candidates), "device": data.device.type})
+    (root / RESUME / "specialize.db").unlink(missing_ok=True)
+    return summary
+
+
+def table(summary: dict[str, Any]):
+    """Per budget: the searched pick beside the best uniform config within the same budget (a pandas DataFrame)."""
+    import pandas as pd
+
+    rows = []
+    for name, p in summary["budgets"].items():
+        u = p["uniform"]
+        rows.append({
+            "budget": name, "searched": p["config"], "MACs": f"{p['macs'] / 1e6:.2f}M",
+            "val": f"{p['val_accuracy']:.4f}", "test": f"{p['accuracy']:.4f}",
+            "best uniform": u["config"], "MACs ": f"{u['macs'] / 1e6:.2f}M",
+            "val ": f"{u['val_accuracy']:.4f}", "test ": f"{u['accuracy']:.4f}",
+        })
+    return pd.DataFrame(rows)

@@ -1,0 +1,134 @@
+"""The specialize search: NSGA-II over per-block configs, budgets, Pareto front, memoisation, resume."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+
+import pytest
+import torch
+
+import ofa
+from ofa import data as data_mod
+from ofa import search
+from ofa.train import DeviceData, calibrate_bn, evaluate
+from conftest import PAPER_SPACE, SEED_SPACE, perturb, tiny_net
+
+
+def _score(cfg: ofa.SubnetConfig) -> float:
+    """A cheap deterministic stand-in for val accuracy: more MACs help, plus a per-config jitter."""
+    jitter = int(hashlib.sha256(cfg.to_json().encode()).hexdigest()[:6], 16) / 16**6
+    return round(sum(k * w for u in range(cfg.num_units) for k, w in cfg.active(u)) / 100 + 0.05 * jitter, 6)
+
+
+def test_params_round_trip_and_inactive_slots_collapse():
+    net = tiny_net(PAPER_SPACE)
+    rng = random.Random(0)
+    for cfg in net.uniform_configs() + [net.sample_config(rng) for _ in range(20)]:
+        params = search.to_params(cfg, PAPER_SPACE)
+        assert set(params) == set(search.distributions(PAPER_SPACE, net.num_units))
+        assert search.from_params(params, PAPER_SPACE, net.num_units) == cfg
+    params = search.to_params(net.uniform_config(5, 2, 4), PAPER_SPACE)
+    params["u0.b3.kernel"], params["u0.b3.width"] = 7, 6  # an inactive slot: the same subnet
+    assert search.from_params(params, PAPER_SPACE, net.num_units) == net.uniform_config(5, 2, 4)
+
+
+def test_pareto_front_and_best_within_budget():
+    net = tiny_net(SEED_SPACE)
+    u = net.uniform_configs()
+    cands = [search.Candidate(u[0], 100, 0.50, 0), search.Candidate(u[1], 200, 0.70, 1),
+             search.Candidate(u[2], 150, 0.45, 2), search.Candidate(net.sample_config(random.Random(1)), 180, 0.72, 3),
+             search.Candidate(u[3], 300, 0.72, 4)]
+    assert [c.trial for c in search.pareto_front(cands)] == [0, 3]
+    assert search.best_within(cands, 199).trial == 3
+    assert search.best_within(cands, 199, uniform_only=True).trial == 0
+    assert search.best_within(cands, 1000).trial == 3  # ties on accuracy: fewer MACs
+    assert search.best_within(cands, 99) is None
+
+
+def test_search_opens_with_every_uniform_config_and_memoises_repeats():
+    net = tiny_net(SEED_SPACE)
+    calls: list[ofa.SubnetConfig] = []
+
+    def score(cfg):
+        calls.append(cfg)
+        return _score(cfg)
+
+    cands = search.search(SEED_SPACE, net.num_units, score, lambda c: net.macs(c, (3, 16, 16)),
+                          trials=40, population=8, seed=0, progress=False)
+    assert [c.config for c in cands[:8]] == net.uniform_configs()
+    assert len(calls) == len(set(calls)) == len(cands)  # each config scored once
+    assert len(cands) > 8 and not all(c.uniform for c in cands)
+    assert all(c.accuracy == _score(c.config) and c.macs == net.macs(c.config, (3, 16, 16)) for c in cands)
+    again = search.search(SEED_SPACE, net.num_units, _score, lambda c: net.macs(c, (3, 16, 16)),
+                          trials=40, population=8, seed=0, progress=False)
+    assert again == cands  # deterministic from the seed
+    other = search.search(SEED_SPACE, net.num_units, _score, lambda c: net.macs(c, (3, 16, 16)),
+                          trials=40, population=8, seed=1, progress=False)
+    assert [c.config for c in other] != [c.config for c in cands]
+
+
+def test_interrupted_search_resumes_without_re_evaluating(tmp_path):
+    net = tiny_net(SEED_SPACE)
+    macs = lambda c: net.macs(c, (3, 16, 16))  # noqa: E731
+    kwargs = dict(trials=30, population=8, seed=3, progress=False)
+    whole = search.search(SEED_SPACE, net.num_units, _score, macs, **kwargs)
+
+    first: list[ofa.SubnetConfig] = []
+
+    def dies_after_12(cfg):
+        if len(first) == 12:
+            raise KeyboardInterrupt  # killed in the middle of the 13th evaluation
+        first.append(cfg)
+        return _score(cfg)
+
+    db = tmp_path / "search.db"
+    with pytest.raises(KeyboardInterrupt):
+        search.search(SEED_SPACE, net.num_units, dies_after_12, macs, storage=db, key="k", **kwargs)
+    second: list[ofa.SubnetConfig] = []
+
+    def counts(cfg):
+        second.append(cfg)
+        return _score(cfg)
+
+    resumed = search.search(SEED_SPACE, net.num_units, counts, macs, storage=db, key="k", **kwargs)
+    assert not set(first) & set(second)  # nothing finished before the kill is evaluated again
+    assert len(first) + len(second) == len(whole)
+    assert [(c.config, c.macs, c.accuracy) for c in resumed] == [(c.config, c.macs, c.accuracy) for c in whole]
+    third: list[ofa.SubnetConfig] = []
+    search.search(SEED_SPACE, net.num_units, lambda c: third.append(c) or _score(c), macs, storage=db, key="other",
+                  **kwargs)
+    assert len(third) == len(whole)  # another key (other params or inputs) starts afresh
+
+
+def test_search_on_a_tiny_net_respects_budgets_and_beats_uniform_on_val():
+    torch.manual_seed(0)
+    net = perturb(tiny_net(SEED_SPACE)).eval()
+    train, test = data_mod.synthetic(seed=0)
+    train, val = data_mod.hold_out(train, 128, seed=0)
+    data = DeviceData(train, val, test, torch.full((1, 3, 1, 1), 128.0), torch.full((1, 3, 1, 1), 64.0),
+                      torch.device("cpu"))
+    calibration = data.calibration_batches(128, 64, seed=0)
+
+    def val_accuracy(cfg):
+        sub = net.extract(cfg)
+        calibrate_bn(sub, calibration)
+        return evaluate(sub, data, batch_size=256, split="val")
+
+    shape = (3, 16, 16)
+    cands = search.search(SEED_SPACE, net.num_units, val_accuracy, lambda c: net.macs(c, shape),
+                          trials=24, population=8, seed=0, progress=False)
+    assert len({c.accuracy for c in cands}) > 3  # the scores really differ between subnets
+    for budget in (net.macs(net.min_config(), shape), 900_000, 1_300_000, 3_000_000):
+        pick = search.best_within(cands, budget)
+        uniform = search.best_within(cands, budget, uniform_only=True)
+        assert pick.macs <= budget and uniform.macs <= budget and uniform.uniform
+        assert pick.accuracy >= uniform.accuracy
+        assert pick.accuracy == max(c.accuracy for c in cands if c.macs <= budget)
+
+
+def test_search_refuses_too_few_trials_or_a_small_population():
+    with pytest.raises(ValueError, match="trials 7: fewer than the 8 uniform"):
+        search.search(SEED_SPACE, 2, _score, lambda c: 1, trials=7, population=8, progress=False)
+    with pytest.raises(ValueError, match="population 4: smaller than the 8 uniform"):
+        search.search(SEED_SPACE, 2, _score, lambda c: 1, trials=8, population=4, progress=False)
