@@ -147,3 +147,11 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
     assert target.read_text() == '{\n  "a": 1\n}\n'
     assert os.listdir(tmp_path) == ["m.json"]
 
+
+def test_written_files_get_a_plain_files_mode(tmp_path):
+    mask = os.umask(0o022)
+    try:
+        write_json(tmp_path / "m.json", {"a": 1})
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "m.json").stat().st_mode & 0o777 == 0o644  # readable by a deployer, not only the owner
