@@ -110,7 +110,8 @@ def subnet_accuracy(net: OFANet, cfg: SubnetConfig, data: DeviceData, calibratio
     return evaluate(sub, data, batch_size=batch_size, split=split)
 
 
-def _setup(params: Params, root: Path, stage_index: int) -> tuple[DeviceData, OFANet, list[torch.Tensor]]:
+def stage_setup(params: Params, root: Path, stage_index: int) -> tuple[DeviceData, OFANet, list[torch.Tensor]]:
+    """Seed, the prepared data on the training device, a fresh supernet, and the stage's BN calibration batches."""
     torch.manual_seed(params.seed)
     device = select_device(params.train.device)
     data = DeviceData.load(root / PREPARED, device)
@@ -152,7 +153,7 @@ def train_stage(params: Params, stage: str, root: Path = Path("."), progress: bo
     start = time.perf_counter()
     previous, sampled = TRAINING_STAGES[stage]
     stage_index = list(TRAINING_STAGES).index(stage)
-    data, net, calibration = _setup(params, root, stage_index)
+    data, net, calibration = stage_setup(params, root, stage_index)
     inputs = prepared_files(root)
     if previous is not None:
         inputs.append(root / MODELS / f"{previous}.pt")
@@ -225,7 +226,7 @@ def train_stage(params: Params, stage: str, root: Path = Path("."), progress: bo
 def evaluate_space(params: Params, root: Path = Path("."), progress: bool = True) -> tuple[list[dict], dict]:
     """Every uniform config plus sampled ones: MACs, params, accuracy after BN calibration, after fine-tuning."""
     start = time.perf_counter()
-    data, net, calibration = _setup(params, root, len(TRAINING_STAGES))
+    data, net, calibration = stage_setup(params, root, len(TRAINING_STAGES))
     load_checkpoint(net, root / MODELS / "shrink_width.pt")
     rng = random.Random(params.seed)
     configs = net.uniform_configs()

@@ -15,15 +15,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from . import search
 from .config import Params, ParamsError
 from .export import export_onnx, save_subnet
 from .io import write_json
 from .pipeline import (
-    METRICS, MODELS, RESUME, TRAINING_STAGES, _setup, load_checkpoint, prepared_files, resume_key,
+    METRICS, MODELS, RESUME, TRAINING_STAGES, load_checkpoint, prepared_files, resume_key, stage_setup,
 )
 from .space import SubnetConfig
-from .train import calibrate_bn, evaluate
+from .subnet import Subnet
+from .supernet import OFANet
+from .train import DeviceData, calibrate_bn, evaluate
 
 SPECIALIZED = MODELS / "specialized"
 PLOT_DIR = METRICS / "search_plot"  # MACs vs val accuracy: every evaluated config, the Pareto front, the uniform grid
@@ -42,66 +46,53 @@ def check_budgets(budgets: list[int], smallest: int, smallest_config: SubnetConf
                               f"{smallest} MACs); at least {smallest}")
 
 
+class _Subnets:
+    """Subnets of the trained supernet, extracted and BN-calibrated; the reported ones kept, tested once."""
+
+    def __init__(self, net: OFANet, data: DeviceData, calibration: list[torch.Tensor], batch_size: int) -> None:
+        self.net, self.data, self.calibration, self.batch_size = net, data, calibration, batch_size
+        self.kept: dict[SubnetConfig, Subnet] = {}
+        self.test: dict[SubnetConfig, float] = {}
+
+    def calibrated(self, cfg: SubnetConfig) -> Subnet:
+        sub = self.net.extract(cfg)
+        calibrate_bn(sub, self.calibration)
+        return sub
+
+    def val_accuracy(self, cfg: SubnetConfig) -> float:
+        return evaluate(self.calibrated(cfg), self.data, batch_size=self.batch_size, split="val")
+
+    def report(self, c: search.Candidate) -> dict[str, Any]:
+        """MACs, params, val and test accuracy of a candidate; keeps its calibrated subnet for export."""
+        if c.config not in self.kept:
+            self.kept[c.config] = self.calibrated(c.config)
+            self.test[c.config] = evaluate(self.kept[c.config], self.data, batch_size=self.batch_size)
+        return {"config": str(c.config), "macs": c.macs, "params": self.net.num_params(c.config),
+                "val_accuracy": c.accuracy, "accuracy": self.test[c.config]}
+
+
 def specialize(params: Params, root: Path = Path("."), progress: bool = True) -> dict[str, Any]:
     """Search, pick per budget, report on test, export; writes metrics/specialize.json, search.json, models/specialized."""
     start = time.perf_counter()
-    data, net, calibration = _setup(params, root, len(TRAINING_STAGES) + 1)
+    data, net, calibration = stage_setup(params, root, len(TRAINING_STAGES) + 1)
     shape = data.input_shape
     budgets = params.specialize.macs_budgets()
     check_budgets(budgets, net.macs(net.min_config(), shape), net.min_config())
     checkpoint = root / MODELS / "shrink_width.pt"
     load_checkpoint(net, checkpoint)
     net.eval()
-    eval_bs = params.train.eval_batch_size
-
-    def calibrated(cfg: SubnetConfig):
-        sub = net.extract(cfg)
-        calibrate_bn(sub, calibration)
-        return sub
-
+    subnets = _Subnets(net, data, calibration, params.train.eval_batch_size)
     candidates = search.search(
-        net.space, net.num_units, lambda cfg: evaluate(calibrated(cfg), data, batch_size=eval_bs, split="val"),
-        lambda cfg: net.macs(cfg, shape), trials=params.specialize.trials, population=params.search_population(),
-        seed=params.seed, storage=root / RESUME / "specialize.db",
-        key=resume_key(params, "specialize", [*prepared_files(root), checkpoint]), progress=progress,
+        net.space, net.num_units, subnets.val_accuracy, lambda cfg: net.macs(cfg, shape),
+        trials=params.specialize.trials, population=params.search_population(), seed=params.seed,
+        storage=root / RESUME / "specialize.db", progress=progress,
+        key=resume_key(params, "specialize", [*prepared_files(root), checkpoint]),
     )
     search_s = time.perf_counter() - start
-    front = search.pareto_front(candidates)
     mean, std = data.mean.flatten().tolist(), data.std.flatten().tolist()
-    check_inputs = data.val.images[:16].float().cpu()  # raw pixels, as a deployer feeds them
-    staging = root / MODELS / ".specialized.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    tested: dict[SubnetConfig, float] = {}
-
-    def test_accuracy(cfg: SubnetConfig) -> float:
-        if cfg not in tested:
-            tested[cfg] = evaluate(calibrated(cfg), data, batch_size=eval_bs)
-        return tested[cfg]
-
-    def describe(c: search.Candidate) -> dict[str, Any]:
-        return {"config": str(c.config), "macs": c.macs, "params": net.num_params(c.config),
-                "val_accuracy": c.accuracy, "accuracy": test_accuracy(c.config)}
-
-    picks = {}
-    for budget in budgets:
-        name = budget_name(budget)
-        chosen = search.best_within(candidates, budget)
-        uniform = search.best_within(candidates, budget, uniform_only=True)
-        sub = calibrated(chosen.config)
-        diff = export_onnx(sub, staging / f"{name}.onnx", shape, mean=mean, std=std, check_inputs=check_inputs)
-        save_subnet(sub, staging / f"{name}.pt")
-        picks[name] = {"budget": budget, **describe(chosen), "onnx_max_abs_diff": diff, "uniform": describe(uniform)}
-        if progress:
-            print(f"{name}: {chosen.config} {chosen.macs / 1e6:.2f}M MACs, val {chosen.accuracy:.4f} (best uniform "
-                  f"{uniform.config} {uniform.macs / 1e6:.2f}M, val {uniform.accuracy:.4f})", file=sys.stderr, flush=True)
-    final = root / SPECIALIZED
-    shutil.rmtree(final, ignore_errors=True)
-    staging.rename(final)
-    on_front = {c.config for c in front}
-    records = [{"config": str(c.config), "macs": c.macs, "params": net.num_params(c.config),
-                "val_accuracy": c.accuracy, "pareto": c.config in on_front, "uniform": c.uniform, "trial": c.trial,
-                "subnet": c.config.to_dict()} for c in candidates]
+    picks = export_picks(candidates, budgets, subnets, root / SPECIALIZED, shape, mean, std,
+                         check_inputs=data.val.images[:16].float().cpu(), progress=progress)
+    front = search.pareto_front(candidates)
     summary = {
         "input_shape": list(shape),
         "input": {"pixels": "float32 (N, C, H, W) in 0..255", "mean": mean, "std": std},
@@ -110,17 +101,58 @@ def specialize(params: Params, root: Path = Path("."), progress: bool = True) ->
         "pareto_front": len(front),
         "budgets": picks,
     }
-    write_json(root / METRICS / "search.json", records)
-    for name, subset in (("evaluated", records), ("pareto_front", [r for r in records if r["pareto"]]),
-                         ("uniform", [r for r in records if r["uniform"]])):
-        write_json(root / PLOT_DIR / f"{name}.json", [{"macs": r["macs"], "val_accuracy": r["val_accuracy"],
-                                                       "config": r["config"]} for r in subset])
+    write_search(root, candidates, front, net)
     write_json(root / METRICS / "specialize.json", summary)
     write_json(root / METRICS / "timing" / "specialize.json", {
         "wall_s": round(time.perf_counter() - start, 1), "search_s": round(search_s, 1),
         "configs_evaluated": len(candidates), "device": data.device.type})
     (root / RESUME / "specialize.db").unlink(missing_ok=True)
     return summary
+
+
+def export_picks(candidates: list[search.Candidate], budgets: list[int], subnets: _Subnets, out: Path,
+                 shape: tuple[int, ...], mean: list[float], std: list[float], check_inputs: torch.Tensor,
+                 progress: bool = True) -> dict[str, Any]:
+    """Per budget: the pick and the best uniform config within it, both tested; the pick exported under `out`.
+
+    The exports go to a staging folder that replaces `out` only once every one of them is written and checked.
+    """
+    staging = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    picks = {}
+    try:
+        for budget in budgets:
+            name = budget_name(budget)
+            chosen = search.best_within(candidates, budget)
+            uniform = search.best_within(candidates, budget, uniform_only=True)
+            picks[name] = {"budget": budget, **subnets.report(chosen), "uniform": subnets.report(uniform)}
+            sub = subnets.kept[chosen.config]
+            picks[name]["onnx_max_abs_diff"] = export_onnx(sub, staging / f"{name}.onnx", shape, mean=mean, std=std,
+                                                           check_inputs=check_inputs)
+            save_subnet(sub, staging / f"{name}.pt")
+            if progress:
+                print(f"{name}: {chosen.config} {chosen.macs / 1e6:.2f}M MACs, val {chosen.accuracy:.4f} (best "
+                      f"uniform {uniform.config} {uniform.macs / 1e6:.2f}M, val {uniform.accuracy:.4f})",
+                      file=sys.stderr, flush=True)
+        shutil.rmtree(out, ignore_errors=True)
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return picks
+
+
+def write_search(root: Path, candidates: list[search.Candidate], front: list[search.Candidate], net: OFANet) -> None:
+    """metrics/search.json (every evaluated config) and the scatter's data: all, the Pareto front, the uniform grid."""
+    on_front = {c.config for c in front}
+    records = [{"config": str(c.config), "macs": c.macs, "params": net.num_params(c.config),
+                "val_accuracy": c.accuracy, "pareto": c.config in on_front, "uniform": c.uniform, "trial": c.trial,
+                "subnet": c.config.to_dict()} for c in candidates]
+    write_json(root / METRICS / "search.json", records)
+    for name, subset in (("evaluated", records), ("pareto_front", [r for r in records if r["pareto"]]),
+                         ("uniform", [r for r in records if r["uniform"]])):
+        write_json(root / PLOT_DIR / f"{name}.json",
+                   [{"macs": r["macs"], "val_accuracy": r["val_accuracy"], "config": r["config"]} for r in subset])
 
 
 def table(summary: dict[str, Any]):

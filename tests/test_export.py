@@ -76,3 +76,40 @@ def test_onnx_without_normalisation_takes_the_subnets_own_input(subnet, tmp_path
     with pytest.raises(ValueError, match="both mean and std"):
         ofa.export_onnx(subnet, tmp_path / "m.onnx", (3, 16, 16), mean=[1.0, 1.0, 1.0])
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_failed_export_leaves_no_partial_models_folder(tmp_path, monkeypatch):
+    from ofa import data as data_mod
+    from ofa import search, specialize
+    from ofa.train import DeviceData
+
+    net = perturb(tiny_net(SEED_SPACE)).eval()
+    train, test = data_mod.synthetic(seed=0)
+    train, val = data_mod.hold_out(train, 64, seed=0)
+    data = DeviceData(train, val, test, torch.full((1, 3, 1, 1), 128.0), torch.full((1, 3, 1, 1), 64.0),
+                      torch.device("cpu"))
+    subnets = specialize._Subnets(net, data, data.calibration_batches(64, 64, seed=0), 256)
+    shape = (3, 16, 16)
+    cands = [search.Candidate(cfg, net.macs(cfg, shape), subnets.val_accuracy(cfg), i)
+             for i, cfg in enumerate(net.uniform_configs())]
+    calls = []
+
+    def export_twice_then_fail(sub, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:
+            raise ExportError(f"{path}: onnxruntime output differs")
+        path.write_bytes(b"onnx")
+        return 0.0
+
+    monkeypatch.setattr(specialize, "export_onnx", export_twice_then_fail)
+    out = tmp_path / "models" / "specialized"
+    with pytest.raises(ExportError, match="differs"):
+        specialize.export_picks(cands, [900_000, 2_000_000], subnets, out, shape, [128.0] * 3, [64.0] * 3,
+                                check_inputs=val.images[:4].float(), progress=False)
+    assert len(calls) == 2 and sorted(p.name for p in tmp_path.rglob("*")) == ["models"]  # no staging, no half folder
+    picks = specialize.export_picks(cands, [900_000], subnets, out, shape, [128.0] * 3, [64.0] * 3,
+                                    check_inputs=val.images[:4].float(), progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["macs-0.9M.onnx", "macs-0.9M.pt"]
+    best = max((c for c in cands if c.macs <= 900_000), key=lambda c: (c.accuracy, -c.macs))
+    assert picks["macs-0.9M"]["config"] == str(best.config) and picks["macs-0.9M"]["macs"] <= 900_000
+    assert picks["macs-0.9M"]["accuracy"] == subnets.test[best.config]  # tested once, the exported subnet
