@@ -44,10 +44,6 @@ class Normalized(nn.Module):
         return self.model((x - self.mean) / self.std)
 
 
-def _plain(obj):
-    return json.loads(json.dumps(obj))
-
-
 def _cpu_copy(subnet: Subnet) -> Subnet:
     if not isinstance(subnet, Subnet) or subnet.arch is None:
         raise ExportError("expected a Subnet from OFANet.extract or load_subnet (it carries arch and config)")
@@ -58,7 +54,7 @@ def save_subnet(subnet: Subnet, path: str | Path) -> None:
     """Atomically save a subnet's architecture, config and weights (loadable without the supernet)."""
     sub = _cpu_copy(subnet)
     state = {k: v.detach().contiguous().clone() for k, v in sub.state_dict().items()}
-    obj = {"format": FORMAT, "arch": _plain(sub.arch), "config": sub.config.to_dict(), "state_dict": state}
+    obj = {"format": FORMAT, "arch": sub.arch, "config": sub.config.to_dict(), "state_dict": state}
     atomic_write(Path(path), lambda f: torch.save(obj, f), binary=True)
 
 
@@ -130,7 +126,7 @@ def export_onnx(
     meta = {
         "ofa.config": sub.config.to_json(),
         "ofa.subnet": str(sub.config),
-        "ofa.arch": json.dumps(_plain(sub.arch), separators=(",", ":")),
+        "ofa.arch": json.dumps(sub.arch, separators=(",", ":")),
         "ofa.input": ("raw pixel values 0..255" if mean is not None else "normalised input")
         + f", float32 (N, {', '.join(map(str, input_shape))})",
     }

@@ -43,20 +43,16 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable, or was built from other net/space params."""
 
 
-def _plain(obj: Any) -> Any:
-    return json.loads(json.dumps(obj))
-
-
 def save_checkpoint(net: OFANet, path: Path) -> None:
     """Atomically save the supernet's weights with its architecture (CPU, contiguous tensors)."""
     state = {k: v.detach().cpu().contiguous().clone() for k, v in net.state_dict().items()}
-    atomic_write(Path(path), lambda f: torch.save({"arch": _plain(net.arch), "state_dict": state}, f), binary=True)
+    atomic_write(Path(path), lambda f: torch.save({"arch": net.arch, "state_dict": state}, f), binary=True)
 
 
 def load_checkpoint(net: OFANet, path: Path) -> None:
     """Load weights saved by save_checkpoint (weights_only); refuse a checkpoint of another architecture."""
     ckpt = load_tensors(path, {"arch", "state_dict"}, CheckpointError, "checkpoint")
-    ours, theirs = _plain(net.arch), ckpt["arch"]
+    ours, theirs = net.arch, ckpt["arch"]
     for key in ours:
         if theirs.get(key) != ours[key]:
             where = {"space": "space", "units": "net.units"}.get(key, f"net.{key}")
