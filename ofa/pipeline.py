@@ -10,6 +10,7 @@ import hashlib
 import json
 import random
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -220,46 +221,88 @@ def train_stage(params: Params, stage: str, root: Path = Path("."), progress: bo
 
 
 def evaluate_space(params: Params, root: Path = Path("."), progress: bool = True) -> tuple[list[dict], dict]:
-    """Every uniform config plus sampled ones: MACs, params, accuracy after BN calibration, after fine-tuning."""
+    """Every uniform config plus sampled ones: MACs, params, accuracy after BN calibration, after fine-tuning.
+
+    Resumable per config: each finished config's record goes to .resume/evaluate_space.json and the
+    fine-tuning in progress saves its state per epoch to .resume/evaluate_space.pt, both keyed like the
+    training stages; a rerun with the same params and inputs continues there and writes the same files an
+    uninterrupted run would.
+    """
     start = time.perf_counter()
     data, net, calibration = stage_setup(params, root, len(TRAINING_STAGES))
-    load_checkpoint(net, root / MODELS / "shrink_width.pt")
-    rng = random.Random(params.seed)
-    configs = net.uniform_configs()
-    for _ in range(params.evaluate.sampled_configs):
-        configs.append(net.sample_config(rng))
-    configs = list(dict.fromkeys(configs))
-    ft = params.evaluate.finetune
-    ft_schedule = schedule(params, ft, ft.images_per_epoch)
-    records = []
-    for i, cfg in enumerate(configs):
-        sub = net.extract(cfg)
-        calibrate_bn(sub, calibration)
-        accuracy = evaluate(sub, data, batch_size=params.train.eval_batch_size)
-        macs, n_params = count_macs(sub, (1, *data.input_shape)), count_params(sub)
-        fit(sub, data, ft_schedule, seed=params.seed * 1000 + 100 + i, desc=f"finetune {cfg}", progress=progress)
-        uniform = cfg.uniform_values()
-        record = {
-            "config": str(cfg),
-            "kernel": uniform[0] if uniform else None,
-            "depth": uniform[1] if uniform else None,
-            "width": uniform[2] if uniform else None,
-            "macs": macs,
-            "params": n_params,
-            "accuracy": accuracy,
-            "accuracy_finetuned": evaluate(sub, data, batch_size=params.train.eval_batch_size),
-            "subnet": cfg.to_dict(),
-        }
-        records.append(record)
+    checkpoint = root / MODELS / "shrink_width.pt"
+    load_checkpoint(net, checkpoint)
+    configs = _space_configs(net, params)
+    key = resume_key(params, "evaluate_space", [*prepared_files(root), checkpoint])
+    done_path, state = root / RESUME / "evaluate_space.json", root / RESUME / "evaluate_space.pt"
+    records = _finished_records(done_path, key, configs)
+    if records:
+        print(f"evaluate_space: resuming after config {len(records)}/{len(configs)} from {done_path}",
+              file=sys.stderr)
+    for i in range(len(records), len(configs)):
+        records.append(_evaluate_config(params, net, configs[i], data, calibration, i, state, f"{key}:{i}",
+                                        progress))
+        write_json(done_path, {"key": key, "records": records})
         if progress:
-            print(f"[{i + 1}/{len(configs)}] {record['config']}: {macs / 1e6:.2f}M MACs, accuracy "
-                  f"{record['accuracy']:.4f}, fine-tuned {record['accuracy_finetuned']:.4f}", flush=True)
-    summary = _summary(records, net, ft.epochs)
+            r = records[-1]
+            print(f"[{i + 1}/{len(configs)}] {r['config']}: {r['macs'] / 1e6:.2f}M MACs, accuracy "
+                  f"{r['accuracy']:.4f}, fine-tuned {r['accuracy_finetuned']:.4f}", flush=True)
+    summary = _summary(records, net, params.evaluate.finetune.epochs)
     write_json(root / METRICS / "space.json", records)
     write_json(root / METRICS / "evaluate_space.json", summary)
     write_json(root / METRICS / "timing" / "evaluate_space.json",
                {"wall_s": round(time.perf_counter() - start, 1), "device": data.device.type})
+    done_path.unlink(missing_ok=True)
+    state.unlink(missing_ok=True)
     return records, summary
+
+
+def _space_configs(net: OFANet, params: Params) -> list[SubnetConfig]:
+    """The configs evaluate_space reports: the uniform grid, then evaluate.sampled_configs random ones (no repeats)."""
+    rng = random.Random(params.seed)
+    configs = net.uniform_configs()
+    for _ in range(params.evaluate.sampled_configs):
+        configs.append(net.sample_config(rng))
+    return list(dict.fromkeys(configs))
+
+
+def _finished_records(path: Path, key: str, configs: list[SubnetConfig]) -> list[dict]:
+    """The records an interrupted run of the same key finished, in order; [] when there are none."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):  # missing or unreadable: only a lost shortcut
+        return []
+    if not isinstance(saved, dict) or saved.get("key") != key or not isinstance(saved.get("records"), list):
+        return []
+    records = saved["records"]
+    if len(records) > len(configs) or any(r.get("config") != str(c) for r, c in zip(records, configs)):
+        return []
+    return records
+
+
+def _evaluate_config(params: Params, net: OFANet, cfg: SubnetConfig, data: DeviceData,
+                     calibration: list[torch.Tensor], index: int, state: Path, key: str, progress: bool) -> dict:
+    """One config's record: MACs, params, accuracy after BN calibration and after fine-tuning (resumable per epoch)."""
+    eval_bs = params.train.eval_batch_size
+    sub = net.extract(cfg)
+    calibrate_bn(sub, calibration)
+    accuracy = evaluate(sub, data, batch_size=eval_bs)
+    macs, n_params = count_macs(sub, (1, *data.input_shape)), count_params(sub)
+    ft = params.evaluate.finetune
+    fit(sub, data, schedule(params, ft, ft.images_per_epoch), seed=params.seed * 1000 + 100 + index,
+        desc=f"finetune {cfg}", resume=state, resume_key=key, progress=progress)
+    uniform = cfg.uniform_values()
+    return {
+        "config": str(cfg),
+        "kernel": uniform[0] if uniform else None,
+        "depth": uniform[1] if uniform else None,
+        "width": uniform[2] if uniform else None,
+        "macs": macs,
+        "params": n_params,
+        "accuracy": accuracy,
+        "accuracy_finetuned": evaluate(sub, data, batch_size=eval_bs),
+        "subnet": cfg.to_dict(),
+    }
 
 
 def _summary(records: list[dict], net: OFANet, finetune_epochs: int) -> dict[str, Any]:

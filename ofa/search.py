@@ -31,7 +31,7 @@ class Candidate:
     config: SubnetConfig
     macs: int
     accuracy: float
-    trial: int  # the first trial that evaluated it
+    trial: int  # the first trial that evaluated it (counting completed trials from 0)
 
     @property
     def uniform(self) -> bool:
@@ -145,9 +145,9 @@ def search(
     dists = distributions(space, num_units)
     seen: dict[SubnetConfig, Candidate] = {}
     done = study.get_trials(deepcopy=False, states=[TrialState.COMPLETE])
-    for t in done:
+    for i, t in enumerate(done):  # numbered by completed trials: a trial failed by a kill leaves no gap
         cfg = SubnetConfig.from_dict(t.user_attrs["config"])
-        seen.setdefault(cfg, Candidate(cfg, int(t.values[1]), float(t.values[0]), t.number))
+        seen.setdefault(cfg, Candidate(cfg, int(t.values[1]), float(t.values[0]), i))
     if resumed and progress:
         print(f"search: resuming after {len(done)}/{trials} trials from {storage}", file=sys.stderr, flush=True)
     start = time.perf_counter()
@@ -160,7 +160,7 @@ def search(
         cfg = from_params(trial.params, space, num_units)
         known = cfg in seen
         if not known:
-            seen[cfg] = Candidate(cfg, int(macs(cfg)), float(evaluate(cfg)), trial.number)
+            seen[cfg] = Candidate(cfg, int(macs(cfg)), float(evaluate(cfg)), n)
         cand = seen[cfg]
         trial.set_user_attr("config", cfg.to_dict())
         study.tell(trial, [cand.accuracy, float(cand.macs)])

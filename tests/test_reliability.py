@@ -49,9 +49,32 @@ def kill_after_first_epoch(cwd: Path, name: str) -> int:
     return len(torch.load(state, weights_only=True)["history"])
 
 
+def kill_when(cwd: Path, name: str, pattern: str) -> None:
+    """Start a stage and SIGKILL it as soon as a line of its output matches `pattern`."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "stages" / f"{name}.py")], cwd=cwd, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        for line in proc.stdout:
+            if re.search(pattern, line):
+                proc.send_signal(signal.SIGKILL)
+                break
+        else:
+            pytest.fail(f"{name} ended without printing {pattern!r}")
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+        proc.stdout.close()
+
+
+def _files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*")
+                  if p.is_file() and "data" not in p.parts and ".resume" not in p.parts)
+
+
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory):
-    """The synthetic profile run twice; the second run's train_supernet is killed after an epoch and rerun."""
+    """The synthetic profile run twice; in the second, train_supernet is killed after an epoch, evaluate_space
+    after its first config and specialize mid-search, each then rerun."""
     raw = tiny_params()
     raw["supernet"]["epochs"] = 4
     raw["specialize"]["budgets"] = [1500000]
@@ -61,11 +84,14 @@ def two_runs(tmp_path_factory):
         (root / "params.yaml").write_text(yaml.safe_dump(raw))
         log = {}
         for s in STAGES:
-            if name == "b" and s == "train_supernet":
-                log["epochs_before_kill"] = kill_after_first_epoch(root, s)
-                log["after_kill"] = sorted(str(p.relative_to(root)) for p in root.rglob("*")
-                                           if p.is_file() and "data" not in p.parts and ".resume" not in p.parts)
-                log["resumed"] = stage(s, root).stderr
+            if name == "b" and s in ("train_supernet", "evaluate_space", "specialize"):
+                if s == "train_supernet":
+                    log["epochs_before_kill"] = kill_after_first_epoch(root, s)
+                else:
+                    kill_when(root, s, r"^\[1/\d+\] " if s == "evaluate_space" else r"^search 5/")
+                log[f"after_kill/{s}"] = _files(root)
+                result = stage(s, root)
+                log[f"resumed/{s}"] = result.stdout + result.stderr
             else:
                 stage(s, root)
         runs.append((root, log))
@@ -75,9 +101,20 @@ def two_runs(tmp_path_factory):
 def test_killed_stage_leaves_no_output_and_resumes(two_runs):
     (_, _), (b, log) = two_runs
     assert 1 <= log["epochs_before_kill"] < 4
-    assert log["after_kill"] == ["params.yaml"]  # no checkpoint, metrics or curves of the killed stage
-    assert f"train_supernet: resuming after epoch {log['epochs_before_kill']}/4" in log["resumed"]
+    assert log["after_kill/train_supernet"] == ["params.yaml"]  # no checkpoint, metrics or curves of the killed stage
+    resumed = f"train_supernet: resuming after epoch {log['epochs_before_kill']}/4"
+    assert resumed in log["resumed/train_supernet"]
     assert not (b / ".resume" / "train_supernet.pt").exists()  # removed once the outputs are written
+
+
+def test_killed_evaluate_space_and_specialize_resume_where_they_stopped(two_runs):
+    (_, _), (b, log) = two_runs
+    assert "metrics/space.json" not in log["after_kill/evaluate_space"]
+    assert "evaluate_space: resuming after config 1/9" in log["resumed/evaluate_space"]
+    assert "[1/9]" not in log["resumed/evaluate_space"]  # the finished config is not evaluated again
+    assert not any("specialize" in f or "search" in f for f in log["after_kill/specialize"])
+    assert re.search(r"search: resuming after [5-9]/14 trials", log["resumed/specialize"])
+    assert [p for p in (b / ".resume").rglob("*") if p.is_file()] == []  # each removed once its outputs exist
 
 
 def test_same_params_give_byte_identical_outputs(two_runs):
