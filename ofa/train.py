@@ -27,6 +27,7 @@ from .space import SubnetConfig
 
 
 SPLITS = ("train", "val", "test")
+SYNC_EVERY = 20  # training steps between host reads of the loss (progress bar, divergence check)
 
 
 class DivergenceError(RuntimeError):
@@ -213,7 +214,8 @@ def fit(
     curves entry (training loss/accuracy, lr, plus `epoch_metrics()`) goes to `log`, and with `resume` the
     whole training state is saved there; a later call with the same `resume_key` continues after the last
     finished epoch and ends exactly where an uninterrupted run would. A non-finite loss raises
-    DivergenceError naming the epoch, step and learning rate.
+    DivergenceError naming the epoch, step and learning rate of its first occurrence; it is noted on the
+    device and read back every SYNC_EVERY steps and at each epoch's end, before anything is saved or logged.
     """
     if parameters is not None:  # freeze the rest: no gradient is computed for it at all
         chosen = {id(p) for p in parameters}
@@ -231,6 +233,7 @@ def fit(
     batch = min(schedule.batch_size, per_epoch)
     steps_per_epoch = per_epoch // batch
     total = steps_per_epoch * schedule.epochs
+    lr_of = lambda epoch, step: schedule.lr_at(epoch * steps_per_epoch + step, total, steps_per_epoch)  # noqa: E731
     rng = random.Random(seed)
     shuffle = torch.Generator().manual_seed(seed)
     aug = torch.Generator(device=data.device).manual_seed(seed + 1)
@@ -255,11 +258,12 @@ def fit(
         order = torch.randperm(n, generator=shuffle)[: steps_per_epoch * batch].to(data.device)
         loss_sum = torch.zeros((), device=data.device)
         correct = torch.zeros((), device=data.device, dtype=torch.long)
+        guard = _DivergenceGuard(desc, data.device)
         start = time.perf_counter()
         bar = tqdm(range(steps_per_epoch), desc=f"{desc} {epoch + 1}/{schedule.epochs}", disable=not progress,
                    file=sys.stderr, mininterval=1.0 if sys.stderr.isatty() else 30.0, leave=True)
         for step in bar:
-            lr = schedule.lr_at(epoch * steps_per_epoch + step, total, steps_per_epoch)
+            lr = lr_of(epoch, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             idx = order[step * batch : (step + 1) * batch]
@@ -285,14 +289,12 @@ def fit(
                     step_loss += loss.detach() / len(configs)
                     if i == 0:
                         correct += (logits.argmax(1) == y).sum()
-            if not torch.isfinite(step_loss):
-                raise DivergenceError(
-                    f"{desc}: loss is {float(step_loss)} at epoch {epoch + 1} step {step + 1} (lr {lr:.4g}); "
-                    "lower the learning rate"
-                )
+            guard.record(step_loss, step)
             optimizer.step()
             loss_sum += step_loss
-            if progress and (step % 20 == 0 or step == steps_per_epoch - 1):
+            if step % SYNC_EVERY == 0 or step == steps_per_epoch - 1:  # the only host reads of the loop
+                guard.check(lambda s: f"epoch {epoch + 1} step {s + 1} (lr {lr_of(epoch, s):.4g})")  # noqa: B023
+            if progress and (step % SYNC_EVERY == 0 or step == steps_per_epoch - 1):
                 seen = (step + 1) * batch
                 bar.set_postfix(loss=f"{float(loss_sum) / (step + 1):.3f}", acc=f"{int(correct) / seen:.3f}",
                                 lr=f"{lr:.3g}", img_s=f"{seen / (time.perf_counter() - start):.0f}", refresh=False)
@@ -314,6 +316,31 @@ def fit(
                 "history": [asdict(h) for h in history],
             }, f), binary=True)
     return history
+
+
+class _DivergenceGuard:
+    """Notes the first non-finite step loss on the device, without waiting for it; `check` reads it back.
+
+    Reading a loss on the host stalls a GPU until the step is done, so the loop records on the device and
+    checks every SYNC_EVERY steps and at the end of each epoch: always before anything is saved or
+    evaluated, so a non-finite update never reaches a checkpoint, a resume state or the curves.
+    """
+
+    def __init__(self, desc: str, device: torch.device) -> None:
+        self.desc = desc
+        self.step = torch.full((), -1, dtype=torch.long, device=device)  # the first bad step, -1 while none
+        self.loss = torch.zeros((), device=device)
+
+    def record(self, loss: torch.Tensor, step: int) -> None:
+        first = (self.step < 0) & ~torch.isfinite(loss)
+        self.step = torch.where(first, step, self.step)
+        self.loss = torch.where(first, loss, self.loss)
+
+    def check(self, where: Callable[[int], str]) -> None:
+        """DivergenceError naming `where(step)` of the first bad step, if there was one."""
+        step = int(self.step)
+        if step >= 0:
+            raise DivergenceError(f"{self.desc}: loss is {float(self.loss)} at {where(step)}; lower the learning rate")
 
 
 def _tuples(x):

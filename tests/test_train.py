@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ofa import data as data_mod
-from ofa.train import DeviceData, Schedule, calibrate_bn, evaluate, fit, soft_cross_entropy
+from ofa.train import SYNC_EVERY, DeviceData, DivergenceError, Schedule, calibrate_bn, evaluate, fit, soft_cross_entropy
 from conftest import SEED_SPACE, tiny_net
 
 
@@ -66,3 +66,37 @@ def test_teacher_changes_the_loss(synthetic):
                 progress=False, sample=lambda rng: [net.min_config(), net.max_config()])
         losses.append(h[0].loss)
     assert losses[1] > losses[0] + 0.5  # a random teacher's soft targets add about log(10)
+
+
+class _BlowsUp(torch.nn.Module):
+    """A linear classifier whose output turns NaN from its `at`-th training forward on."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(3 * 16 * 16, 10)
+        self.at, self.calls = at, 0
+
+    def forward(self, x):
+        self.calls += self.training
+        out = self.linear(x.flatten(1))
+        return out * float("nan") if self.calls >= self.at else out
+
+
+def test_non_finite_loss_names_its_step_and_nothing_is_saved(synthetic, tmp_path):
+    model = _BlowsUp(at=3)  # 448 training images / batch 32: 14 steps, read back after steps 1 and 14
+    with pytest.raises(DivergenceError, match=r"^t: loss is nan at epoch 1 step 3 \(lr 0\.06\); lower the learning rate$"):
+        fit(model, synthetic, Schedule(epochs=2, lr=0.1, batch_size=32, warmup_epochs=0.4), desc="t",
+            resume=tmp_path / "state.pt", progress=False)
+    assert model.calls == 14 and list(tmp_path.iterdir()) == []  # stopped at the end of epoch 1, nothing saved
+
+
+def test_the_loop_reads_the_device_once_per_sync_interval(synthetic, monkeypatch):
+    """Reading a CUDA tensor on the host waits for the device: the divergence guard must not do it every step."""
+    reads = []
+    for name in ("__bool__", "__float__", "__int__", "item"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, _o=original, _n=name: reads.append(_n) or _o(self))
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 10))
+    schedule = Schedule(epochs=1, lr=0.1, batch_size=8, flip=False, crop_padding=0, images_per_epoch=8 * 2 * SYNC_EVERY)
+    fit(net, synthetic, schedule, progress=False)
+    assert reads == ["__int__"] * 3 + ["__float__", "__int__"], reads  # after steps 1, 21 and 40; the epoch's means
