@@ -44,6 +44,7 @@ class DataParams:
     train_limit: int | None = _rule(min=1, default=None)  # first N training images; null = all
     test_limit: int | None = _rule(min=1, default=None)  # first N test images; null = all
     val_images: int = _rule(min=1, default=5000)  # held out of the training split for validation
+    image_size: int | None = _rule(min=8, default=None)  # resize (shorter side, centre crop); null = native size
 
 
 @dataclass(frozen=True)
@@ -237,6 +238,14 @@ def parse_params(raw: Any) -> Params:
 
 
 def _check_data(d: DataParams) -> None:
+    if d.dataset == "folder":
+        if not d.source_dir:
+            raise ParamsError("data.source_dir: required for data.dataset folder (a directory holding "
+                              "train/<class>/<image> and test/<class>/<image>)")
+        if d.image_size is None:
+            raise ParamsError("data.image_size: required for data.dataset folder (the side, in pixels, that every "
+                              "image is resized and centre-cropped to; at least 8)")
+        return  # the number of images is known once the folder is read: download checks val_images
     train = min(TRAIN_IMAGES[d.dataset], d.train_limit or TRAIN_IMAGES[d.dataset])
     if d.val_images >= train:
         raise ParamsError(f"data.val_images: {d.val_images} is not smaller than the {train} training images of "

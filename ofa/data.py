@@ -1,9 +1,13 @@
 """Datasets for Once-for-All training: fetch/verify raw files, parse them into uint8 splits, augment on device.
 
-Supported datasets are CIFAR-10 (official binary tar.gz, read with tarfile), Fashion-MNIST (the four
-official IDX .gz files, also accepted from the Debian package ``dataset-fashion-mnist``) and a tiny
-deterministic synthetic dataset.  No torchvision and no pickle: splits are saved as plain tensors and
-loaded with ``torch.load(weights_only=True)``.
+Supported datasets are CIFAR-10 and CIFAR-100 (official binary tar.gz, read with tarfile), Fashion-MNIST
+(the four official IDX .gz files, also accepted from the Debian package ``dataset-fashion-mnist``), a
+folder of the user's own images (``train/<class>/<image>``, ``test/<class>/<image>`` and optionally
+``val/<class>/<image>``, decoded with Pillow) and a tiny deterministic synthetic dataset.  ``prepare``
+returns a ``Dataset``: the splits and the class names in label order.  Images are uint8 (N, C, H, W);
+``image_size`` resizes them (shorter side to the size, then a centre crop to a square).  ``check_fits``
+turns "not enough memory" into a one-line error before a large tensor is made.  No torchvision and no
+pickle: splits are saved as plain tensors and loaded with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -20,46 +24,74 @@ import tarfile
 import urllib.error
 import urllib.request
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
 
 from .io import atomic_write, load_tensors
 
 __all__ = [
+    "CIFAR10_CLASSES",
     "CIFAR10_FILES",
+    "CIFAR100_FILES",
     "DATASETS",
+    "FASHION_MNIST_CLASSES",
     "FASHION_MNIST_FILES",
     "FASHION_MNIST_SYSTEM_DIR",
+    "IMAGE_EXTENSIONS",
+    "MIN_IMAGE_SIZE",
+    "SYNTHETIC_CLASSES",
     "TRAIN_IMAGES",
     "DataError",
+    "Dataset",
     "RemoteFile",
     "Split",
     "augment",
+    "available_memory",
     "channel_stats",
+    "check_fits",
     "fetch",
     "hold_out",
     "load_split",
     "prepare",
+    "resize_split",
     "save_split",
     "synthetic",
 ]
 
-DATASETS = ("cifar10", "fashion_mnist", "synthetic")
-TRAIN_IMAGES = {"cifar10": 50000, "fashion_mnist": 60000, "synthetic": 512}  # size of each official training split
+DATASETS = ("cifar10", "cifar100", "fashion_mnist", "folder", "synthetic")
+# size of each official training split; a folder dataset's size is known only once it is read
+TRAIN_IMAGES = {"cifar10": 50000, "cifar100": 50000, "fashion_mnist": 60000, "synthetic": 512}
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian package dataset-fashion-mnist
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+SYNTHETIC_CLASSES = tuple(str(k) for k in range(10))
+IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".webp")  # of a folder dataset's images, in any case
+MIN_IMAGE_SIZE = 8  # smallest data.image_size
 
 _CHUNK = 1 << 20
+_CIFAR_PIXELS = 3 * 32 * 32
 _CIFAR10_MEMBER_DIR = "cifar-10-batches-bin"
-_CIFAR10_TRAIN_MEMBERS = tuple(f"{_CIFAR10_MEMBER_DIR}/data_batch_{i}.bin" for i in range(1, 6))
-_CIFAR10_TEST_MEMBER = f"{_CIFAR10_MEMBER_DIR}/test_batch.bin"
-_CIFAR10_RECORD = 1 + 3 * 32 * 32
+_CIFAR100_MEMBER_DIR = "cifar-100-binary"
 _IDX_IMAGES_MAGIC = 2051
 _IDX_LABELS_MAGIC = 2049
-_NUM_CLASSES = 10
+_MEMINFO = Path("/proc/meminfo")
+# Pillow's one-channel modes
+_GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
+_WIDE_GRAY_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})  # 16-bit grey (PNG): scaled to 8 bits
+_WIDE_TO_8BIT = [(v * 255 + 32767) // 65535 for v in range(65536)]  # 16-bit value -> nearest 8-bit one (v / 257)
+_RESAMPLE = Image.Resampling.BICUBIC
+_REDUCING_GAP = 3.0  # Pillow shrinks by whole factors first while keeping at least 3x the target resolution
+_DECODE_THREADS = max(1, min(8, os.cpu_count() or 1))  # Pillow releases the GIL while it decodes and resizes
+_RESIZE_CHUNK = 1024  # images resized at a time by resize_split (bounds the float copy)
 
 
 class DataError(RuntimeError):
@@ -81,6 +113,13 @@ CIFAR10_FILES: tuple[RemoteFile, ...] = (
         url="https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",
         filename="cifar-10-binary.tar.gz",
         md5="c32a1d4ab5d03f1284b67883e8d87530",
+    ),
+)
+CIFAR100_FILES: tuple[RemoteFile, ...] = (
+    RemoteFile(
+        url="https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz",
+        filename="cifar-100-binary.tar.gz",
+        md5="03b5dce01913d631647c71ecec9e9cb8",
     ),
 )
 
@@ -129,6 +168,57 @@ class Split:
     def __len__(self) -> int:
         """Number of samples."""
         return int(self.labels.shape[0])
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """The splits of one dataset and its class names: label k means classes[k].
+
+    val is the dataset's own validation split (a folder dataset's val/) or None, in which case the
+    pipeline holds validation images out of train.
+    """
+
+    train: Split
+    test: Split
+    classes: tuple[str, ...]
+    val: Split | None = None
+
+    def __post_init__(self) -> None:
+        """Validate the class names, that every split has the train images' shape and labels in 0..len(classes)-1."""
+        object.__setattr__(self, "classes", tuple(self.classes))
+        classes = self.classes
+        if len(classes) < 2 or len(set(classes)) != len(classes) or not all(isinstance(c, str) and c for c in classes):
+            raise ValueError(f"Dataset classes must be at least 2 distinct non-empty strings, got {len(classes)}: "
+                             f"{_one_line(classes)[:200]}")
+        for name, split in self.splits().items():
+            if not isinstance(split, Split):
+                raise ValueError(f"Dataset {name} must be a Split, got {type(split).__name__}")
+            if split.images.shape[1:] != self.train.images.shape[1:]:
+                raise ValueError(f"Dataset {name} images are {tuple(split.images.shape[1:])} but train images are "
+                                 f"{self.image_shape}; every split must have the same (C, H, W)")
+            if len(split) and not 0 <= int(split.labels.min()) <= int(split.labels.max()) < len(classes):
+                raise ValueError(f"Dataset {name} labels span {int(split.labels.min())}..{int(split.labels.max())}; "
+                                 f"allowed 0..{len(classes) - 1} ({len(classes)} classes)")
+
+    def splits(self) -> dict[str, Split]:
+        """{"train", "val" (if any), "test"} -> Split."""
+        return {"train": self.train, **({"val": self.val} if self.val is not None else {}), "test": self.test}
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of every image."""
+        c, h, w = self.train.images.shape[1:]
+        return int(c), int(h), int(w)
+
+    @property
+    def channels(self) -> int:
+        """Colour channels: 3 (RGB) or 1 (grey)."""
+        return self.image_shape[0]
+
+    @property
+    def num_classes(self) -> int:
+        """len(classes)."""
+        return len(self.classes)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -322,9 +412,45 @@ def fetch(
 # parsing
 
 
-def _parse_cifar10(archive: Path) -> tuple[Split, Split]:
-    """Read the official CIFAR-10 binary tar.gz (members read in one sequential pass, nothing extracted)."""
-    wanted = set(_CIFAR10_TRAIN_MEMBERS) | {_CIFAR10_TEST_MEMBER}
+@dataclass(frozen=True)
+class _CifarLayout:
+    """Where an official CIFAR binary archive keeps its records: label byte(s), then 3072 pixel bytes (C, H, W)."""
+
+    title: str
+    train: tuple[str, ...]  # members holding the training records, in order
+    test: str
+    label_bytes: int  # CIFAR-10: 1 (the label); CIFAR-100: 2 (coarse label, fine label): the last one is used
+    classes: tuple[str, ...] = ()  # the class names when the archive lacks them (CIFAR-10), else:
+    names: str | None = None  # member listing the class names, one a line
+    num_classes: int = 10  # expected lines of the names member
+
+    @property
+    def record(self) -> int:
+        return self.label_bytes + _CIFAR_PIXELS
+
+
+_CIFAR_LAYOUTS = {
+    "cifar10": _CifarLayout(
+        "CIFAR-10",
+        train=tuple(f"{_CIFAR10_MEMBER_DIR}/data_batch_{i}.bin" for i in range(1, 6)),
+        test=f"{_CIFAR10_MEMBER_DIR}/test_batch.bin",
+        label_bytes=1,
+        classes=CIFAR10_CLASSES,
+    ),
+    "cifar100": _CifarLayout(
+        "CIFAR-100",
+        train=(f"{_CIFAR100_MEMBER_DIR}/train.bin",),
+        test=f"{_CIFAR100_MEMBER_DIR}/test.bin",
+        label_bytes=2,
+        names=f"{_CIFAR100_MEMBER_DIR}/fine_label_names.txt",
+        num_classes=100,
+    ),
+}
+
+
+def _parse_cifar(archive: Path, layout: _CifarLayout) -> Dataset:
+    """Read an official CIFAR-10/100 binary tar.gz (members read in one sequential pass, nothing extracted)."""
+    wanted = {*layout.train, layout.test} | ({layout.names} if layout.names else set())
     data: dict[str, bytes] = {}
     try:
         with tarfile.open(archive, "r:gz") as tar:
@@ -335,31 +461,44 @@ def _parse_cifar10(archive: Path) -> tuple[Split, Split]:
                     if fileobj is not None:
                         data[name] = fileobj.read()
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-        raise DataError(f"cannot read CIFAR-10 archive {archive}: {type(e).__name__}: {_one_line(e)}") from e
+        raise DataError(f"cannot read {layout.title} archive {archive}: {type(e).__name__}: {_one_line(e)}") from e
     missing = sorted(wanted - data.keys())
     if missing:
-        raise DataError(f"CIFAR-10 archive {archive} lacks member(s) {', '.join(missing)}")
+        raise DataError(f"{layout.title} archive {archive} lacks member(s) {', '.join(missing)}")
+    classes = layout.classes if layout.names is None else _class_names(data[layout.names], layout, archive)
 
-    def batch(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def records(name: str) -> tuple[torch.Tensor, torch.Tensor]:
         raw = data[name]
-        if not raw or len(raw) % _CIFAR10_RECORD:
-            raise DataError(
-                f"CIFAR-10 member {name} in {archive} has {len(raw)} bytes; must be a positive multiple of {_CIFAR10_RECORD}"
-            )
-        records = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(-1, _CIFAR10_RECORD)
-        labels = records[:, 0].to(torch.int64)
-        bad = labels >= _NUM_CLASSES
+        if not raw or len(raw) % layout.record:
+            raise DataError(f"{layout.title} member {name} in {archive} has {len(raw)} bytes; must be a positive "
+                            f"multiple of {layout.record}")
+        rows = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(-1, layout.record)
+        labels = rows[:, layout.label_bytes - 1].to(torch.int64)
+        bad = labels >= len(classes)
         if bool(bad.any()):
-            raise DataError(
-                f"CIFAR-10 member {name} in {archive} has label {int(labels[bad][0])}; allowed 0..{_NUM_CLASSES - 1}"
-            )
-        return records[:, 1:].reshape(-1, 3, 32, 32), labels
+            raise DataError(f"{layout.title} member {name} in {archive} has label {int(labels[bad][0])}; "
+                            f"allowed 0..{len(classes) - 1}")
+        return rows[:, layout.label_bytes :].reshape(-1, 3, 32, 32), labels
 
-    train_parts = [batch(n) for n in _CIFAR10_TRAIN_MEMBERS]
-    test_images, test_labels = batch(_CIFAR10_TEST_MEMBER)
+    train_parts = [records(n) for n in layout.train]
+    test_images, test_labels = records(layout.test)
     train = Split(torch.cat([p[0] for p in train_parts]).contiguous(), torch.cat([p[1] for p in train_parts]))
-    test = Split(test_images.contiguous(), test_labels.contiguous())
-    return train, test
+    return Dataset(train, Split(test_images.contiguous(), test_labels.contiguous()), classes)
+
+
+def _class_names(raw: bytes, layout: _CifarLayout, archive: Path) -> tuple[str, ...]:
+    """The class names of a names member: one a line, trailing blank lines ignored."""
+    where = f"{layout.title} member {layout.names} in {archive}"
+    try:
+        names = [line.strip() for line in raw.decode("utf-8").splitlines()]
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where} is not UTF-8 text: {_one_line(e)}") from e
+    while names and not names[-1]:
+        names.pop()
+    if len(names) != layout.num_classes or not all(names) or len(set(names)) != len(names):
+        raise DataError(f"{where} has {len(names)} lines; expected {layout.num_classes} distinct non-empty class "
+                        "names, one a line")
+    return tuple(names)
 
 
 def _read_idx(path: Path, magic: int) -> torch.Tensor:
@@ -387,17 +526,248 @@ def _read_idx(path: Path, magic: int) -> torch.Tensor:
     return torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8).reshape(dims)
 
 
-def _idx_split(images_path: Path, labels_path: Path) -> Split:
+def _idx_split(images_path: Path, labels_path: Path, num_classes: int) -> Split:
     images = _read_idx(images_path, _IDX_IMAGES_MAGIC)
     labels = _read_idx(labels_path, _IDX_LABELS_MAGIC).to(torch.int64)
     if images.shape[0] != labels.shape[0]:
         raise DataError(
             f"IDX image file {images_path} has {images.shape[0]} items but label file {labels_path} has {labels.shape[0]}"
         )
-    bad = labels >= _NUM_CLASSES
+    bad = labels >= num_classes
     if bool(bad.any()):
-        raise DataError(f"IDX label file {labels_path} has label {int(labels[bad][0])}; allowed 0..{_NUM_CLASSES - 1}")
+        raise DataError(f"IDX label file {labels_path} has label {int(labels[bad][0])}; allowed 0..{num_classes - 1}")
     return Split(images.unsqueeze(1).contiguous(), labels)
+
+
+# --------------------------------------------------------------------------------------------------
+# a folder of the user's own images
+
+
+_EXTENSIONS_TEXT = ", ".join(IMAGE_EXTENSIONS[:-1]) + f" or {IMAGE_EXTENSIONS[-1]} (any case)"
+_FOLDER_LAYOUT = "train/<class>/<image> and test/<class>/<image>, optionally val/<class>/<image>"
+
+
+def _subfolders(folder: Path) -> list[str]:
+    """Sorted names of the visible subfolders of folder."""
+    try:
+        return sorted(p.name for p in folder.iterdir() if not p.name.startswith(".") and p.is_dir())
+    except OSError as e:
+        raise DataError(f"cannot list {folder}: {type(e).__name__}: {_one_line(e)}") from e
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """The visible image files of a class folder, sorted by name; other files are ignored."""
+    try:
+        return sorted(
+            (p for p in folder.iterdir()
+             if not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()),
+            key=lambda p: p.name,
+        )
+    except OSError as e:
+        raise DataError(f"cannot list {folder}: {type(e).__name__}: {_one_line(e)}") from e
+
+
+def _list_folder(source: Path) -> tuple[tuple[str, ...], dict[str, list[tuple[Path, int]]]]:
+    """(classes, split -> [(image path, label)]) of a folder dataset; every listing sorted by name."""
+    if not source.is_dir():
+        raise DataError(f"data.source_dir: {source} is not a folder; a folder dataset needs {_FOLDER_LAYOUT} in it")
+    dirs: dict[str, Path] = {}
+    for split in ("train", "val", "test"):
+        if (source / split).is_dir():
+            dirs[split] = source / split
+        elif split != "val":
+            raise DataError(f"{source / split}: no such folder; a folder dataset needs {_FOLDER_LAYOUT}")
+    classes = _subfolders(dirs["train"])
+    if not classes:
+        raise DataError(f"{dirs['train']} has no class folders; put each class's images into {dirs['train']}/<class>/")
+    for split in ("test", "val"):
+        if split not in dirs:
+            continue
+        theirs = _subfolders(dirs[split])
+        if theirs != classes:
+            differences = [
+                f"missing in {where}: {', '.join(sorted(set(have) - set(lack)))}"
+                for where, have, lack in ((dirs[split], classes, theirs), (dirs["train"], theirs, classes))
+                if set(have) - set(lack)
+            ]
+            raise DataError(f"class folders of {dirs['train']} and {dirs[split]} differ: {'; '.join(differences)} "
+                            "(every split needs the same class folders)")
+    if len(classes) < 2:
+        raise DataError(f"{dirs['train']} has 1 class folder ({classes[0]}); a classifier needs at least 2")
+    files = {split: {name: _image_files(folder / name) for name in classes} for split, folder in dirs.items()}
+    if not any(paths for per_class in files.values() for paths in per_class.values()):
+        raise DataError(f"{source} holds no images: no file in its class folders ends in {_EXTENSIONS_TEXT}")
+    for split, per_class in files.items():
+        for name, paths in per_class.items():
+            if not paths:
+                raise DataError(f"{dirs[split] / name} has no images (files ending in {_EXTENSIONS_TEXT}); add some, "
+                                "or remove that class folder from every split")
+    listing = {
+        split: [(path, label) for label, name in enumerate(classes) for path in per_class[name]]
+        for split, per_class in files.items()
+    }
+    return tuple(classes), listing
+
+
+def _image_error(path: Path, e: BaseException) -> DataError:
+    return DataError(f"cannot read image {path}: {type(e).__name__}: {_one_line(e)}")
+
+
+def _is_gray(path: Path) -> bool:
+    """Whether an image has one channel, from its header alone (also rejects files that are no image)."""
+    try:
+        with Image.open(path) as img:
+            return img.mode in _GRAY_MODES
+    except Exception as e:  # noqa: BLE001 - Pillow's plugins raise many types on broken headers
+        raise _image_error(path, e) from e
+
+
+def _to_mode(img: Image.Image, gray: bool) -> Image.Image:
+    """img as 8-bit "L" (gray) or "RGB"; 16-bit grey is scaled down (not clipped) to 8 bits."""
+    if img.mode in _WIDE_GRAY_MODES:
+        img = img.convert("I").point(_WIDE_TO_8BIT, "L")
+    target = "L" if gray else "RGB"
+    return img if img.mode == target else img.convert(target)
+
+
+def _decode(path: Path, size: int, gray: bool) -> bytes:
+    """The image at path as size x size pixels ((H, W, C) bytes, C = 1 or 3): shorter side resized, centre crop."""
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            if min(w, h) > size * _REDUCING_GAP:  # JPEG: decode at 1/2, 1/4 or 1/8 scale, still >= 3x the target
+                scale = size * _REDUCING_GAP / min(w, h)
+                img.draft(None, (math.ceil(w * scale), math.ceil(h * scale)))
+            img.load()  # the whole file: a truncated one fails here
+            img = _to_mode(img, gray)
+            w, h = img.size
+            side = min(w, h)  # the centred square that the crop keeps, in source pixels
+            box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
+            return img.resize((size, size), _RESAMPLE, box=box, reducing_gap=_REDUCING_GAP).tobytes()
+    except Exception as e:  # noqa: BLE001 - Pillow raises many types on broken files
+        raise _image_error(path, e) from e
+
+
+def _run_ordered(fn: Callable[[int], object], n: int, desc: str, progress: bool) -> list[object]:
+    """[fn(0), ..., fn(n - 1)] on a thread pool; the first failure in index order is raised, the rest cancelled."""
+    pool = ThreadPoolExecutor(max_workers=_DECODE_THREADS, thread_name_prefix="ofa-data")
+    try:
+        with tqdm(total=n, desc=desc, unit="img", disable=not progress, file=sys.stderr,
+                  mininterval=1.0 if sys.stderr.isatty() else 30.0) as bar:
+            results = []
+            for result in pool.map(fn, range(n)):
+                results.append(result)
+                bar.update()
+            return results
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _read_folder(source: Path, size: int, *, progress: bool) -> Dataset:
+    """Decode a folder dataset into size x size uint8 splits: RGB, or one channel when every image is grey."""
+    classes, listing = _list_folder(source)
+    items = [(split, path, label) for split, pairs in listing.items() for path, label in pairs]
+    gray = all(_run_ordered(lambda i: _is_gray(items[i][1]), len(items), f"reading headers of {source}", progress))
+    channels = 1 if gray else 3
+    check_fits(len(items) * channels * size * size, torch.device("cpu"),
+               f"decoding the {len(items)} images of {source} at data.image_size {size}",
+               hint="lower data.image_size or use fewer images")
+    images = torch.empty((len(items), channels, size, size), dtype=torch.uint8)
+    hwc = images.permute(0, 2, 3, 1)  # a view: each image's (H, W, C) bytes land in its (C, H, W) slot
+
+    def decode_into(i: int) -> None:
+        pixels = _decode(items[i][1], size, gray)
+        hwc[i].copy_(torch.frombuffer(bytearray(pixels), dtype=torch.uint8).view(size, size, channels))
+
+    _run_ordered(decode_into, len(items), f"decoding {source}", progress)
+    labels = torch.tensor([label for _, _, label in items], dtype=torch.int64)
+    splits, start = {}, 0
+    for split, pairs in listing.items():
+        splits[split] = Split(images[start : start + len(pairs)], labels[start : start + len(pairs)])
+        start += len(pairs)
+    return Dataset(splits["train"], splits["test"], classes, splits.get("val"))
+
+
+# --------------------------------------------------------------------------------------------------
+# resizing and memory
+
+
+def resize_split(split: Split, size: int) -> Split:
+    """The split's images resized so the shorter side is `size`, then centre-cropped to size x size.
+
+    Bicubic with antialiasing (torch interpolate), rounded and clamped to uint8; a split already at
+    size x size is returned as is.
+    """
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise ValueError(f"resize_split size={size!r} must be an int >= 1")
+    n, c, h, w = split.images.shape
+    if (h, w) == (size, size):
+        return split
+    scale = size / min(h, w)
+    new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    out = torch.empty((n, c, size, size), dtype=torch.uint8, device=split.images.device)
+    for start in range(0, n, _RESIZE_CHUNK):
+        chunk = split.images[start : start + _RESIZE_CHUNK].float()
+        resized = F.interpolate(chunk, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)
+        out[start : start + _RESIZE_CHUNK] = resized[:, :, top : top + size, left : left + size].round().clamp(0, 255)
+    return Split(out, split.labels)
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free for new tensors on device.
+
+    CUDA: the free memory torch.cuda.mem_get_info reports.  Otherwise (CPU, and MPS, which shares it):
+    MemAvailable of /proc/meminfo, else the free physical pages (os.sysconf); sys.maxsize when neither is
+    known, so that check_fits never refuses on a guess.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open(_MEMINFO) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # reported in kB
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return sys.maxsize
+
+
+def _size_text(nbytes: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if nbytes >= scale // 10:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} bytes"
+
+
+def check_fits(nbytes: int, device: torch.device, what: str, *,
+               hint: str = "lower data.image_size or data.train_limit") -> None:
+    """Raise DataError (one line, naming what, the sizes and hint) when nbytes exceed available_memory(device)."""
+    device = torch.device(device)
+    available = available_memory(device)
+    if nbytes > available:
+        need, have = _size_text(nbytes), _size_text(available)
+        if need == have:  # too close to tell apart when rounded
+            need, have = f"{nbytes} bytes", f"{available} bytes"
+        raise DataError(f"{what} needs {need} but {device} has {have} available; {hint}")
+
+
+# --------------------------------------------------------------------------------------------------
+# preparing a dataset
+
+
+def _check_image_size(image_size: int | None, dataset: str) -> None:
+    if image_size is None:
+        if dataset == "folder":
+            raise DataError("data.image_size: required for data.dataset folder (the side, in pixels, that every "
+                            f"image is resized and centre-cropped to; at least {MIN_IMAGE_SIZE})")
+    elif not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < MIN_IMAGE_SIZE:
+        raise DataError(f"data.image_size: {image_size!r} is not allowed; an int of at least {MIN_IMAGE_SIZE}, "
+                        "or null for the dataset's own size")
 
 
 def prepare(
@@ -407,28 +777,54 @@ def prepare(
     source_dir: Path | None = None,
     seed: int = 0,
     files: Sequence[RemoteFile] | None = None,
-) -> tuple[Split, Split]:
-    """(train, test) uint8 splits of a dataset; cifar10/fashion_mnist via fetch (files overrides the default RemoteFiles, for tests and mirrors), synthetic generated."""
+    image_size: int | None = None,
+    progress: bool = True,
+) -> Dataset:
+    """The Dataset (uint8 splits and class names) of `dataset`.
+
+    cifar10, cifar100 and fashion_mnist are fetched into raw_dir (source_dir is looked in first; files
+    overrides the default RemoteFiles, for tests and mirrors); folder is decoded from source_dir
+    (image_size required); synthetic is generated from seed.  image_size, when given, makes every image
+    image_size x image_size (shorter side resized, centre crop); None keeps the dataset's own size.
+    """
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; allowed: {', '.join(DATASETS)}")
+    if dataset == "folder" and source_dir is None:
+        raise DataError(f"data.source_dir: required for data.dataset folder (a folder holding {_FOLDER_LAYOUT})")
+    _check_image_size(image_size, dataset)
     if dataset == "synthetic":
-        return synthetic(seed=seed)
+        train, test = synthetic(seed=seed) if image_size is None else synthetic(seed=seed, size=image_size)
+        return Dataset(train, test, SYNTHETIC_CLASSES)
+    if dataset == "folder":
+        return _read_folder(Path(source_dir), image_size, progress=progress)
     raw_dir = Path(raw_dir)
     sources: list[Path] = [Path(source_dir)] if source_dir is not None else []
-    if dataset == "cifar10":
-        files = CIFAR10_FILES if files is None else tuple(files)
+    if dataset in _CIFAR_LAYOUTS:
+        files = (CIFAR10_FILES if dataset == "cifar10" else CIFAR100_FILES) if files is None else tuple(files)
         if len(files) != 1:
-            raise ValueError(f"cifar10 files must be exactly 1 RemoteFile (the binary tar.gz), got {len(files)}")
-        (archive,) = fetch(files, raw_dir, source_dirs=sources)
-        return _parse_cifar10(archive)
-    files = FASHION_MNIST_FILES if files is None else tuple(files)
-    if len(files) != 4:
-        raise ValueError(
-            f"fashion_mnist files must be 4 RemoteFiles (train images, train labels, test images, test labels), got {len(files)}"
-        )
-    sources.append(FASHION_MNIST_SYSTEM_DIR)
-    train_images, train_labels, test_images, test_labels = fetch(files, raw_dir, source_dirs=sources)
-    return _idx_split(train_images, train_labels), _idx_split(test_images, test_labels)
+            raise ValueError(f"{dataset} files must be exactly 1 RemoteFile (the binary tar.gz), got {len(files)}")
+        (archive,) = fetch(files, raw_dir, source_dirs=sources, progress=progress)
+        ds = _parse_cifar(archive, _CIFAR_LAYOUTS[dataset])
+    else:
+        files = FASHION_MNIST_FILES if files is None else tuple(files)
+        if len(files) != 4:
+            raise ValueError(
+                f"fashion_mnist files must be 4 RemoteFiles (train images, train labels, test images, test labels), got {len(files)}"
+            )
+        sources.append(FASHION_MNIST_SYSTEM_DIR)
+        train_images, train_labels, test_images, test_labels = fetch(files, raw_dir, source_dirs=sources,
+                                                                     progress=progress)
+        n = len(FASHION_MNIST_CLASSES)
+        ds = Dataset(_idx_split(train_images, train_labels, n), _idx_split(test_images, test_labels, n),
+                     FASHION_MNIST_CLASSES)
+    if image_size is None or ds.image_shape[1:] == (image_size, image_size):
+        return ds
+    images = sum(len(s) for s in ds.splits().values())
+    check_fits(images * ds.channels * image_size * image_size, torch.device("cpu"),
+               f"resizing the {images} images of {dataset} to data.image_size {image_size}",
+               hint="lower data.image_size")
+    resized = {name: resize_split(split, image_size) for name, split in ds.splits().items()}
+    return Dataset(resized["train"], resized["test"], ds.classes, resized.get("val"))
 
 
 # --------------------------------------------------------------------------------------------------

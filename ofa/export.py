@@ -130,6 +130,8 @@ def export_onnx(
         "ofa.input": ("raw pixel values 0..255" if mean is not None else "normalised input")
         + f", float32 (N, {', '.join(map(str, input_shape))})",
     }
+    if sub.classes is not None:
+        meta["ofa.classes"] = json.dumps(sub.classes)  # output i is class sub.classes[i]
     if mean is not None:
         meta["ofa.mean"], meta["ofa.std"] = json.dumps([float(m) for m in mean]), json.dumps([float(s) for s in std])
     onnx.helper.set_model_props(proto, meta)

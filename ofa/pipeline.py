@@ -27,8 +27,8 @@ from .space import SubnetConfig
 from .supernet import OFANet
 from .train import DeviceData, Schedule, calibrate_bn, evaluate, fit, select_device
 
-NUM_CLASSES = 10
 PREPARED, RAW, MODELS, METRICS = Path("data/prepared"), Path("data/raw"), Path("models"), Path("metrics")
+CLASSES = PREPARED / "classes.json"  # the class names, in label order: the data, not the code, decides them
 RESUME = Path(".resume")  # per-epoch training state of interrupted stages (git- and dvc-ignored)
 
 # stage -> (the stage whose checkpoint it starts from, which dimensions it samples)
@@ -55,6 +55,9 @@ def load_checkpoint(net: OFANet, path: Path) -> None:
     ckpt = load_tensors(path, {"arch", "state_dict"}, CheckpointError, "checkpoint")
     ours, theirs = net.arch, ckpt["arch"]
     for key in ours:
+        if key == "classes" and theirs.get(key) != ours[key]:
+            raise CheckpointError(f"{path}: trained on {_names(theirs.get(key))}, the prepared data has "
+                                  f"{_names(ours[key])} (data.dataset; rerun the upstream stages: dvc repro)")
         if theirs.get(key) != ours[key]:
             where = {"space": "space", "units": "net.units"}.get(key, f"net.{key}")
             if key in ("in_channels", "num_classes"):
@@ -66,12 +69,33 @@ def load_checkpoint(net: OFANet, path: Path) -> None:
     net.load_state_dict(ckpt["state_dict"])
 
 
-def build_net(params: Params, input_shape: tuple[int, ...]) -> OFANet:
-    """The supernet of params.space / params.net for inputs of (C, H, W)."""
+def _names(classes: list[str] | None, shown: int = 4) -> str:
+    if classes is None:
+        return "unnamed classes"
+    more = f", ... ({len(classes)} in all)" if len(classes) > shown else ""
+    return f"classes {', '.join(map(repr, classes[:shown]))}{more}"
+
+
+def build_net(params: Params, input_shape: tuple[int, ...], classes: list[str]) -> OFANet:
+    """The supernet of params.space / params.net for inputs of (C, H, W), one output per class."""
     n = params.net
-    return OFANet(params.space.build(), in_channels=input_shape[0], num_classes=NUM_CLASSES,
+    return OFANet(params.space.build(), in_channels=input_shape[0], num_classes=len(classes),
                   units=n.unit_specs(), stem_channels=n.stem_channels, stem_stride=n.stem_stride,
-                  final_channels=n.final_channels)
+                  final_channels=n.final_channels, classes=classes)
+
+
+def load_classes(root: Path) -> list[str]:
+    """The class names the download stage saved (data/prepared/classes.json)."""
+    path = root / CLASSES
+    try:
+        classes = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise data_mod.DataError(f"{path}: not found (run the download stage first: dvc repro)") from None
+    except (OSError, ValueError) as e:
+        raise data_mod.DataError(f"{path}: unreadable ({type(e).__name__}; rerun the download stage)") from None
+    if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) for c in classes):
+        raise data_mod.DataError(f"{path}: not a list of at least 2 class names (rerun the download stage)")
+    return classes
 
 
 def schedule(params: Params, phase: PhaseParams, images_per_epoch: int | None = None) -> Schedule:
@@ -86,17 +110,22 @@ def download(params: Params, root: Path = Path(".")) -> dict[str, Any]:
     """Fetch, verify and parse the dataset, apply the limits, hold out val, save uint8 splits to data/prepared."""
     d = params.data
     source = Path(d.source_dir) if d.source_dir else None
-    train, test = data_mod.prepare(d.dataset, root / RAW / d.dataset, source_dir=source, seed=params.seed)
+    ds = data_mod.prepare(d.dataset, root / RAW / d.dataset, source_dir=source, seed=params.seed,
+                          image_size=d.image_size)
     limit = lambda s, n: s if n is None else data_mod.Split(s.images[:n], s.labels[:n])  # noqa: E731
-    train, test = limit(train, d.train_limit), limit(test, d.test_limit)
-    if d.val_images >= len(train):
+    train, test = limit(ds.train, d.train_limit), limit(ds.test, d.test_limit)
+    if ds.val is not None:  # the dataset's own validation split (a folder dataset's val/)
+        val = ds.val
+    elif d.val_images >= len(train):
         raise data_mod.DataError(f"data.val_images: {d.val_images} is not smaller than the {len(train)} training "
                                  "images (fewer, to leave images to train on)")
-    train, val = data_mod.hold_out(train, d.val_images, seed=params.seed)
+    else:
+        train, val = data_mod.hold_out(train, d.val_images, seed=params.seed)
     for name, split in (("train", train), ("val", val), ("test", test)):
         data_mod.save_split(split, root / PREPARED / f"{name}.pt")
-    return {"dataset": d.dataset, "train_images": len(train), "val_images": len(val), "test_images": len(test),
-            "image_shape": list(train.images.shape[1:])}
+    write_json(root / CLASSES, list(ds.classes))
+    return {"dataset": d.dataset, "classes": len(ds.classes), "train_images": len(train), "val_images": len(val),
+            "test_images": len(test), "image_shape": list(train.images.shape[1:])}
 
 
 def subnet_accuracy(net: OFANet, cfg: SubnetConfig, data: DeviceData, calibration: list[torch.Tensor],
@@ -111,8 +140,11 @@ def stage_setup(params: Params, root: Path, stage_index: int) -> tuple[DeviceDat
     """Seed, the prepared data on the training device, a fresh supernet, and the stage's BN calibration batches."""
     torch.manual_seed(params.seed)
     device = select_device(params.train.device)
+    classes = load_classes(root)
+    data_mod.check_fits(sum(p.stat().st_size for p in prepared_files(root) if p.is_file()), device,
+                        "the prepared dataset")
     data = DeviceData.load(root / PREPARED, device)
-    net = build_net(params, data.input_shape).to(device, memory_format=torch.channels_last)
+    net = build_net(params, data.input_shape, classes).to(device, memory_format=torch.channels_last)
     calibration = data.calibration_batches(params.evaluate.bn_calibration_images, params.train.eval_batch_size,
                                            seed=params.seed + stage_index)
     return data, net, calibration
@@ -127,8 +159,8 @@ def _md5(path: Path) -> str:
 
 
 def prepared_files(root: Path) -> list[Path]:
-    """The prepared splits: train, val, test."""
-    return [root / PREPARED / f"{name}.pt" for name in ("train", "val", "test")]
+    """The prepared splits: train, val, test; then the class names."""
+    return [*(root / PREPARED / f"{name}.pt" for name in ("train", "val", "test")), root / CLASSES]
 
 
 def resume_key(params: Params, stage: str, inputs: list[Path]) -> str:

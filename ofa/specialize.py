@@ -96,6 +96,7 @@ def specialize(params: Params, root: Path = Path("."), progress: bool = True) ->
     summary = {
         "input_shape": list(shape),
         "input": {"pixels": "float32 (N, C, H, W) in 0..255", "mean": mean, "std": std},
+        "classes": net.arch["classes"],  # output i of every exported model is classes[i]
         "trials": params.specialize.trials,
         "configs_evaluated": len(candidates),
         "pareto_front": len(front),

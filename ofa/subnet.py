@@ -195,6 +195,11 @@ class Subnet(nn.Module):
         classifier = nn.Linear(arch["final_channels"], arch["num_classes"])
         return cls(stem, blocks, final, classifier, config, arch)
 
+    @property
+    def classes(self) -> list[str] | None:
+        """The names of the outputs, in order (None when the supernet was built without them)."""
+        return None if self.arch is None else self.arch.get("classes")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.final(self.units(self.stem(x)))  # (B, C, H, W)
         return self.classifier(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))

@@ -52,7 +52,8 @@ class OFANet(nn.Module):
     """The supernet: every subnet of `space` is ``net(x, cfg)``, and ``net.extract(cfg)`` cuts it out exactly.
 
     Each unit holds ``space.max_depth`` elastic blocks; the stem, the final 1x1 layer and the classifier are
-    shared by all subnets (the last unit's output channels are fixed).
+    shared by all subnets (the last unit's output channels are fixed). ``classes``, the names of the
+    classifier's outputs in order, go into ``arch`` and from there into checkpoints, saved subnets and exports.
     """
 
     def __init__(
@@ -64,8 +65,11 @@ class OFANet(nn.Module):
         stem_channels: int = 16,
         stem_stride: int = 1,
         final_channels: int = 640,
+        classes: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
+        if classes is not None and len(classes) != num_classes:
+            raise ValueError(f"classes: {len(classes)} names for num_classes {num_classes} (one name per class)")
         for name, value in (("in_channels", in_channels), ("num_classes", num_classes),
                             ("stem_channels", stem_channels), ("final_channels", final_channels)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -80,6 +84,7 @@ class OFANet(nn.Module):
             "space": asdict(space), "in_channels": in_channels, "num_classes": num_classes,
             "units": [asdict(u) for u in specs], "stem_channels": stem_channels,
             "stem_stride": stem_stride, "final_channels": final_channels,
+            "classes": None if classes is None else [str(c) for c in classes],
         }))
         self.stem = conv_bn_act(in_channels, stem_channels, 3, stem_stride, specs[0].activation)
         blocks_in = stem_channels

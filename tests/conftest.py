@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -33,6 +35,31 @@ def perturb(module: nn.Module, seed: int = 1) -> nn.Module:
             m.running_mean.copy_(0.3 * torch.randn(m.running_mean.shape, generator=g))
             m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
     return module
+
+
+FOLDER_CLASSES = ["cat", "dog", "fish"]  # written below in another order: the sorted names decide the labels
+
+
+def write_folder(root: Path, per_class: dict[str, int], corrupt: str | None = None) -> Path:
+    """train/, test/ of small PNG and JPEG images of several sizes, one of them grayscale; classes by colour."""
+    from PIL import Image
+
+    colour = {"cat": (200, 40, 40), "dog": (40, 200, 40), "fish": (40, 40, 200)}
+    for split, n in per_class.items():
+        for c in reversed(FOLDER_CLASSES):
+            folder = root / split / c
+            folder.mkdir(parents=True)
+            for i in range(n):
+                size = (20 + 2 * (i % 3), 16 + 3 * (i % 2))  # non-square, several sizes
+                shade = tuple(max(0, min(255, v + 9 * (i % 5) - 18)) for v in colour[c])
+                img = Image.new("RGB", size, shade)
+                if i == 1 and c == "dog":
+                    img = img.convert("L")  # one grayscale image in an RGB dataset
+                img.save(folder / f"{i:03d}.{'png' if i % 2 else 'jpg'}")
+    if corrupt:
+        (root / corrupt).write_bytes((root / "train" / "cat" / "001.png").read_bytes()[:60])
+    return root
+
 
 
 @pytest.fixture(autouse=True)

@@ -70,7 +70,10 @@ BAD = [
     ("train.batch_size", 0, r"^train\.batch_size: 0 is out of range \(>= 1\)$"),
     ("train.nesterov", "yes", r"^train\.nesterov: got 'yes' \(true or false\)$"),
     ("train.momentum", 1.0, r"^train\.momentum: 1\.0 is out of range \(>= 0 and < 1\)$"),
-    ("data.dataset", "imagenet", r"^data\.dataset: 'imagenet' is not allowed \(one of cifar10, fashion_mnist, synthetic\)$"),
+    ("data.dataset", "imagenet", r"^data\.dataset: 'imagenet' is not allowed \(one of cifar10, cifar100, fashion_mnist, "
+                                 r"folder, synthetic\)$"),
+    ("data.dataset", "folder", r"^data\.source_dir: required for data\.dataset folder \(a directory holding "),
+    ("data.image_size", 4, r"^data\.image_size: 4 is out of range \(>= 8\)$"),
     ("data.train_limit", 0, r"^data\.train_limit: 0 is out of range \(>= 1\)$"),
     ("evaluate.bn_calibration_images", 0, r"^evaluate\.bn_calibration_images: 0 is out of range \(>= 1\)$"),
     ("evaluate.sampled_configs", -2, r"^evaluate\.sampled_configs: -2 is out of range \(>= 0\)$"),
@@ -100,6 +103,15 @@ def test_bad_params_raise_one_line_naming_the_key(path, value, message):
     with pytest.raises(ParamsError, match=message) as info:
         parse_params(with_change(path, value))
     assert "\n" not in str(info.value)
+
+
+def test_a_folder_dataset_needs_its_image_size():
+    raw = with_change("data.dataset", "folder")
+    raw["data"]["source_dir"] = "/data/flowers"
+    with pytest.raises(ParamsError, match=r"^data\.image_size: required for data\.dataset folder \(the side"):
+        parse_params(raw)
+    raw["data"].update(image_size=64, val_images=10**6)  # the folder's size is known only once it is read
+    assert parse_params(raw).data.image_size == 64
 
 
 def test_top_level_must_be_a_mapping():

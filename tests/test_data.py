@@ -1,4 +1,5 @@
-"""Tests for ofa.data: fetching over a local HTTP server, parsing, synthetic data, persistence, augmentation."""
+"""Tests for ofa.data: fetching over a local HTTP server, parsing CIFAR-10/100 and Fashion-MNIST, resizing,
+synthetic data, persistence, augmentation.  (A folder of images and the memory checks: test_folder_data.py.)"""
 
 from __future__ import annotations
 
@@ -17,11 +18,16 @@ import pytest
 import torch
 
 from ofa import data
-from ofa.data import DataError, RemoteFile, Split
+from ofa.data import DataError, Dataset, RemoteFile, Split
 
 CIFAR_NAME = "cifar-10-binary.tar.gz"
+CIFAR100_NAME = "cifar-100-binary.tar.gz"
 RECORDS_PER_BATCH = 2
 BATCH_NAMES = [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]
+CIFAR10_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+FINE_NAMES = [f"fine_{k:02d}" for k in range(100)]
+# (fine label, coarse label) of each record: the coarse label must be ignored
+CIFAR100_LABELS = {"train": [(99, 19), (0, 0), (42, 7)], "test": [(5, 17), (63, 3)]}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -32,43 +38,73 @@ def md5(blob: bytes) -> str:
     return hashlib.md5(blob).hexdigest()
 
 
-def cifar_record_images(batch_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+def cifar_record_images(batch_index: int, records: int = RECORDS_PER_BATCH) -> tuple[torch.Tensor, torch.Tensor]:
     """Known labels and pixels for one batch file: distinct per batch, record, channel and position."""
-    labels = torch.tensor([(batch_index * RECORDS_PER_BATCH + r) % 10 for r in range(RECORDS_PER_BATCH)])
+    labels = torch.tensor([(batch_index * RECORDS_PER_BATCH + r) % 10 for r in range(records)])
     base = torch.arange(3 * 32 * 32).reshape(3, 32, 32)
-    images = torch.stack([(base * 7 + 31 * batch_index + 101 * r) % 256 for r in range(RECORDS_PER_BATCH)])
+    images = torch.stack([(base * 7 + 31 * batch_index + 101 * r) % 256 for r in range(records)])
     return images.to(torch.uint8), labels.to(torch.int64)
 
 
-def make_cifar_archive(labels_override: dict[int, int] | None = None) -> bytes:
-    """A tiny CIFAR-10 archive in the official binary format (2 records per batch file)."""
+def tar_gz(members: dict[str, bytes]) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for index, name in enumerate(BATCH_NAMES):
-            images, labels = cifar_record_images(index)
-            if labels_override and index in labels_override:
-                labels = labels.clone()
-                labels[0] = labels_override[index]
-            payload = b"".join(bytes([int(lab)]) + img.numpy().tobytes() for img, lab in zip(images, labels))
-            info = tarfile.TarInfo(f"cifar-10-batches-bin/{name}")
+        for name, payload in members.items():
+            info = tarfile.TarInfo(name)
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
     return buf.getvalue()
 
 
+def make_cifar_archive(labels_override: dict[int, int] | None = None) -> bytes:
+    """A tiny CIFAR-10 archive in the official binary format (2 records per batch file)."""
+    members = {}
+    for index, name in enumerate(BATCH_NAMES):
+        images, labels = cifar_record_images(index)
+        if labels_override and index in labels_override:
+            labels = labels.clone()
+            labels[0] = labels_override[index]
+        payload = b"".join(bytes([int(lab)]) + img.numpy().tobytes() for img, lab in zip(images, labels))
+        members[f"cifar-10-batches-bin/{name}"] = payload
+    return tar_gz(members)
+
+
+def cifar100_images(split: str) -> torch.Tensor:
+    return cifar_record_images(7 if split == "train" else 8, len(CIFAR100_LABELS[split]))[0]
+
+
+def make_cifar100_archive(
+    fine_override: int | None = None, drop: str | None = None, names: list[str] = FINE_NAMES
+) -> bytes:
+    """A tiny CIFAR-100 archive in the official binary format: records of coarse label, fine label, 3072 pixels."""
+    members = {"cifar-100-binary/fine_label_names.txt": ("\n".join(names) + "\n\n").encode(),
+               "cifar-100-binary/coarse_label_names.txt": b"".join(b"coarse_%d\n" % k for k in range(20))}
+    for split, pairs in CIFAR100_LABELS.items():
+        records = []
+        for r, (img, (fine, coarse)) in enumerate(zip(cifar100_images(split), pairs)):
+            if fine_override is not None and split == "train" and r == 1:
+                fine = fine_override
+            records.append(bytes([coarse, fine]) + img.numpy().tobytes())
+        members[f"cifar-100-binary/{split}.bin"] = b"".join(records)
+    members.pop(drop, None)
+    return tar_gz(members)
+
+
 GOOD = make_cifar_archive()
 CORRUPT = bytes(b ^ 0xFF if i % 97 == 0 else b for i, b in enumerate(GOOD))
 BAD_LABEL = make_cifar_archive(labels_override={5: 10})
+GOOD100 = make_cifar100_archive()
+
+
+def _routes() -> dict[str, bytes]:
+    """Each good archive under /good/, /truncated/ (connection dropped mid-body) and /nolength/ (no Content-Length)."""
+    routes = {f"/{how}/{name}": blob for name, blob in ((CIFAR_NAME, GOOD), (CIFAR100_NAME, GOOD100))
+              for how in ("good", "truncated", "nolength")}
+    return routes | {f"/corrupt/{CIFAR_NAME}": CORRUPT, f"/badlabel/{CIFAR_NAME}": BAD_LABEL}
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-    routes: dict[str, bytes] = {
-        f"/good/{CIFAR_NAME}": GOOD,
-        f"/corrupt/{CIFAR_NAME}": CORRUPT,
-        f"/truncated/{CIFAR_NAME}": GOOD,
-        f"/nolength/{CIFAR_NAME}": GOOD,
-        f"/badlabel/{CIFAR_NAME}": BAD_LABEL,
-    }
+    routes: dict[str, bytes] = _routes()
 
     def do_GET(self) -> None:  # noqa: N802 - http.server API
         body = self.routes.get(self.path)
@@ -120,8 +156,8 @@ def unused_url(path: str = CIFAR_NAME) -> str:
     return f"http://127.0.0.1:{port}/{path}"
 
 
-def cifar_file(url: str, blob: bytes = GOOD) -> RemoteFile:
-    return RemoteFile(url=url, filename=CIFAR_NAME, md5=md5(blob))
+def cifar_file(url: str, blob: bytes = GOOD, name: str = CIFAR_NAME) -> RemoteFile:
+    return RemoteFile(url=url, filename=name, md5=md5(blob))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -129,7 +165,13 @@ def cifar_file(url: str, blob: bytes = GOOD) -> RemoteFile:
 
 
 def test_constants() -> None:
-    assert data.DATASETS == ("cifar10", "fashion_mnist", "synthetic")
+    assert data.DATASETS == ("cifar10", "cifar100", "fashion_mnist", "folder", "synthetic")
+    assert data.TRAIN_IMAGES == {"cifar10": 50000, "cifar100": 50000, "fashion_mnist": 60000, "synthetic": 512}
+    assert data.CIFAR10_CLASSES == CIFAR10_NAMES
+    assert data.FASHION_MNIST_CLASSES[0] == "T-shirt/top" and data.FASHION_MNIST_CLASSES[-1] == "Ankle boot"
+    assert len(set(data.FASHION_MNIST_CLASSES)) == 10 and data.SYNTHETIC_CLASSES == tuple("0123456789")
+    assert data.CIFAR100_FILES == (RemoteFile("https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz", CIFAR100_NAME,
+                                              "03b5dce01913d631647c71ecec9e9cb8"),)
     (cifar,) = data.CIFAR10_FILES
     assert cifar == RemoteFile(
         "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz", CIFAR_NAME, "c32a1d4ab5d03f1284b67883e8d87530"
@@ -155,7 +197,9 @@ def test_cifar10_download_and_parse(server: str, tmp_path: Path, capfd: pytest.C
     assert f"{len(GOOD)}/{len(GOOD)} bytes (100%)" in err
     assert len(err.splitlines()) <= 13  # at most every 10 % plus start/end lines
 
-    train, test = data.prepare("cifar10", raw, files=files)
+    ds = data.prepare("cifar10", raw, files=files, progress=False)
+    assert ds.classes == CIFAR10_NAMES and ds.val is None and ds.image_shape == (3, 32, 32) and ds.num_classes == 10
+    train, test = ds.train, ds.test
     expected = [cifar_record_images(i) for i in range(6)]
     assert train.images.shape == (5 * RECORDS_PER_BATCH, 3, 32, 32) and train.images.dtype == torch.uint8
     assert train.labels.dtype == torch.int64 and train.images.is_contiguous()
@@ -221,7 +265,7 @@ def test_source_dir_and_reuse_without_network(tmp_path: Path) -> None:
     src.mkdir()
     (src / CIFAR_NAME).write_bytes(GOOD)
     files = [cifar_file(unused_url())]  # any download attempt would fail
-    train, _ = data.prepare("cifar10", raw, source_dir=src, files=files)
+    train = data.prepare("cifar10", raw, source_dir=src, files=files).train
     assert (raw / CIFAR_NAME).read_bytes() == GOOD and len(train) == 10
     (src / CIFAR_NAME).unlink()
     (path,) = data.fetch(files, raw, progress=False)  # verified copy in raw_dir is reused
@@ -262,10 +306,128 @@ def test_cifar_bad_label_and_bad_archive(tmp_path: Path) -> None:
 
 
 def test_invalid_arguments(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="unknown dataset 'mnist'; allowed: cifar10, fashion_mnist, synthetic"):
+    with pytest.raises(ValueError, match="unknown dataset 'mnist'; allowed: cifar10, cifar100, fashion_mnist, folder, synthetic"):
         data.prepare("mnist", tmp_path)
     with pytest.raises(ValueError, match="plain file name"):
         data.fetch([RemoteFile("http://x/y", "../y", "0" * 32)], tmp_path)
+
+
+def test_image_size_is_checked_before_any_fetch(tmp_path: Path) -> None:
+    files = [cifar_file(unused_url())]  # a fetch would fail with a network error instead
+    for bad in (4, 7, 0, True, 8.0):
+        with pytest.raises(DataError) as info:
+            data.prepare("cifar10", tmp_path / "raw", files=files, image_size=bad)
+        assert str(info.value) == (f"data.image_size: {bad!r} is not allowed; an int of at least 8, or null for the "
+                                   "dataset's own size")
+    assert not (tmp_path / "raw").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# CIFAR-100
+
+
+def test_cifar100_download_and_parse(server: str, tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    files = [cifar_file(f"{server}/good/{CIFAR100_NAME}", GOOD100, CIFAR100_NAME)]
+    ds = data.prepare("cifar100", raw, files=files, progress=False)
+    assert (raw / CIFAR100_NAME).read_bytes() == GOOD100  # fetched, md5-verified, kept
+    assert ds.classes == tuple(FINE_NAMES) and ds.num_classes == 100 and ds.val is None
+    assert ds.train.labels.tolist() == [99, 0, 42] and ds.test.labels.tolist() == [5, 63]  # fine, not coarse
+    assert ds.train.images.shape == (3, 3, 32, 32) and ds.train.images.dtype == torch.uint8
+    assert torch.equal(ds.train.images, cifar100_images("train"))
+    assert torch.equal(ds.test.images, cifar100_images("test"))
+    # pixel (c=2, y=5, x=9) of the second training record: byte 2 + 2048 + 5*32 + 9 of the record
+    assert int(ds.train.images[1, 2, 5, 9]) == ((2048 + 160 + 9) * 7 + 31 * 7 + 101) % 256
+
+    small = data.prepare("cifar100", raw, files=files, image_size=16, progress=False)  # reuses the verified copy
+    assert small.image_shape == (3, 16, 16) and small.classes == ds.classes
+    assert torch.equal(small.train.images, data.resize_split(ds.train, 16).images)
+    assert torch.equal(small.test.labels, ds.test.labels)
+
+
+@pytest.mark.parametrize(
+    ("archive", "message"),
+    [
+        (make_cifar100_archive(fine_override=100), r"CIFAR-100 member cifar-100-binary/train\.bin in .* has label 100; "
+                                                  r"allowed 0\.\.99$"),
+        (make_cifar100_archive(drop="cifar-100-binary/fine_label_names.txt"),
+         r"CIFAR-100 archive .* lacks member\(s\) cifar-100-binary/fine_label_names\.txt$"),
+        (make_cifar100_archive(drop="cifar-100-binary/test.bin"), r"lacks member\(s\) cifar-100-binary/test\.bin$"),
+        (make_cifar100_archive(names=FINE_NAMES[:99]),
+         r"fine_label_names\.txt in .* has 99 lines; expected 100 distinct"),
+        (make_cifar100_archive(names=FINE_NAMES[:99] + ["fine_00"]), r"has 100 lines; expected 100 distinct non-empty"),
+    ],
+    ids=["label-100", "no-names", "no-test", "99-names", "duplicate-name"],
+)
+def test_cifar100_bad_archive(tmp_path: Path, archive: bytes, message: str) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / CIFAR100_NAME).write_bytes(archive)
+    files = [cifar_file(unused_url(CIFAR100_NAME), archive, CIFAR100_NAME)]
+    with pytest.raises(DataError, match=message) as info:
+        data.prepare("cifar100", tmp_path / "raw", source_dir=src, files=files, progress=False)
+    assert "\n" not in str(info.value) and str(tmp_path / "raw" / CIFAR100_NAME) in str(info.value)
+
+
+# --------------------------------------------------------------------------------------------------
+# resizing / Dataset
+
+
+def test_resize_split_shorter_side_then_centre_crop() -> None:
+    gen = torch.Generator().manual_seed(0)
+    wide = torch.randint(0, 256, (3, 2, 8, 16), generator=gen, dtype=torch.uint8)
+    labels = torch.tensor([2, 0, 1])
+    # the shorter side is already 8: no resampling, only the centre crop (columns 4..11) remains
+    out = data.resize_split(Split(wide, labels), 8)
+    assert torch.equal(out.images, wide[..., 4:12]) and torch.equal(out.labels, labels)
+    tall = wide.transpose(2, 3).contiguous()  # (16, 8): rows 4..11
+    assert torch.equal(data.resize_split(Split(tall, labels), 8).images, tall[:, :, 4:12, :])
+    # constant images stay constant whether shrunk, enlarged or cropped
+    flat = Split(torch.full((2, 3, 10, 14), 77, dtype=torch.uint8), labels[:2])
+    for size in (8, 10, 23):
+        resized = data.resize_split(flat, size)
+        assert resized.images.shape == (2, 3, size, size) and bool((resized.images == 77).all())
+    # a 2x shrink of 2x2 blocks: antialiasing averages each block's neighbourhood (no aliasing to one pixel)
+    stripes = torch.zeros(1, 1, 16, 16, dtype=torch.uint8)
+    stripes[..., ::2] = 200  # alternate columns: 200, 0, 200, 0 ...
+    shrunk = data.resize_split(Split(stripes, labels[:1]), 8).images
+    # without antialiasing every pixel would be 200 or 0; the border columns see half a neighbourhood
+    assert bool(((shrunk[..., 1:7].float() - 100).abs() <= 1).all())
+    assert bool(((shrunk.float() - 100).abs() <= 15).all())
+    same = Split(torch.zeros(1, 1, 8, 8, dtype=torch.uint8), labels[:1])
+    assert data.resize_split(same, 8) is same
+    with pytest.raises(ValueError, match="size=0"):
+        data.resize_split(same, 0)
+
+
+def test_cifar10_image_size_resizes_every_split(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / CIFAR_NAME).write_bytes(GOOD)
+    files = [cifar_file(unused_url())]
+    native = data.prepare("cifar10", tmp_path / "raw", source_dir=src, files=files, progress=False)
+    big = data.prepare("cifar10", tmp_path / "raw", source_dir=src, files=files, image_size=40, progress=False)
+    assert big.image_shape == (3, 40, 40) and big.classes == CIFAR10_NAMES
+    assert len(big.train) == 10 and len(big.test) == 2
+    assert torch.equal(big.train.images, data.resize_split(native.train, 40).images)
+    assert torch.equal(big.test.labels, native.test.labels)
+    assert data.prepare("cifar10", tmp_path / "raw", files=files, image_size=32, progress=False).train.images.equal(
+        native.train.images)  # already 32 x 32: untouched
+
+
+def test_dataset_validation() -> None:
+    train, test = data.synthetic(n_train=6, n_test=4, size=8, num_classes=3)
+    ds = Dataset(train, test, ["a", "b", "c"])
+    assert ds.classes == ("a", "b", "c") and ds.image_shape == (3, 8, 8) and ds.channels == 3
+    assert list(ds.splits()) == ["train", "test"]
+    assert list(Dataset(train, test, "abc", val=test).splits()) == ["train", "val", "test"]
+    with pytest.raises(ValueError, match="labels span 0..2; allowed 0..1"):
+        Dataset(train, test, ("a", "b"))
+    with pytest.raises(ValueError, match="at least 2 distinct non-empty"):
+        Dataset(train, test, ("a", "b", "a"))
+    gray, _ = data.synthetic(n_train=4, n_test=1, channels=1, size=8, num_classes=3)
+    with pytest.raises(ValueError, match=r"val images are \(1, 8, 8\) but train images are \(3, 8, 8\)"):
+        Dataset(train, test, "abc", val=gray)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -296,7 +458,9 @@ def tiny_fashion(tmp_path: Path, compresslevel: int = 9) -> tuple[Path, list[Rem
 
 def test_fashion_tiny_idx_parsed_exactly(tmp_path: Path) -> None:
     src, files, arrays = tiny_fashion(tmp_path)
-    train, test = data.prepare("fashion_mnist", tmp_path / "raw", source_dir=src, files=files)
+    ds = data.prepare("fashion_mnist", tmp_path / "raw", source_dir=src, files=files)
+    assert ds.classes == data.FASHION_MNIST_CLASSES and ds.channels == 1
+    train, test = ds.train, ds.test
     assert train.images.shape == (5, 1, 28, 28) and train.images.dtype == torch.uint8
     assert torch.equal(train.images[:, 0], arrays["train-images-idx3-ubyte.gz"].to(torch.uint8))
     assert train.labels.tolist() == [9, 0, 3, 3, 7] and train.labels.dtype == torch.int64
@@ -336,14 +500,14 @@ def test_fashion_bad_idx(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def fashion_system(tmp_path_factory: pytest.TempPathFactory) -> tuple[Split, Split]:
+def fashion_system(tmp_path_factory: pytest.TempPathFactory) -> Dataset:
     if not all((data.FASHION_MNIST_SYSTEM_DIR / f.filename).is_file() for f in data.FASHION_MNIST_FILES):
         pytest.skip(f"{data.FASHION_MNIST_SYSTEM_DIR} absent: apt-get install dataset-fashion-mnist to run this test")
     return data.prepare("fashion_mnist", tmp_path_factory.mktemp("fm") / "raw")
 
 
-def test_fashion_mnist_from_system_dir(fashion_system: tuple[Split, Split]) -> None:
-    train, test = fashion_system
+def test_fashion_mnist_from_system_dir(fashion_system: Dataset) -> None:
+    train, test = fashion_system.train, fashion_system.test
     assert train.images.shape == (60000, 1, 28, 28) and test.images.shape == (10000, 1, 28, 28)
     assert train.images.dtype == test.images.dtype == torch.uint8
     assert train.labels.dtype == torch.int64
@@ -369,8 +533,10 @@ def test_synthetic_deterministic() -> None:
     assert torch.bincount(a_train.labels, minlength=10).min() >= 50
     small, _ = data.synthetic(seed=0, n_train=20, n_test=4, channels=1, size=8, num_classes=4)
     assert small.images.shape == (20, 1, 8, 8) and set(small.labels.tolist()) == {0, 1, 2, 3}
-    prepared, _ = data.prepare("synthetic", Path("unused"), seed=1)
-    assert torch.equal(prepared.images, a_train.images)
+    prepared = data.prepare("synthetic", Path("unused"), seed=1)
+    assert torch.equal(prepared.train.images, a_train.images) and prepared.classes == tuple("0123456789")
+    big = data.prepare("synthetic", Path("unused"), seed=1, image_size=24)
+    assert big.image_shape == (3, 24, 24) and len(big.train) == 512 and len(big.test) == 256
 
 
 def test_synthetic_is_learnable_by_nearest_class_mean() -> None:

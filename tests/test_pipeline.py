@@ -1,4 +1,5 @@
-"""The DVC pipeline end to end: a real `dvc repro` of a tiny synthetic profile in a temporary git repo."""
+"""The DVC pipeline end to end: a real `dvc repro` of a tiny profile in a temporary git repo, on a user's own
+image folders (PNG and JPEG of several sizes, one grayscale): classes and input shape come from the data."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import FOLDER_CLASSES, write_folder
 from ofa import pipeline
 from ofa.config import parse_params
 
@@ -49,14 +51,13 @@ def ran(output: str) -> list[str]:
     return re.findall(r"Running stage '(\w+)'", output)
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    repo = tmp_path_factory.mktemp("project")
+def new_project(repo: Path, params: dict) -> Path:
+    """A git repo holding the pipeline (dvc.yaml, stages, ofa) and `params` as params.yaml, committed."""
     for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
         shutil.copy(ROOT / name, repo / name)
     for name in ("stages", "ofa", ".dvc"):
         shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache"))
-    (repo / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     git = ["git", "-C", str(repo)]
     run([*git, "init", "-q"], repo)
     run([*git, "config", "user.email", "test@localhost"], repo)
@@ -64,6 +65,13 @@ def project(tmp_path_factory) -> Path:
     run([*git, "add", "-A"], repo)
     run([*git, "commit", "-qm", "tiny profile"], repo)
     return repo
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    source = write_folder(tmp_path_factory.mktemp("images"), {"train": 20, "test": 6})
+    raw = tiny_params(dataset="folder", source_dir=str(source), image_size=16, val_images=12)
+    return new_project(tmp_path_factory.mktemp("project"), raw)
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +132,62 @@ def test_specialize_picks_within_budget_beat_uniform_on_val_and_export_what_they
         np.testing.assert_allclose(got, expected.numpy(), rtol=0, atol=1e-4)
 
 
+def test_folder_dataset_runs_every_stage_with_its_own_classes(repro):
+    import onnx
+    import torch
+
+    import ofa
+
+    p, _, _ = repro
+    assert json.loads((p / "data" / "prepared" / "classes.json").read_text()) == FOLDER_CLASSES
+    info = {name: torch.load(p / "data" / "prepared" / f"{name}.pt", weights_only=True) for name in ("train", "val", "test")}
+    assert [len(info[s]["labels"]) for s in ("train", "val", "test")] == [48, 12, 18]
+    assert tuple(info["train"]["images"].shape[1:]) == (3, 16, 16)
+    assert sorted(set(info["test"]["labels"].tolist())) == [0, 1, 2]
+    ckpt = torch.load(p / "models" / "shrink_width.pt", weights_only=True)
+    assert ckpt["arch"]["num_classes"] == 3 and ckpt["arch"]["classes"] == FOLDER_CLASSES
+    assert ckpt["state_dict"]["classifier.weight"].shape[0] == 3
+    summary = json.loads((p / "metrics" / "specialize.json").read_text())
+    assert summary["classes"] == FOLDER_CLASSES
+    sub = ofa.load_subnet(p / "models" / "specialized" / "macs-1.5M.pt")
+    assert sub.classes == FOLDER_CLASSES and sub(torch.zeros(2, 3, 16, 16)).shape == (2, 3)
+    model = onnx.load(p / "models" / "specialized" / "macs-1.5M.onnx")
+    meta = {m.key: m.value for m in model.metadata_props}
+    assert json.loads(meta["ofa.classes"]) == FOLDER_CLASSES
+    space = json.loads((p / "metrics" / "space.json").read_text())
+    assert len(space) == 9 and all(0 <= r["accuracy"] <= 1 for r in space)
+
+
+def test_a_corrupt_image_is_named_before_any_training(tmp_path):
+    source = write_folder(tmp_path / "images", {"train": 3, "test": 2}, corrupt="train/dog/002.png")
+    (tmp_path / "p").mkdir()
+    raw = tiny_params(dataset="folder", source_dir=str(source), image_size=16, val_images=2)
+    (tmp_path / "p" / "params.yaml").write_text(yaml.safe_dump(raw))
+    result = subprocess.run([sys.executable, str(ROOT / "stages" / "download.py")], cwd=tmp_path / "p",
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and str(source / "train" / "dog" / "002.png") in last, result.stderr
+    assert not (tmp_path / "p" / "data" / "prepared").exists()
+
+
+def test_another_dataset_refuses_the_checkpoint(repro):
+    """A checkpoint trained on the folder's 3 classes is refused once the data has other classes."""
+    p, _, _ = repro
+    classes = p / "data" / "prepared" / "classes.json"
+    original = classes.read_text()
+    classes.write_text(json.dumps(["cat", "dog", "bird"]))
+    try:
+        result = subprocess.run([sys.executable, str(ROOT / "stages" / "shrink_kernel.py")], cwd=p,
+                                capture_output=True, text=True, timeout=300)
+    finally:
+        classes.write_text(original)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: models/train_supernet.pt: trained on classes 'cat', 'dog', 'fish', the prepared data has classes "
+        "'cat', 'dog', 'bird' (data.dataset; rerun the upstream stages: dvc repro)")
+
+
 def test_fashion_mnist_subset_trains_well_above_chance(tmp_path):
     if not Path("/usr/share/datasets/fashion-mnist").is_dir():
         pytest.skip("Debian package dataset-fashion-mnist is not installed (.ci/run installs it)")
@@ -133,7 +197,7 @@ def test_fashion_mnist_subset_trains_well_above_chance(tmp_path):
     raw["train"].update(crop_padding=2)
     params = parse_params(raw)
     info = pipeline.download(params, tmp_path)
-    assert info == {"dataset": "fashion_mnist", "train_images": 4000, "val_images": 500, "test_images": 1000,
+    assert info == {"dataset": "fashion_mnist", "classes": 10, "train_images": 4000, "val_images": 500, "test_images": 1000,
                     "image_shape": [1, 28, 28]}
     metrics = pipeline.train_stage(params, "train_supernet", tmp_path, progress=False)
     assert metrics["accuracy_max"] >= 0.7, metrics  # chance is 0.1

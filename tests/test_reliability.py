@@ -19,6 +19,8 @@ from ofa.config import parse_params
 from ofa.io import write_json
 from test_pipeline import ROOT, STAGES, tiny_params
 
+DIGITS = [str(i) for i in range(10)]  # the synthetic dataset's classes
+
 
 def stage(name: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
     result = subprocess.run([sys.executable, str(ROOT / "stages" / f"{name}.py")], cwd=cwd,
@@ -146,23 +148,27 @@ def test_checkpoint_of_other_params_is_refused(two_runs):
     ckpt = a / "models" / "shrink_width.pt"
     raw = tiny_params()
     shape = (3, 16, 16)
-    pipeline.load_checkpoint(pipeline.build_net(parse_params(raw), shape), ckpt)  # the matching one loads
+    pipeline.load_checkpoint(pipeline.build_net(parse_params(raw), shape, DIGITS), ckpt)  # the matching one loads
     raw["space"]["kernel"] = [3, 5, 7]
     raw["specialize"]["population"] = None  # 12 uniform configs now
     with pytest.raises(pipeline.CheckpointError, match=r"built with space = .*'kernel': \[5, 7\]"):
-        pipeline.load_checkpoint(pipeline.build_net(parse_params(raw), shape), ckpt)
+        pipeline.load_checkpoint(pipeline.build_net(parse_params(raw), shape, DIGITS), ckpt)
     raw = tiny_params()
     raw["net"]["units"][1]["channels"] = 24
     with pytest.raises(pipeline.CheckpointError, match=r"built with net.units = "):
-        pipeline.load_checkpoint(pipeline.build_net(parse_params(raw), shape), ckpt)
+        pipeline.load_checkpoint(pipeline.build_net(parse_params(raw), shape, DIGITS), ckpt)
     with pytest.raises(pipeline.CheckpointError, match=r"built with data.dataset = 3, params give 1"):
-        pipeline.load_checkpoint(pipeline.build_net(parse_params(tiny_params()), (1, 16, 16)), ckpt)
+        pipeline.load_checkpoint(pipeline.build_net(parse_params(tiny_params()), (1, 16, 16), DIGITS), ckpt)
+    other = [*DIGITS[:9], "ten"]  # as many classes, one of them another
+    with pytest.raises(pipeline.CheckpointError, match=r"^\S+shrink_width.pt: trained on classes '0', '1', '2', '3', "
+                       r"\.\.\. \(10 in all\), the prepared data has classes '0', .*\(data.dataset; rerun"):
+        pipeline.load_checkpoint(pipeline.build_net(parse_params(tiny_params()), shape, other), ckpt)
 
 
 def test_garbage_checkpoint_is_refused(tmp_path):
     bad = tmp_path / "x.pt"
     bad.write_bytes(b"not a checkpoint")
-    net = pipeline.build_net(parse_params(tiny_params()), (3, 16, 16))
+    net = pipeline.build_net(parse_params(tiny_params()), (3, 16, 16), DIGITS)
     with pytest.raises(pipeline.CheckpointError, match=r"x.pt: unreadable checkpoint"):
         pipeline.load_checkpoint(net, bad)
     with pytest.raises(pipeline.CheckpointError, match=r"missing.pt: checkpoint not found \(run the upstream stage first"):
