@@ -188,6 +188,18 @@ def test_another_dataset_refuses_the_checkpoint(repro):
         "'cat', 'dog', 'bird' (data.dataset; rerun the upstream stages: dvc repro)")
 
 
+def test_a_dataset_too_large_for_the_device_is_one_line_before_loading(repro, monkeypatch):
+    from ofa import data as data_mod
+
+    p, _, _ = repro
+    params = parse_params(yaml.safe_load((p / "params.yaml").read_text()))
+    monkeypatch.setattr(data_mod, "available_memory", lambda device: 1000)
+    size = sum(f.stat().st_size for f in pipeline.prepared_files(p)) / 1024  # about 60 KiB
+    with pytest.raises(data_mod.DataError, match=rf"^the prepared dataset needs {size:.1f} KiB but cpu has 1.0 KiB "
+                                                 r"available; lower data.image_size or data.train_limit$"):
+        pipeline.stage_setup(params, p, 0)
+
+
 def test_fashion_mnist_subset_trains_well_above_chance(tmp_path):
     if not Path("/usr/share/datasets/fashion-mnist").is_dir():
         pytest.skip("Debian package dataset-fashion-mnist is not installed (.ci/run installs it)")
