@@ -1,10 +1,14 @@
 """Cost of training a subnet through the supernet, relative to training its extracted copy.
 
 For the min, a middle and the max uniform config of the OFA paper's space ({3,5,7} / {2,3,4} / {3,4,6}),
-times one SGD training step (forward + backward + step) of ``net(x, cfg)`` and of ``net.extract(cfg)`` in
-alternating pairs, and prints the median ratio supernet / subnet per config.
+times one SGD training step (forward + backward + step, momentum and weight decay as in training) of
+``net(x, cfg)`` and of ``net.extract(cfg)`` in alternating pairs, and prints the median ratio supernet /
+subnet per config: ratio = median supernet step / median subnet step, and the median and interquartile range
+of the per-pair ratios. Two memory formats: channels_last (what the pipeline trains with: the supernet, the
+extracted subnet and the input all channels_last) and NCHW.
 
-    python benchmarks/elastic_overhead.py [--pairs 15] [--threads 2] [--batch 64]
+    python benchmarks/elastic_overhead.py [--pairs 25] [--threads 2] [--batch 64] [--formats channels_last nchw]
+    python benchmarks/elastic_overhead.py --profile middle   # where the time goes, per operator
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import torch.nn.functional as F
 
 import ofa
 
+FORMATS = {"channels_last": torch.channels_last, "nchw": torch.contiguous_format}
+
 
 def _step(model, optimizer, x, y, *args) -> float:
     start = time.perf_counter()
@@ -28,47 +34,122 @@ def _step(model, optimizer, x, y, *args) -> float:
     return time.perf_counter() - start
 
 
+def _optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
+    """SGD as training builds it: Nesterov momentum, weight decay on weights, none on BN and biases."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.SGD([{"params": [p for p in params if p.ndim > 1], "weight_decay": 3e-5},
+                            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}],
+                           lr=1e-3, momentum=0.9, nesterov=True)
+
+
+def _setup(args, fmt: torch.memory_format):
+    torch.manual_seed(0)
+    space = ofa.ConfigSpace(kernel=(3, 5, 7), depth=(2, 3, 4), width=(3, 4, 6))
+    net = ofa.OFANet(space, in_channels=3, num_classes=10).to(memory_format=fmt)
+    x = torch.randn(args.batch, 3, 32, 32).contiguous(memory_format=fmt)
+    y = torch.randint(0, 10, (args.batch,))
+    configs = {"min": net.min_config(), "middle": net.uniform_config(5, 3, 4), "max": net.max_config()}
+    return net, x, y, configs
+
+
+def _pairs(args, net, sub, x, y, cfg) -> tuple[list[float], list[float], list[float]]:
+    opt_net, opt_sub = _optimizer(net), _optimizer(sub)
+    ratios, t_net, t_sub = [], [], []
+    for i in range(args.warmup + args.pairs):
+        # alternate which one goes first so drifts in machine speed cancel out
+        if i % 2:
+            a = _step(net, opt_net, x, y, cfg)
+            b = _step(sub, opt_sub, x, y)
+        else:
+            b = _step(sub, opt_sub, x, y)
+            a = _step(net, opt_net, x, y, cfg)
+        if i >= args.warmup:
+            ratios.append(a / b)
+            t_net.append(a)
+            t_sub.append(b)
+    return ratios, t_net, t_sub
+
+
+def measure(args) -> None:
+    print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}x3x32x32, "
+          f"{args.pairs} timed pairs after {args.warmup} warm-up pairs")
+    print(f"{'format':>13} {'config':>8} {'':>10} {'MMACs':>7} {'supernet s':>11} {'subnet s':>9} {'ratio':>6} "
+          f"{'pairs':>6} {'pairs IQR':>13}")
+    for fmt_name in args.formats:
+        fmt = FORMATS[fmt_name]
+        net, x, y, configs = _setup(args, fmt)
+        for name, cfg in configs.items():
+            sub = net.extract(cfg).to(memory_format=fmt).train()
+            net.train()
+            ratios, t_net, t_sub = _pairs(args, net, sub, x, y, cfg)
+            macs = net.macs(cfg, (3, 32, 32)) / 1e6
+            q1, _, q3 = statistics.quantiles(ratios, n=4)
+            a, b = statistics.median(t_net), statistics.median(t_sub)
+            print(f"{fmt_name:>13} {name:>8} {str(cfg):>10} {macs:7.1f} {a:11.3f} {b:9.3f} {a / b:6.3f} "
+                  f"{statistics.median(ratios):6.3f} {q1:6.3f}-{q3:.3f}", flush=True)
+
+
+def _op_times(model, x, y, extra, steps: int, warmup: int) -> tuple[dict[str, tuple[float, int]], float]:
+    """Self CPU seconds and calls per operator over `steps` profiled training steps; the steps' wall time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    opt = _optimizer(model)
+    for _ in range(warmup):
+        _step(model, opt, x, y, *extra)
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        wall = sum(_step(model, opt, x, y, *extra) for _ in range(steps))
+    return {e.key: (e.self_cpu_time_total / 1e6, e.count) for e in prof.key_averages()}, wall
+
+
+def profile(args) -> None:
+    """Where a supernet step spends more than a subnet step: per-operator self CPU time, per step, both profiled
+    in alternating rounds; operators sorted by the difference."""
+    fmt = FORMATS[args.formats[0]]
+    net, x, y, configs = _setup(args, fmt)
+    cfg = configs[args.profile]
+    sub = net.extract(cfg).to(memory_format=fmt).train()
+    totals: dict[str, dict[str, list[float]]] = {"supernet": {}, "subnet": {}}
+    walls = {"supernet": 0.0, "subnet": 0.0}
+    for _ in range(args.rounds):
+        for name, model, extra in (("supernet", net, (cfg,)), ("subnet", sub, ())):
+            ops, wall = _op_times(model, x, y, extra, args.steps, args.warmup)
+            walls[name] += wall
+            for key, (seconds, count) in ops.items():
+                acc = totals[name].setdefault(key, [0.0, 0])
+                acc[0] += seconds
+                acc[1] += count
+    steps = args.rounds * args.steps
+    print(f"{cfg} ({args.formats[0]}), {steps} profiled steps each: supernet {walls['supernet'] / steps:.3f} s/step, "
+          f"subnet {walls['subnet'] / steps:.3f} s/step (profiler on)")
+    keys = set(totals["supernet"]) | set(totals["subnet"])
+    rows = []
+    for key in keys:
+        a, b = totals["supernet"].get(key, [0.0, 0]), totals["subnet"].get(key, [0.0, 0])
+        rows.append((key, (a[0] - b[0]) / steps * 1e3, a[0] / steps * 1e3, b[0] / steps * 1e3, a[1] / steps, b[1] / steps))
+    rows.sort(key=lambda r: -abs(r[1]))
+    print(f"{'operator':<52} {'diff ms':>8} {'super ms':>9} {'sub ms':>8} {'super calls':>12} {'sub calls':>10}")
+    for key, diff, a, b, ca, cb in rows[: args.rows]:
+        print(f"{key[:52]:<52} {diff:8.2f} {a:9.2f} {b:8.2f} {ca:12.0f} {cb:10.0f}")
+    print(f"{'total self CPU':<52} {sum(r[1] for r in rows):8.2f} {sum(r[2] for r in rows):9.2f} "
+          f"{sum(r[3] for r in rows):8.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=25, help="timed (supernet, subnet) pairs per config")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed pairs per config")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed pairs (steps with --profile) per config")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--formats", nargs="+", choices=list(FORMATS), default=list(FORMATS))
+    parser.add_argument("--profile", choices=["min", "middle", "max"], help="profile one config instead of timing")
+    parser.add_argument("--steps", type=int, default=3, help="profiled steps per round (with --profile)")
+    parser.add_argument("--rounds", type=int, default=4, help="alternating profiled rounds (with --profile)")
+    parser.add_argument("--rows", type=int, default=25, help="operators shown (with --profile)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
     gc.disable()  # as timeit does: no collector pauses inside timed steps
-
-    space = ofa.ConfigSpace(kernel=(3, 5, 7), depth=(2, 3, 4), width=(3, 4, 6))
-    net = ofa.OFANet(space, in_channels=3, num_classes=10)
-    x = torch.randn(args.batch, 3, 32, 32)
-    y = torch.randint(0, 10, (args.batch,))
-    configs = [("min", net.min_config()), ("middle", net.uniform_config(5, 3, 4)), ("max", net.max_config())]
-    print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}x3x32x32, "
-          f"{args.pairs} timed pairs after {args.warmup} warm-up pairs")
-    print(f"{'config':>8} {'':>10} {'MMACs':>7} {'supernet s':>11} {'subnet s':>9} {'ratio':>6} {'ratio IQR':>13}")
-    for name, cfg in configs:
-        sub = net.extract(cfg).train()
-        net.train()
-        opt_net = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
-        opt_sub = torch.optim.SGD(sub.parameters(), lr=1e-3, momentum=0.9)
-        ratios, t_net, t_sub = [], [], []
-        for i in range(args.warmup + args.pairs):
-            # alternate which one goes first so drifts in machine speed cancel out
-            if i % 2:
-                a = _step(net, opt_net, x, y, cfg)
-                b = _step(sub, opt_sub, x, y)
-            else:
-                b = _step(sub, opt_sub, x, y)
-                a = _step(net, opt_net, x, y, cfg)
-            if i >= args.warmup:
-                ratios.append(a / b)
-                t_net.append(a)
-                t_sub.append(b)
-        macs = ofa.count_macs(sub, (1, 3, 32, 32)) / 1e6
-        q1, _, q3 = statistics.quantiles(ratios, n=4)
-        print(f"{name:>8} {str(cfg):>10} {macs:7.1f} {statistics.median(t_net):11.3f} "
-              f"{statistics.median(t_sub):9.3f} {statistics.median(ratios):6.3f} {q1:6.3f}-{q3:.3f}", flush=True)
+    (profile if args.profile else measure)(args)
 
 
 if __name__ == "__main__":
