@@ -19,11 +19,16 @@ import yaml
 from . import subnet
 from .data import DATASETS, TRAIN_IMAGES
 from .space import ConfigSpace
-from .supernet import UnitSpec
+from .supernet import INITS, UnitSpec
 
 DEVICES = ("auto", "cpu", "cuda")
 ACTIVATIONS = tuple(subnet.ACTIVATIONS)
 MAX_KERNEL = 9  # a depthwise kernel wider than the late feature maps (4x4 to 8x8) only adds padding
+
+
+# keys that moved: the hint their old place gets
+MOVED = {"shrink.subnets_per_step": "now one per stage: shrink.kernel.subnets_per_step, shrink.depth.subnets_per_step, "
+                                    "shrink.width.subnets_per_step"}
 
 
 class ParamsError(ValueError):
@@ -71,6 +76,9 @@ class NetParams:
     stem_channels: int = _rule(min=1, default=16)
     stem_stride: int = _rule(choices=(1, 2), default=1)
     final_channels: int = _rule(min=1, default=640)
+    feature_mix_channels: int | None = _rule(min=1, default=None)  # official OFA's head: 1280; null = none
+    dropout: float = _rule(min=0, lt=1, default=0.0)  # before the classifier (official OFA: 0.1)
+    init: str = _rule(choices=INITS, default="he_fout")
 
     def unit_specs(self) -> list[UnitSpec]:
         return [UnitSpec(**dataclasses.asdict(u)) for u in self.units]
@@ -98,16 +106,37 @@ class PhaseParams:
 
 @dataclass(frozen=True)
 class KernelPhaseParams(PhaseParams):
+    subnets_per_step: int = _rule(min=1, default=1)  # sampled subnets whose gradients each step accumulates
     transforms_only: bool = False  # the source's variant: train only the kernel transform matrices
+
+
+@dataclass(frozen=True)
+class FirstPhaseParams:
+    epochs: int = _rule(min=0, default=25)  # 0: no first phase
+    lr: float = _rule(gt=0, default=0.005)
+
+
+@dataclass(frozen=True)
+class ElasticPhaseParams(PhaseParams):
+    subnets_per_step: int = _rule(min=1, default=2)
+    # with 3+ choices of the stage's dimension: a first phase on all but the smallest choice (official OFA)
+    first_phase: FirstPhaseParams = field(default_factory=FirstPhaseParams)
+
+
+TEACHERS = ("full", "previous")  # train_supernet's full network (official OFA) | the previous stage's max net
+TEACHER_BN = ("train", "eval")  # the teacher's batch norm: batch statistics (official OFA) | running statistics
+REDUCE = ("sum", "mean")  # a step's subnet losses: summed (official OFA) | averaged
 
 
 @dataclass(frozen=True)
 class ShrinkParams:
     kernel: KernelPhaseParams
-    depth: PhaseParams
-    width: PhaseParams
-    kd_ratio: float = _rule(min=0, default=1.0)  # weight of distillation from the previous stage's max net
-    subnets_per_step: int = _rule(min=1, default=2)  # sampled subnets whose gradients each step accumulates
+    depth: ElasticPhaseParams
+    width: ElasticPhaseParams
+    kd_ratio: float = _rule(min=0, default=1.0)  # weight of distillation from the teacher
+    teacher: str = _rule(choices=TEACHERS, default="full")
+    teacher_bn: str = _rule(choices=TEACHER_BN, default="train")
+    reduce: str = _rule(choices=REDUCE, default="sum")
 
 
 @dataclass(frozen=True)
@@ -209,6 +238,7 @@ def _parse(cls: type, raw: Any, path: str) -> Any:
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f"did you mean {path + '.' if path else ''}{close[0]}?" if close else f"allowed: {', '.join(fields)}"
+            hint = MOVED.get(f"{path + '.' if path else ''}{key}", hint)
             raise ParamsError(f"{path + '.' if path else ''}{key}: unknown key ({hint})")
     values = {}
     for name, f in fields.items():

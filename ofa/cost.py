@@ -1,10 +1,11 @@
 """Exact cost of a subnet from its config and the supernet's architecture: no extraction, no tracing.
 
 ``macs`` counts what ``ofa.count_macs`` (calflops) counts on the extracted subnet: the multiply-accumulates
-of every convolution (k*k x in/groups x out per output position) and of the classifier; batch norm,
-activations, pooling, the squeeze-excite gating and residual additions count none. ``num_params`` counts
-every parameter of the extracted subnet (BN affine weights and conv/linear biases included, BN running
-statistics not). Both are what the search calls thousands of times instead of calflops.
+of every convolution (k*k x in/groups x out per output position; the feature mix of the official head
+included) and of the classifier; batch norm, dropout, activations, pooling, the squeeze-excite gating and
+residual additions count none. ``num_params`` counts every parameter of the extracted subnet (BN affine
+weights and conv/linear biases included, BN running statistics not). Both are what the search calls
+thousands of times instead of calflops.
 """
 
 from __future__ import annotations
@@ -34,9 +35,11 @@ def macs(arch: Mapping[str, Any], config: SubnetConfig, input_shape: Sequence[in
             total += (k * k + cout) * mid * h * w  # depthwise kxk, project 1x1
             if se:
                 total += 2 * mid * se_channels(mid)  # reduce and expand 1x1 on the pooled (1, 1) map
-    final = arch["final_channels"]
+    final, mix = arch["final_channels"], arch.get("feature_mix_channels")
     total += arch["units"][-1]["channels"] * final * h * w  # final 1x1
-    return total + final * arch["num_classes"]  # classifier
+    if mix:
+        total += final * mix  # feature mix 1x1 on the pooled (1, 1) map
+    return total + (mix or final) * arch["num_classes"]  # classifier
 
 
 def num_params(arch: Mapping[str, Any], config: SubnetConfig) -> int:
@@ -49,6 +52,8 @@ def num_params(arch: Mapping[str, Any], config: SubnetConfig) -> int:
             if se:
                 hidden = se_channels(mid)
                 total += 2 * mid * hidden + hidden + mid  # two 1x1 convs with biases
-    final, classes = arch["final_channels"], arch["num_classes"]
+    final, classes, mix = arch["final_channels"], arch["num_classes"], arch.get("feature_mix_channels")
     total += arch["units"][-1]["channels"] * final + 2 * final  # final 1x1 + BN
-    return total + final * classes + classes  # classifier
+    if mix:
+        total += final * mix  # feature mix 1x1, no bias, no BN
+    return total + (mix or final) * classes + classes  # classifier

@@ -31,10 +31,19 @@ def _permute_(param: torch.Tensor | None, perm: torch.Tensor, dim: int) -> None:
         param.data.copy_(param.data.index_select(dim, perm))
 
 
-def _importance_order(weight: torch.Tensor, dim: int) -> torch.Tensor:
-    """Indices along `dim` sorted by descending L1 norm of the weight over all other dims (ties keep order)."""
+def _importance_order(weight: torch.Tensor, dim: int, bands: Sequence[int] = ()) -> torch.Tensor:
+    """Indices along `dim` sorted by descending L1 norm of the weight over all other dims (ties keep order).
+
+    `bands` (channel counts) protect leading groups: the first bands[0] channels stay first (sorted among
+    themselves), then the channels up to bands[1], and so on; the rest is sorted after them.
+    """
     other = [d for d in range(weight.dim()) if d != dim]
-    return torch.argsort(weight.detach().abs().sum(dim=other), descending=True, stable=True)
+    importance = weight.detach().abs().sum(dim=other)
+    order, start = [], 0
+    for end in [*sorted(b for b in set(bands) if 0 < b < len(importance)), len(importance)]:
+        order.append(start + torch.argsort(importance[start:end], descending=True, stable=True))
+        start = end
+    return torch.cat(order)
 
 
 class ElasticConv2d(nn.Module):
@@ -252,9 +261,14 @@ class ElasticMBBlock(nn.Module):
         )
 
     @torch.no_grad()
-    def sort_channels(self) -> None:
-        """Reorder middle channels by the L1 norm of the projection weights over them, in every tensor that touches them."""
-        perm = _importance_order(self.project.weight, dim=1)
+    def sort_channels(self, protect: Sequence[float] = ()) -> None:
+        """Reorder middle channels by the L1 norm of the projection weights over them, in every tensor that touches them.
+
+        The channels of each width in `protect` (widths already trained) stay within that width, sorted among
+        themselves (the official OFA's re-sort before a second width phase).
+        """
+        bands = [expanded_channels(self.in_channels, w) for w in protect]
+        perm = _importance_order(self.project.weight, dim=1, bands=bands)
         self.expand.permute_(out=perm)
         self.expand_bn.permute_(perm)
         self.depthwise.permute_(out=perm)

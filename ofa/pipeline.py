@@ -31,12 +31,12 @@ PREPARED, RAW, MODELS, METRICS = Path("data/prepared"), Path("data/raw"), Path("
 CLASSES = PREPARED / "classes.json"  # the class names, in label order: the data, not the code, decides them
 RESUME = Path(".resume")  # per-epoch training state of interrupted stages (git- and dvc-ignored)
 
-# stage -> (the stage whose checkpoint it starts from, which dimensions it samples)
-TRAINING_STAGES: dict[str, tuple[str | None, dict[str, bool]]] = {
-    "train_supernet": (None, {"kernel": False, "depth": False, "width": False}),
-    "shrink_kernel": ("train_supernet", {"kernel": True, "depth": False, "width": False}),
-    "shrink_depth": ("shrink_kernel", {"kernel": True, "depth": True, "width": False}),
-    "shrink_width": ("shrink_depth", {"kernel": True, "depth": True, "width": True}),
+# stage -> the stage whose checkpoint it starts from; what each one samples, and how, is ofa.recipe
+TRAINING_STAGES: dict[str, str | None] = {
+    "train_supernet": None,
+    "shrink_kernel": "train_supernet",
+    "shrink_depth": "shrink_kernel",
+    "shrink_width": "shrink_depth",
 }
 
 
@@ -81,7 +81,8 @@ def build_net(params: Params, input_shape: tuple[int, ...], classes: list[str]) 
     n = params.net
     return OFANet(params.space.build(), in_channels=input_shape[0], num_classes=len(classes),
                   units=n.unit_specs(), stem_channels=n.stem_channels, stem_stride=n.stem_stride,
-                  final_channels=n.final_channels, classes=classes)
+                  final_channels=n.final_channels, classes=classes, feature_mix_channels=n.feature_mix_channels,
+                  dropout=n.dropout, init=n.init)
 
 
 def load_classes(root: Path) -> list[str]:
@@ -172,37 +173,31 @@ def resume_key(params: Params, stage: str, inputs: list[Path]) -> str:
 
 
 def train_stage(params: Params, stage: str, root: Path = Path("."), progress: bool = True) -> dict[str, Any]:
-    """Run one training stage: load the previous stage's supernet, train, save checkpoint, curves and metrics.
+    """Run one training stage: load the previous stage's supernet, train its phases, save checkpoint, curves, metrics.
 
-    After every epoch the training state goes to .resume/<stage>.pt (outside DVC's outputs); rerunning an
+    What each stage trains, in which phases and against which teacher is ``ofa.recipe``. After every epoch
+    the training state goes to .resume/<stage>[.phase1].pt (outside DVC's outputs); rerunning an
     interrupted stage with the same params and inputs continues from there. Removed once outputs are written.
     """
     from dvclive import Live
 
+    from . import recipe
+
     start = time.perf_counter()
-    previous, sampled = TRAINING_STAGES[stage]
+    previous = TRAINING_STAGES[stage]
     stage_index = list(TRAINING_STAGES).index(stage)
     data, net, calibration = stage_setup(params, root, stage_index)
     inputs = prepared_files(root)
+    full = root / MODELS / "train_supernet.pt"
     if previous is not None:
         inputs.append(root / MODELS / f"{previous}.pt")
         load_checkpoint(net, inputs[-1])
-    phase = params.supernet if previous is None else getattr(params.shrink, stage.removeprefix("shrink_"))
-    teacher = None
-    if previous is not None and params.shrink.kd_ratio > 0:
-        teacher = net.extract(net.max_config())  # frozen max network of the previous stage
-        calibrate_bn(teacher, calibration)
-        teacher.requires_grad_(False)
-    if stage == "shrink_width":
-        net.sort_channels()
+        if params.shrink.kd_ratio > 0 and params.shrink.teacher == "full" and full not in inputs:
+            inputs.append(full)
+    teacher = recipe.teacher(params, net, full, calibration, data.input_shape) if previous else None
     parameters = None
     if stage == "shrink_kernel" and params.shrink.kernel.transforms_only:
         parameters = [p for name, p in net.named_parameters() if ".transforms." in name]
-    if previous is None:
-        sample = lambda rng: [net.max_config()]  # noqa: E731
-    else:
-        n = params.shrink.subnets_per_step
-        sample = lambda rng: [net.sample_config(rng, **sampled) for _ in range(n)]  # noqa: E731
     eval_bs = params.train.eval_batch_size
     # curves are written beside the resume state and moved into metrics/ only when the stage succeeds
     live_dir = root / RESUME / "live" / stage
@@ -214,25 +209,22 @@ def train_stage(params: Params, stage: str, root: Path = Path("."), progress: bo
             live.log_metric(name, value)
         live.next_step()
 
-    state = root / RESUME / f"{stage}.pt"
-    history = fit(
-        net, data, schedule(params, phase), sample=sample, parameters=parameters, teacher=teacher,
-        kd_ratio=params.shrink.kd_ratio if previous else 0.0, seed=params.seed * 1000 + stage_index, desc=stage,
-        epoch_metrics=lambda: {
-            "val/accuracy_max": subnet_accuracy(net, net.max_config(), data, calibration, eval_bs, "val")},
-        log=log, resume=state, resume_key=resume_key(params, stage, inputs), progress=progress,
-    )
+    key = resume_key(params, stage, inputs)
+    history, states = [], []
+    for phase in recipe.phases(params, stage, net.space):
+        if stage == "shrink_width":
+            net.sort_channels(phase.protect)  # before each phase: narrower widths take the most important channels
+        states.append(root / RESUME / f"{stage}{phase.suffix}.pt")
+        history += fit(
+            net, data, schedule(params, phase.schedule), sample=phase.sampler(net, stage), parameters=parameters,
+            teacher=teacher, kd_ratio=params.shrink.kd_ratio if teacher is not None else 0.0,
+            reduce=params.shrink.reduce, seed=params.seed * 1000 + stage_index + (50 if phase.suffix else 0),
+            desc=stage + phase.suffix, log=log, resume=states[-1], resume_key=key + phase.suffix, progress=progress,
+            epoch_metrics=lambda: {
+                "val/accuracy_max": subnet_accuracy(net, net.max_config(), data, calibration, eval_bs, "val")},
+        )
     live.end()
-    val = history[-1].logged["val/accuracy_max"] if history else None  # the final weights' accuracy
-    metrics: dict[str, Any] = {
-        "epochs": phase.epochs,
-        "accuracy_max": subnet_accuracy(net, net.max_config(), data, calibration, eval_bs),
-        "val_accuracy_max": val if val is not None else subnet_accuracy(
-            net, net.max_config(), data, calibration, eval_bs, "val"),
-    }
-    if previous is not None:
-        metrics["accuracy_min"] = subnet_accuracy(net, net.min_config(), data, calibration, eval_bs)
-    metrics["train_loss"] = round(history[-1].loss, 6) if history else None
+    metrics = _stage_metrics(net, data, calibration, eval_bs, history, shrink=previous is not None)
     train_s = sum(h.seconds for h in history)
     timing = {
         "wall_s": round(time.perf_counter() - start, 1),
@@ -248,8 +240,25 @@ def train_stage(params: Params, stage: str, root: Path = Path("."), progress: bo
     final_live.parent.mkdir(parents=True, exist_ok=True)
     live_dir.mkdir(parents=True, exist_ok=True)  # DVCLive writes nothing when there are no epochs
     live_dir.rename(final_live)
-    state.unlink(missing_ok=True)
+    for state in states:
+        state.unlink(missing_ok=True)
     return {**metrics, **timing}
+
+
+def _stage_metrics(net: OFANet, data: DeviceData, calibration: list[torch.Tensor], eval_bs: int, history: list,
+                   shrink: bool) -> dict[str, Any]:
+    """Epochs, the max config's test and val accuracy (and the min config's for a shrink stage), final loss."""
+    val = history[-1].logged["val/accuracy_max"] if history else None  # the final weights' accuracy
+    metrics: dict[str, Any] = {
+        "epochs": len(history),
+        "accuracy_max": subnet_accuracy(net, net.max_config(), data, calibration, eval_bs),
+        "val_accuracy_max": val if val is not None else subnet_accuracy(
+            net, net.max_config(), data, calibration, eval_bs, "val"),
+    }
+    if shrink:
+        metrics["accuracy_min"] = subnet_accuracy(net, net.min_config(), data, calibration, eval_bs)
+    metrics["train_loss"] = round(history[-1].loss, 6) if history else None
+    return metrics
 
 
 def evaluate_space(params: Params, root: Path = Path("."), progress: bool = True) -> tuple[list[dict], dict]:

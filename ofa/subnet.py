@@ -62,6 +62,27 @@ def conv_bn_act(in_channels: int, out_channels: int, kernel: int, stride: int, a
     )
 
 
+def head_layers(final_channels: int, num_classes: int, mix_channels: int | None = None,
+                dropout: float = 0.0) -> tuple[nn.Module | None, nn.Module | None, nn.Linear]:
+    """The layers after the final 1x1 and the pooling: the feature mix (official OFA's head: a 1x1 conv to
+    `mix_channels`, no BN, h-swish; None without), dropout (None at 0) and the classifier."""
+    mix = None
+    if mix_channels:
+        mix = nn.Sequential(nn.Conv2d(final_channels, mix_channels, 1, bias=False), nn.Hardswish())
+    return mix, (nn.Dropout(dropout) if dropout > 0 else None), nn.Linear(mix_channels or final_channels, num_classes)
+
+
+def classify(x: torch.Tensor, mix: nn.Module | None, dropout: nn.Module | None, classifier: nn.Linear) -> torch.Tensor:
+    """Final feature maps (B, C, H, W) -> logits: global average pool, feature mix, dropout, classifier."""
+    x = F.adaptive_avg_pool2d(x, 1)
+    if mix is not None:
+        x = mix(x)
+    x = torch.flatten(x, 1)
+    if dropout is not None:
+        x = dropout(x)
+    return classifier(x)
+
+
 class BlockShape(NamedTuple):
     """The static shape of one active MBConv block of a subnet (a named tuple: the cost functions build many)."""
 
@@ -176,11 +197,14 @@ class Subnet(nn.Module):
     """
 
     def __init__(self, stem: nn.Module, units: nn.Sequential, final: nn.Module, classifier: nn.Linear, config,
-                 arch: Mapping[str, Any] | None = None) -> None:
+                 arch: Mapping[str, Any] | None = None, mix: nn.Module | None = None,
+                 dropout: nn.Module | None = None) -> None:
         super().__init__()
         self.stem = stem
         self.units = units
         self.final = final
+        self.mix = mix
+        self.dropout = dropout
         self.classifier = classifier
         self.config = config
         self.arch = arch
@@ -192,8 +216,9 @@ class Subnet(nn.Module):
         stem = conv_bn_act(arch["in_channels"], arch["stem_channels"], 3, arch["stem_stride"], units[0]["activation"])
         blocks = nn.Sequential(*(Unit(*(MBBlock.build(s) for s in unit)) for unit in block_shapes(arch, config)))
         final = conv_bn_act(units[-1]["channels"], arch["final_channels"], 1, 1, units[-1]["activation"])
-        classifier = nn.Linear(arch["final_channels"], arch["num_classes"])
-        return cls(stem, blocks, final, classifier, config, arch)
+        mix, dropout, classifier = head_layers(arch["final_channels"], arch["num_classes"],
+                                               arch.get("feature_mix_channels"), arch.get("dropout", 0.0))
+        return cls(stem, blocks, final, classifier, config, arch, mix, dropout)
 
     @property
     def classes(self) -> list[str] | None:
@@ -202,4 +227,4 @@ class Subnet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.final(self.units(self.stem(x)))  # (B, C, H, W)
-        return self.classifier(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+        return classify(x, self.mix, self.dropout, self.classifier)

@@ -9,13 +9,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import cost
 from .elastic import ElasticMBBlock, ElasticUnit
 from .space import ConfigSpace, Number, SubnetConfig
-from .subnet import ACTIVATIONS, Subnet, conv_bn_act
+from .subnet import ACTIVATIONS, Subnet, classify, conv_bn_act, head_layers
+
+INITS = ("he_fout", "torch")  # weight init of the stem, final layer, feature mix and classifier
 
 
 @dataclass(frozen=True)
@@ -66,8 +67,18 @@ class OFANet(nn.Module):
         stem_stride: int = 1,
         final_channels: int = 640,
         classes: Sequence[str] | None = None,
+        feature_mix_channels: int | None = None,
+        dropout: float = 0.0,
+        init: str = "he_fout",
     ) -> None:
         super().__init__()
+        if feature_mix_channels is not None and (isinstance(feature_mix_channels, bool) or not isinstance(
+                feature_mix_channels, int) or feature_mix_channels < 1):
+            raise ValueError(f"feature_mix_channels {feature_mix_channels!r} is not allowed (a positive integer or None)")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout {dropout!r} is not allowed (0 <= dropout < 1)")
+        if init not in INITS:
+            raise ValueError(f"init {init!r} is not allowed ({' or '.join(INITS)})")
         if classes is not None and len(classes) != num_classes:
             raise ValueError(f"classes: {len(classes)} names for num_classes {num_classes} (one name per class)")
         for name, value in (("in_channels", in_channels), ("num_classes", num_classes),
@@ -85,6 +96,7 @@ class OFANet(nn.Module):
             "units": [asdict(u) for u in specs], "stem_channels": stem_channels,
             "stem_stride": stem_stride, "final_channels": final_channels,
             "classes": None if classes is None else [str(c) for c in classes],
+            "feature_mix_channels": feature_mix_channels, "dropout": float(dropout),
         }))
         self.stem = conv_bn_act(in_channels, stem_channels, 3, stem_stride, specs[0].activation)
         blocks_in = stem_channels
@@ -100,8 +112,20 @@ class OFANet(nn.Module):
             units_.append(ElasticUnit(blocks))
         self.units = nn.ModuleList(units_)
         self.final = conv_bn_act(blocks_in, final_channels, 1, 1, specs[-1].activation)
-        self.classifier = nn.Linear(final_channels, num_classes)
-        nn.init.normal_(self.classifier.weight, std=0.01)
+        self.mix, self.dropout, self.classifier = head_layers(final_channels, num_classes, feature_mix_channels, dropout)
+        self._init_head(init)
+
+    def _init_head(self, init: str) -> None:
+        """he_fout (official OFA): every conv N(0, 2 / (k*k*out)) like the elastic ones, the classifier
+        U(+-1/sqrt(in)); torch: PyTorch's default for the stem, final and mix convs, the classifier N(0, 0.01)."""
+        if init == "he_fout":
+            for m in (*self.stem.modules(), *self.final.modules(), *(self.mix.modules() if self.mix else ())):
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight, mode="fan_out")
+            bound = 1 / self.classifier.in_features ** 0.5
+            nn.init.uniform_(self.classifier.weight, -bound, bound)
+        else:
+            nn.init.normal_(self.classifier.weight, std=0.01)
         nn.init.zeros_(self.classifier.bias)
 
     @property
@@ -146,7 +170,7 @@ class OFANet(nn.Module):
         for u, unit in enumerate(self.units):
             x = unit(x, cfg.kernel[u], cfg.width[u], cfg.depth[u])
         x = self.final(x)  # (B, final, H', W')
-        return self.classifier(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+        return classify(x, self.mix, self.dropout, self.classifier)
 
     def extract(self, cfg: SubnetConfig) -> Subnet:
         """The subnet `cfg` as plain torch layers holding copies of exactly the weights it computes with."""
@@ -155,12 +179,15 @@ class OFANet(nn.Module):
             unit.extract(cfg.kernel[u], cfg.width[u], cfg.depth[u]) for u, unit in enumerate(self.units)
         ))
         subnet = Subnet(copy.deepcopy(self.stem), units, copy.deepcopy(self.final), copy.deepcopy(self.classifier), cfg,
-                        copy.deepcopy(self.arch))
+                        copy.deepcopy(self.arch), copy.deepcopy(self.mix), copy.deepcopy(self.dropout))
         return subnet.train(self.training)
 
     @torch.no_grad()
-    def sort_channels(self) -> None:
-        """Reorder every block's middle channels by importance so that narrower subnets keep the most important."""
+    def sort_channels(self, protect: Sequence[float] = ()) -> None:
+        """Reorder every block's middle channels by importance so that narrower subnets keep the most important.
+
+        Widths in `protect` keep their channels (sorted within), as when a second phase adds a smaller width.
+        """
         for unit in self.units:
             for block in unit.blocks:
-                block.sort_channels()
+                block.sort_channels(protect)

@@ -199,6 +199,7 @@ def fit(
     parameters: Iterable[nn.Parameter] | None = None,
     teacher: nn.Module | None = None,
     kd_ratio: float = 0.0,
+    reduce: str = "sum",
     seed: int = 0,
     desc: str = "train",
     epoch_metrics: Callable[[], dict[str, float]] | None = None,
@@ -207,16 +208,21 @@ def fit(
     resume_key: str = "",
     progress: bool = True,
 ) -> list[EpochStats]:
-    """Train `model` for `schedule.epochs`; each step sums the losses of the configs `sample` draws.
+    """Train `model` for `schedule.epochs`; each step accumulates the gradients of the configs `sample` draws.
 
-    `parameters` restricts what the optimizer updates (default: all). With a `teacher` and kd_ratio > 0 the
-    loss adds kd_ratio x soft cross entropy against the teacher's predictions. After each epoch the
-    curves entry (training loss/accuracy, lr, plus `epoch_metrics()`) goes to `log`, and with `resume` the
-    whole training state is saved there; a later call with the same `resume_key` continues after the last
-    finished epoch and ends exactly where an uninterrupted run would. A non-finite loss raises
-    DivergenceError naming the epoch, step and learning rate of its first occurrence; it is noted on the
-    device and read back every SYNC_EVERY steps and at each epoch's end, before anything is saved or logged.
+    `reduce` combines the configs' losses of a step: "sum" (official OFA) or "mean". `parameters` restricts
+    what the optimizer updates (default: all). With a `teacher` and kd_ratio > 0 the loss adds kd_ratio x soft
+    cross entropy against the teacher's predictions; the teacher runs in the mode it is given (train mode:
+    batch statistics, as in official OFA). Every random draw comes from `seed`, dropout's too: the call seeds
+    torch's global generator. After each epoch the curves entry (training loss/accuracy, lr, plus
+    `epoch_metrics()`) goes to `log`, and with `resume` the whole training state is saved there; a later call
+    with the same `resume_key` continues after the last finished epoch and ends exactly where an uninterrupted
+    run would. A non-finite loss raises DivergenceError naming the epoch, step and learning rate of its first
+    occurrence; it is noted on the device and read back every SYNC_EVERY steps and at each epoch's end, before
+    anything is saved or logged.
     """
+    if reduce not in ("sum", "mean"):
+        raise ValueError(f"reduce {reduce!r} is not allowed (sum or mean)")
     if parameters is not None:  # freeze the rest: no gradient is computed for it at all
         chosen = {id(p) for p in parameters}
         for p in model.parameters():
@@ -238,6 +244,7 @@ def fit(
     shuffle = torch.Generator().manual_seed(seed)
     aug = torch.Generator(device=data.device).manual_seed(seed + 1)
     history: list[EpochStats] = []
+    torch.manual_seed(seed + 2)  # dropout draws from torch's global generator: seeded per call, like the rest
     state = _load_state(resume, resume_key)
     if state is not None:
         model.load_state_dict(state["model"])
@@ -245,14 +252,13 @@ def fit(
         rng.setstate(_tuples(state["rng"]))
         shuffle.set_state(state["shuffle"])
         aug.set_state(state["aug"].to(aug.get_state().device))
+        _set_global_rng(state["global_rng"], data.device)
         history = [EpochStats(**h) for h in state["history"]]
         print(f"{desc}: resuming after epoch {len(history)}/{schedule.epochs} from {resume}", file=sys.stderr)
         for h in history:
             if log is not None:
                 log(h.logged)
     use_kd = teacher is not None and kd_ratio > 0
-    if teacher is not None:
-        teacher.eval()
     model.train()
     for epoch in range(len(history), schedule.epochs):
         order = torch.randperm(n, generator=shuffle)[: steps_per_epoch * batch].to(data.device)
@@ -285,7 +291,7 @@ def fit(
                     if soft is not None:
                         loss = loss + kd_ratio * soft_cross_entropy(logits, soft)
                     if loss.requires_grad:  # e.g. only transforms train and this subnet uses none
-                        (loss / len(configs)).backward()
+                        (loss if reduce == "sum" else loss / len(configs)).backward()
                     step_loss += loss.detach() / len(configs)
                     if i == 0:
                         correct += (logits.argmax(1) == y).sum()
@@ -313,6 +319,7 @@ def fit(
             atomic_write(resume, lambda f: torch.save({
                 "key": resume_key, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "rng": rng.getstate(), "shuffle": shuffle.get_state(), "aug": aug.get_state().cpu(),
+                "global_rng": _global_rng(data.device),  # dropout draws from torch's global generator
                 "history": [asdict(h) for h in history],
             }, f), binary=True)
     return history
@@ -341,6 +348,18 @@ class _DivergenceGuard:
         step = int(self.step)
         if step >= 0:
             raise DivergenceError(f"{self.desc}: loss is {float(self.loss)} at {where(step)}; lower the learning rate")
+
+
+def _global_rng(device: torch.device) -> torch.Tensor:
+    """torch's global generator state on `device` (CPU, or the current CUDA device)."""
+    return (torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()).cpu()
+
+
+def _set_global_rng(state: torch.Tensor, device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
 
 
 def _tuples(x):

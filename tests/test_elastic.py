@@ -184,3 +184,20 @@ def test_sort_channels_orders_by_importance_and_keeps_the_full_block():
     # narrower widths now take the most important channels
     top = importance.sort(descending=True).values[: expanded_channels(16, 2)]
     assert_close(block.extract(5, 2).project.weight.abs().sum(dim=(0, 2, 3)), top)
+
+
+def test_protected_sort_keeps_each_trained_width_s_channels_within_it():
+    """Before a second width phase adds width 3, the channels of width 4 stay the first ones (sorted among themselves)."""
+    torch.manual_seed(0)
+    block = perturb(ElasticMBBlock(8, 8, 1, (3,), (3, 4, 6), "relu", se=False)).eval()
+    x = torch.randn(2, 8, 5, 5)
+    before, width4 = block(x, 3, 6), block(x, 3, 4)
+    importance = block.project.weight.abs().sum(dim=(0, 2, 3))
+    band = expanded_channels(8, 4)  # 32 of 48 channels
+    block.sort_channels(protect=[4])
+    after = block.project.weight.abs().sum(dim=(0, 2, 3))
+    assert_close(after[:band], importance[:band].sort(descending=True).values)
+    assert_close(after[band:], importance[band:].sort(descending=True).values)
+    assert not torch.equal(after, importance.sort(descending=True).values)  # a plain sort would mix the bands
+    assert_close(block(x, 3, 6), before)
+    assert_close(block(x, 3, 4), width4)  # width 4 computes with the same channels as before

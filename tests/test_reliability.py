@@ -73,13 +73,20 @@ def _files(root: Path) -> list[str]:
                   if p.is_file() and "data" not in p.parts and ".resume" not in p.parts)
 
 
+def profile() -> dict:
+    """The synthetic profile, with dropout: it draws from torch's global generator, which a resume must restore."""
+    raw = tiny_params()
+    raw["supernet"]["epochs"] = 4
+    raw["net"]["dropout"] = 0.1
+    raw["specialize"]["budgets"] = [1500000]
+    return raw
+
+
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory):
     """The synthetic profile run twice; in the second, train_supernet is killed after an epoch, evaluate_space
     after its first config and specialize mid-search, each then rerun."""
-    raw = tiny_params()
-    raw["supernet"]["epochs"] = 4
-    raw["specialize"]["budgets"] = [1500000]
+    raw = profile()
     runs = []
     for name in ("a", "b"):
         root = tmp_path_factory.mktemp(name)
@@ -146,23 +153,25 @@ def test_non_finite_loss_stops_the_stage_with_one_line(two_runs, tmp_path):
 def test_checkpoint_of_other_params_is_refused(two_runs):
     (a, _), _ = two_runs
     ckpt = a / "models" / "shrink_width.pt"
-    raw = tiny_params()
+    raw = profile()
     shape = (3, 16, 16)
     pipeline.load_checkpoint(pipeline.build_net(parse_params(raw), shape, DIGITS), ckpt)  # the matching one loads
     raw["space"]["kernel"] = [3, 5, 7]
     raw["specialize"]["population"] = None  # 12 uniform configs now
     with pytest.raises(pipeline.CheckpointError, match=r"built with space = .*'kernel': \[5, 7\]"):
         pipeline.load_checkpoint(pipeline.build_net(parse_params(raw), shape, DIGITS), ckpt)
-    raw = tiny_params()
+    raw = profile()
     raw["net"]["units"][1]["channels"] = 24
     with pytest.raises(pipeline.CheckpointError, match=r"built with net.units = "):
         pipeline.load_checkpoint(pipeline.build_net(parse_params(raw), shape, DIGITS), ckpt)
     with pytest.raises(pipeline.CheckpointError, match=r"built with data.dataset = 3, params give 1"):
-        pipeline.load_checkpoint(pipeline.build_net(parse_params(tiny_params()), (1, 16, 16), DIGITS), ckpt)
+        pipeline.load_checkpoint(pipeline.build_net(parse_params(profile()), (1, 16, 16), DIGITS), ckpt)
     other = [*DIGITS[:9], "ten"]  # as many classes, one of them another
     with pytest.raises(pipeline.CheckpointError, match=r"^\S+shrink_width.pt: trained on classes '0', '1', '2', '3', "
                        r"\.\.\. \(10 in all\), the prepared data has classes '0', .*\(data.dataset; rerun"):
-        pipeline.load_checkpoint(pipeline.build_net(parse_params(tiny_params()), shape, other), ckpt)
+        pipeline.load_checkpoint(pipeline.build_net(parse_params(profile()), shape, other), ckpt)
+    with pytest.raises(pipeline.CheckpointError, match=r"built with net.dropout = 0.1, params give 0.0"):
+        pipeline.load_checkpoint(pipeline.build_net(parse_params(tiny_params()), shape, DIGITS), ckpt)
 
 
 def test_garbage_checkpoint_is_refused(tmp_path):

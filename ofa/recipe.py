@@ -1,0 +1,93 @@
+"""The progressive-shrinking recipe: what each training stage trains, in which phases, against which teacher.
+
+A translation of the official OFA schedule (train_ofa_net.py, progressive_shrinking.py) with every
+difference a param: ``shrink.<stage>.subnets_per_step`` (official: 1 / 2 / 4 for kernel / depth / width),
+``shrink.reduce`` (official: the subnets' losses of a step are summed), a first phase on all but the smallest
+choice of the stage's dimension when it has 3+ choices (``shrink.<depth|width>.first_phase``; official: 25
+epochs at a third of the second phase's rate), the width stage's channel sort before each phase (before the
+second one protecting the widths the first trained), and the teacher (``shrink.teacher``: the full network
+of train_supernet, official, or the previous stage's max network; ``shrink.teacher_bn``: batch statistics,
+official, or running statistics after re-calibration).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import Params, PhaseParams
+from .space import ConfigSpace
+from .supernet import OFANet
+from .train import calibrate_bn
+
+# stage -> which dimensions it samples (train_supernet trains the max config only)
+SAMPLED: dict[str, dict[str, bool]] = {
+    "shrink_kernel": {"kernel": True, "depth": False, "width": False},
+    "shrink_depth": {"kernel": True, "depth": True, "width": False},
+    "shrink_width": {"kernel": True, "depth": True, "width": True},
+}
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One training phase of a stage: its epochs and lr, the space its subnets are drawn from, and the suffix of
+    its resume state; for the width stage, the widths whose channels the sort before it keeps in place."""
+
+    schedule: PhaseParams
+    space: ConfigSpace | None  # None: the max config only
+    subnets_per_step: int = 1
+    suffix: str = ""
+    protect: tuple[float, ...] = ()
+
+    def sampler(self, net: OFANet, stage: str):
+        """rng -> the configs of one step."""
+        if self.space is None:
+            return lambda rng: [net.max_config()]
+        space, dims, n = self.space, SAMPLED[stage], self.subnets_per_step
+        return lambda rng: [space.sample(net.num_units, rng, **dims) for _ in range(n)]
+
+
+def phases(params: Params, stage: str, space: ConfigSpace) -> list[Phase]:
+    """The phases of a training stage, in order."""
+    if stage == "train_supernet":
+        return [Phase(params.supernet, None)]
+    if stage == "shrink_kernel":
+        k = params.shrink.kernel
+        return [Phase(k, space, k.subnets_per_step)]
+    dim = stage.removeprefix("shrink_")
+    p = getattr(params.shrink, dim)
+    choices = getattr(space, dim)
+    main = Phase(p, space, p.subnets_per_step)
+    if len(choices) < 3 or p.first_phase.epochs == 0:
+        return [main]
+    larger = dataclasses.replace(space, **{dim: choices[1:]})
+    first = Phase(PhaseParams(p.first_phase.epochs, p.first_phase.lr), larger, p.subnets_per_step, ".phase1")
+    if dim == "width":  # the second phase's sort keeps the first phase's widths on their channels
+        main = Phase(p, space, p.subnets_per_step, protect=tuple(choices[1:]))
+    return [first, main]
+
+
+def teacher(params: Params, net: OFANet, full: Path, calibration: list[torch.Tensor],
+            input_shape: tuple[int, int, int]) -> nn.Module | None:
+    """The frozen network a shrink stage distils from, in the BN mode it runs in (None without distillation).
+
+    `net` holds the previous stage's weights; `full` is train_supernet's checkpoint.
+    """
+    from .pipeline import build_net, load_checkpoint
+
+    s = params.shrink
+    if s.kd_ratio == 0:
+        return None
+    source = net
+    if s.teacher == "full":
+        source = build_net(params, input_shape, net.arch["classes"])
+        load_checkpoint(source, full)
+    model = source.extract(source.max_config()).to(next(net.parameters()).device)
+    if s.teacher_bn == "eval":
+        calibrate_bn(model, calibration)  # running statistics that fit the max network
+    return model.requires_grad_(False).train(s.teacher_bn == "train")
+

@@ -1,0 +1,166 @@
+"""The progressive-shrinking recipe: loss reduction, subnets per step, phases, teacher, and the official head and init."""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+import torch
+import yaml
+
+import ofa
+from conftest import PAPER_SPACE, SEED_SPACE, TINY_UNITS, perturb
+from ofa import data as data_mod
+from ofa import recipe
+from ofa.config import parse_params
+from ofa.train import DeviceData, Schedule, fit
+from test_pipeline import ROOT, tiny_params
+
+
+def _params(**shrink):
+    raw = tiny_params()
+    for key, value in shrink.items():
+        node, *path = key.split(".")
+        target = raw["shrink"]
+        for part in [node, *path][:-1]:
+            target = target[part]
+        target[[node, *path][-1]] = value
+    return parse_params(raw)
+
+
+def _widths(configs) -> set:
+    """The widths of the active blocks of `configs`."""
+    return {w for c in configs for u, ws in enumerate(c.width) for w in ws[: c.depth[u]]}
+
+
+@pytest.fixture(scope="module")
+def synthetic() -> DeviceData:
+    train, test = data_mod.synthetic(seed=0)
+    train, val = data_mod.hold_out(train, 64, seed=0)
+    return DeviceData(train, val, test, torch.full((1, 3, 1, 1), 128.0), torch.full((1, 3, 1, 1), 64.0),
+                      torch.device("cpu"))
+
+
+def test_the_shipped_recipe_is_the_official_one():
+    s = parse_params(yaml.safe_load((ROOT / "params.yaml").read_text())).shrink
+    assert (s.reduce, s.teacher, s.teacher_bn) == ("sum", "full", "train")
+    assert (s.kernel.subnets_per_step, s.depth.subnets_per_step, s.width.subnets_per_step) == (1, 2, 4)
+    assert (s.depth.first_phase.epochs, s.width.first_phase.epochs) == (25, 25)
+
+
+def test_summed_losses_step_as_far_as_their_count_times_the_mean(synthetic):
+    """Two copies of one subnet per step: with reduce=sum the first SGD step moves every weight twice as far."""
+    moves = {}
+    for reduce in ("sum", "mean"):
+        torch.manual_seed(0)
+        net = ofa.OFANet(SEED_SPACE, 3, 10, units=TINY_UNITS, stem_channels=8, final_channels=32)
+        before = copy.deepcopy(net.state_dict())
+        cfg = net.min_config()
+        schedule = Schedule(epochs=1, lr=0.05, batch_size=32, momentum=0.0, weight_decay=0.0, warmup_epochs=0,
+                            flip=False, crop_padding=0, images_per_epoch=32)
+        fit(net, synthetic, schedule, sample=lambda rng: [cfg, cfg], reduce=reduce, progress=False)
+        moves[reduce] = net.classifier.weight.detach() - before["classifier.weight"]
+    assert moves["mean"].abs().max() > 0
+    torch.testing.assert_close(moves["sum"], 2 * moves["mean"], rtol=1e-4, atol=1e-7)
+
+
+def test_each_stage_samples_its_own_number_of_subnets_from_its_own_space():
+    params = _params(**{"kernel.subnets_per_step": 1, "depth.subnets_per_step": 2, "width.subnets_per_step": 4})
+    net = ofa.OFANet(PAPER_SPACE, 3, 10, units=TINY_UNITS, stem_channels=8, final_channels=32)
+    rng = random.Random(0)
+    (kernel,) = recipe.phases(params, "shrink_kernel", net.space)
+    assert len(kernel.sampler(net, "shrink_kernel")(rng)) == 1
+    first, second = recipe.phases(params, "shrink_depth", net.space)
+    drawn = [c for _ in range(200) for c in first.sampler(net, "shrink_depth")(rng)]
+    assert len(first.sampler(net, "shrink_depth")(rng)) == 2
+    assert {d for c in drawn for d in c.depth} == {3, 4}  # the first phase: all depths but the smallest
+    assert _widths(drawn) == {6}  # width not sampled yet
+    assert (first.schedule.epochs, first.schedule.lr, first.suffix) == (25, 0.005, ".phase1")
+    drawn = [c for _ in range(200) for c in second.sampler(net, "shrink_depth")(rng)]
+    assert {d for c in drawn for d in c.depth} == {2, 3, 4} and second.suffix == ""
+    first, second = recipe.phases(params, "shrink_width", net.space)
+    drawn = [c for _ in range(100) for c in first.sampler(net, "shrink_width")(rng)]
+    assert len(first.sampler(net, "shrink_width")(rng)) == 4
+    assert _widths(drawn) == {4, 6}
+    assert (first.protect, second.protect) == ((), (4, 6))  # the second sort keeps width 4's channels in place
+    assert len(recipe.phases(params, "shrink_depth", SEED_SPACE)) == 1  # 2 choices: one phase on both
+    no_first = _params(**{"depth.first_phase": {"epochs": 0, "lr": 0.005}})
+    assert len(recipe.phases(no_first, "shrink_depth", PAPER_SPACE)) == 1
+
+
+@pytest.mark.parametrize("which", ["full", "previous"])
+@pytest.mark.parametrize("bn", ["train", "eval"])
+def test_the_teacher_is_the_chosen_network_in_the_chosen_bn_mode(which, bn, tmp_path, synthetic):
+    from ofa.pipeline import build_net, save_checkpoint
+
+    params = _params(teacher=which, teacher_bn=bn)
+    classes = [str(i) for i in range(10)]
+    full = perturb(build_net(params, (3, 16, 16), classes), seed=1)
+    save_checkpoint(full, tmp_path / "train_supernet.pt")
+    previous = perturb(build_net(params, (3, 16, 16), classes), seed=2)
+    calibration = synthetic.calibration_batches(64, 32, seed=0)
+    teacher = recipe.teacher(params, previous, tmp_path / "train_supernet.pt", calibration, (3, 16, 16))
+    source = full if which == "full" else previous
+    expected = source.extract(source.max_config()).state_dict()
+    got = teacher.state_dict()
+    weights = [k for k in expected if "running" not in k and "num_batches" not in k]
+    assert all(torch.equal(got[k], expected[k]) for k in weights)
+    assert teacher.training == (bn == "train") and not any(p.requires_grad for p in teacher.parameters())
+    calibrated = not torch.equal(got["final.1.running_mean"], expected["final.1.running_mean"])
+    assert calibrated == (bn == "eval")  # running statistics re-estimated only where they are used
+    assert recipe.teacher(_params(kd_ratio=0.0), previous, tmp_path / "x.pt", calibration, (3, 16, 16)) is None
+
+
+def test_the_official_head_is_counted_extracted_and_saved_exactly(tmp_path):
+    torch.manual_seed(0)
+    net = perturb(ofa.OFANet(SEED_SPACE, 3, 10, units=TINY_UNITS, stem_channels=8, final_channels=32,
+                             feature_mix_channels=48, dropout=0.1)).eval()
+    plain = ofa.OFANet(SEED_SPACE, 3, 10, units=TINY_UNITS, stem_channels=8, final_channels=32)
+    x = torch.randn(4, 3, 16, 16)
+    for cfg in [net.min_config(), net.max_config(), net.sample_config(random.Random(1))]:
+        sub = net.extract(cfg).eval()
+        assert net.macs(cfg, (3, 16, 16)) == ofa.count_macs(sub, (1, 3, 16, 16))
+        assert net.num_params(cfg) == ofa.count_params(sub)
+        assert net.macs(cfg, (3, 16, 16)) - plain.macs(cfg, (3, 16, 16)) == 32 * 48 + (48 - 32) * 10
+        torch.testing.assert_close(sub(x), net(x, cfg))
+    ofa.save_subnet(sub, tmp_path / "s.pt")
+    loaded = ofa.load_subnet(tmp_path / "s.pt")
+    assert isinstance(loaded.mix[0], torch.nn.Conv2d) and loaded.dropout.p == 0.1
+    torch.testing.assert_close(loaded(x), sub(x))
+    net.train()
+    assert not torch.equal(net(x, cfg), net(x, cfg))  # dropout is active in training
+
+
+def test_he_fout_init_of_stem_final_and_classifier():
+    torch.manual_seed(0)
+    net = ofa.OFANet(SEED_SPACE, 3, 10)  # default macro structure, default init he_fout
+    stem, final = net.stem[0].weight, net.final[0].weight
+    assert stem.std().item() == pytest.approx((2 / (9 * 16)) ** 0.5, rel=0.1)
+    assert final.std().item() == pytest.approx((2 / 640) ** 0.5, rel=0.1)
+    bound = 1 / 640 ** 0.5
+    assert bound * 0.95 < net.classifier.weight.abs().max().item() <= bound
+    torch.manual_seed(0)
+    legacy = ofa.OFANet(SEED_SPACE, 3, 10, init="torch")
+    assert legacy.classifier.weight.std().item() == pytest.approx(0.01, rel=0.1)
+    assert legacy.stem[0].weight.abs().max().item() <= (1 / 27) ** 0.5  # PyTorch's kaiming_uniform(a=sqrt(5))
+    with pytest.raises(ValueError, match="init 'xavier' is not allowed"):
+        ofa.OFANet(SEED_SPACE, 3, 10, init="xavier")
+
+
+def test_a_three_width_space_trains_the_width_stage_in_two_phases(tmp_path):
+    from ofa import pipeline
+
+    raw = tiny_params()
+    raw["space"] = {"kernel": [5, 7], "depth": [2, 3], "width": [2, 3, 4]}
+    raw["specialize"]["population"] = raw["specialize"]["trials"] = 12
+    raw["shrink"]["width"].update(epochs=1, first_phase={"epochs": 1, "lr": 0.01}, subnets_per_step=2)
+    params = parse_params(raw)
+    pipeline.download(params, tmp_path)
+    net = pipeline.build_net(params, (3, 16, 16), [str(i) for i in range(10)])
+    for stage in ("train_supernet", "shrink_depth"):
+        pipeline.save_checkpoint(net, tmp_path / "models" / f"{stage}.pt")
+    metrics = pipeline.train_stage(params, "shrink_width", tmp_path, progress=False)
+    assert metrics["epochs"] == 2  # the first phase on widths {3, 4}, then all widths
+    lr = (tmp_path / "metrics" / "live" / "shrink_width" / "plots" / "metrics" / "lr.tsv").read_text().splitlines()
+    assert len(lr) == 3 and not list((tmp_path / ".resume").glob("*.pt"))
