@@ -1,4 +1,4 @@
-"""Shared helpers: tiny supernets and weights moved away from their initial values."""
+"""Shared helpers: tiny supernets, weights moved away from their initial values, synthetic data, image folders."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import torch
 from torch import nn
 
 import ofa
+from ofa import data as data_mod
+from ofa.train import DeviceData
 
 SEED_SPACE = ofa.ConfigSpace(kernel=(5, 7), depth=(2, 3), width=(2, 4))
 PAPER_SPACE = ofa.ConfigSpace(kernel=(3, 5, 7), depth=(2, 3, 4), width=(3, 4, 6))
@@ -60,6 +62,15 @@ def write_folder(root: Path, per_class: dict[str, int], corrupt: str | None = No
         (root / corrupt).write_bytes((root / "train" / "cat" / "001.png").read_bytes()[:60])
     return root
 
+
+
+@pytest.fixture(scope="module")
+def synthetic() -> DeviceData:
+    """The synthetic dataset (64 images held out as val) on the CPU, as the training loop takes it."""
+    train, test = data_mod.synthetic(seed=0)
+    train, val = data_mod.hold_out(train, 64, seed=0)
+    return DeviceData(train, val, test, torch.full((1, 3, 1, 1), 128.0), torch.full((1, 3, 1, 1), 64.0),
+                      torch.device("cpu"))
 
 
 @pytest.fixture(autouse=True)

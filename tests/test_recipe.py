@@ -11,10 +11,9 @@ import yaml
 
 import ofa
 from conftest import PAPER_SPACE, SEED_SPACE, TINY_UNITS, perturb
-from ofa import data as data_mod
 from ofa import recipe
 from ofa.config import parse_params
-from ofa.train import DeviceData, Schedule, fit
+from ofa.train import Schedule, fit
 from test_pipeline import ROOT, tiny_params
 
 
@@ -32,14 +31,6 @@ def _params(**shrink):
 def _widths(configs) -> set:
     """The widths of the active blocks of `configs`."""
     return {w for c in configs for u, ws in enumerate(c.width) for w in ws[: c.depth[u]]}
-
-
-@pytest.fixture(scope="module")
-def synthetic() -> DeviceData:
-    train, test = data_mod.synthetic(seed=0)
-    train, val = data_mod.hold_out(train, 64, seed=0)
-    return DeviceData(train, val, test, torch.full((1, 3, 1, 1), 128.0), torch.full((1, 3, 1, 1), 64.0),
-                      torch.device("cpu"))
 
 
 def test_the_shipped_recipe_is_the_official_one():

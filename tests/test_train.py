@@ -7,17 +7,8 @@ import random
 import pytest
 import torch
 
-from ofa import data as data_mod
-from ofa.train import SYNC_EVERY, DeviceData, DivergenceError, Schedule, calibrate_bn, evaluate, fit, soft_cross_entropy
+from ofa.train import SYNC_EVERY, DivergenceError, Schedule, calibrate_bn, evaluate, fit, soft_cross_entropy
 from conftest import SEED_SPACE, tiny_net
-
-
-@pytest.fixture(scope="module")
-def synthetic() -> DeviceData:
-    train, test = data_mod.synthetic(seed=0)
-    train, val = data_mod.hold_out(train, 64, seed=0)
-    return DeviceData(train, val, test, torch.full((1, 3, 1, 1), 128.0), torch.full((1, 3, 1, 1), 64.0),
-                      torch.device("cpu"))
 
 
 def test_schedule_warms_up_linearly_then_decays_by_cosine_to_zero():
