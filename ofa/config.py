@@ -20,6 +20,7 @@ from . import subnet
 from .data import DATASETS, TRAIN_IMAGES
 from .space import ConfigSpace
 from .supernet import INITS, UnitSpec
+from .train import REDUCE
 
 DEVICES = ("auto", "cpu", "cuda")
 ACTIVATIONS = tuple(subnet.ACTIVATIONS)
@@ -125,7 +126,6 @@ class ElasticPhaseParams(PhaseParams):
 
 TEACHERS = ("full", "previous")  # train_supernet's full network (official OFA) | the previous stage's max net
 TEACHER_BN = ("train", "eval")  # the teacher's batch norm: batch statistics (official OFA) | running statistics
-REDUCE = ("sum", "mean")  # a step's subnet losses: summed (official OFA) | averaged
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from .space import SubnetConfig
 
 SPLITS = ("train", "val", "test")
 SYNC_EVERY = 20  # training steps between host reads of the loss (progress bar, divergence check)
+REDUCE = ("sum", "mean")  # a step's subnet losses: summed (official OFA) | averaged
 
 
 class DivergenceError(RuntimeError):
@@ -221,8 +222,8 @@ def fit(
     occurrence; it is noted on the device and read back every SYNC_EVERY steps and at each epoch's end, before
     anything is saved or logged.
     """
-    if reduce not in ("sum", "mean"):
-        raise ValueError(f"reduce {reduce!r} is not allowed (sum or mean)")
+    if reduce not in REDUCE:
+        raise ValueError(f"reduce {reduce!r} is not allowed ({' or '.join(REDUCE)})")
     if parameters is not None:  # freeze the rest: no gradient is computed for it at all
         chosen = {id(p) for p in parameters}
         for p in model.parameters():
