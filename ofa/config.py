@@ -97,6 +97,8 @@ class TrainParams:
     crop_padding: int = _rule(min=0, default=4)  # random crop with this zero padding; 0 = no crop
     flip: bool = True  # random horizontal flip
     device: str = _rule(choices=DEVICES, default="auto")
+    processes: int = _rule(min=1, default=1)  # on this machine: one per GPU (NCCL), or CPU processes (gloo)
+    sync_bn: bool = False  # with several processes: BN statistics over the whole batch, not each rank's share
 
 
 @dataclass(frozen=True)
@@ -264,6 +266,10 @@ def parse_params(raw: Any) -> Params:
             raise ParamsError(f"space.kernel: {k} is too large (odd sizes from 1 to {MAX_KERNEL})")
     _check_data(params.data)
     _check_specialize(params)
+    t = params.train
+    if t.batch_size % t.processes:
+        raise ParamsError(f"train.batch_size: {t.batch_size} images per step do not split evenly across "
+                          f"train.processes = {t.processes} (a multiple of {t.processes})")
     return params
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from . import data as data_mod
+from . import distributed
 from .config import Params, PhaseParams
 from .flops import count_macs, count_params
 from .io import atomic_write, load_tensors, write_json
@@ -140,7 +141,7 @@ def subnet_accuracy(net: OFANet, cfg: SubnetConfig, data: DeviceData, calibratio
 def stage_setup(params: Params, root: Path, stage_index: int) -> tuple[DeviceData, OFANet, list[torch.Tensor]]:
     """Seed, the prepared data on the training device, a fresh supernet, and the stage's BN calibration batches."""
     torch.manual_seed(params.seed)
-    device = select_device(params.train.device)
+    device = distributed.device(select_device(params.train.device))  # a rank's own GPU in a job of several
     classes = load_classes(root)
     data_mod.check_fits(sum(p.stat().st_size for p in prepared_files(root) if p.is_file()), device,
                         "the prepared dataset")
@@ -178,12 +179,14 @@ def train_stage(params: Params, stage: str, root: Path = Path("."), progress: bo
     What each stage trains, in which phases and against which teacher is ``ofa.recipe``. After every epoch
     the training state goes to .resume/<stage>[.phase1].pt (outside DVC's outputs); rerunning an
     interrupted stage with the same params and inputs continues from there. Removed once outputs are written.
+    With several processes every rank trains (``ofa.distributed``) and rank 0 alone writes.
     """
     from dvclive import Live
 
     from . import recipe
 
     start = time.perf_counter()
+    w = distributed.world()
     previous = TRAINING_STAGES[stage]
     stage_index = list(TRAINING_STAGES).index(stage)
     data, net, calibration = stage_setup(params, root, stage_index)
@@ -201,10 +204,11 @@ def train_stage(params: Params, stage: str, root: Path = Path("."), progress: bo
     eval_bs = params.train.eval_batch_size
     # curves are written beside the resume state and moved into metrics/ only when the stage succeeds
     live_dir = root / RESUME / "live" / stage
-    shutil.rmtree(live_dir, ignore_errors=True)
-    live = Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=None)
+    if w.main:
+        shutil.rmtree(live_dir, ignore_errors=True)
+    live = Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=None) if w.main else None
 
-    def log(entry: dict[str, float]) -> None:
+    def log(entry: dict[str, float]) -> None:  # rank 0 only (fit logs nowhere else)
         for name, value in entry.items():
             live.log_metric(name, value)
         live.next_step()
@@ -220,10 +224,10 @@ def train_stage(params: Params, stage: str, root: Path = Path("."), progress: bo
             teacher=teacher, kd_ratio=params.shrink.kd_ratio if teacher is not None else 0.0,
             reduce=params.shrink.reduce, seed=params.seed * 1000 + stage_index + (50 if phase.suffix else 0),
             desc=stage + phase.suffix, log=log, resume=states[-1], resume_key=key + phase.suffix, progress=progress,
+            sync_bn=params.train.sync_bn,
             epoch_metrics=lambda: {
                 "val/accuracy_max": subnet_accuracy(net, net.max_config(), data, calibration, eval_bs, "val")},
         )
-    live.end()
     metrics = _stage_metrics(net, data, calibration, eval_bs, history, shrink=previous is not None)
     train_s = sum(h.seconds for h in history)
     timing = {
@@ -231,7 +235,11 @@ def train_stage(params: Params, stage: str, root: Path = Path("."), progress: bo
         "train_s": round(train_s, 1),
         "images_per_s": round(sum(h.images for h in history) / train_s, 1) if train_s else None,
         "device": data.device.type,
+        "processes": w.size,
     }
+    if not w.main:
+        return {**metrics, **timing}
+    live.end()
     save_checkpoint(net, root / MODELS / f"{stage}.pt")
     write_json(root / METRICS / f"{stage}.json", metrics)
     write_json(root / METRICS / "timing" / f"{stage}.json", timing)
@@ -261,40 +269,56 @@ def _stage_metrics(net: OFANet, data: DeviceData, calibration: list[torch.Tensor
     return metrics
 
 
-def evaluate_space(params: Params, root: Path = Path("."), progress: bool = True) -> tuple[list[dict], dict]:
+def evaluate_space(params: Params, root: Path = Path("."),
+                   progress: bool = True) -> tuple[list[dict], dict] | None:
     """Every uniform config plus sampled ones: MACs, params, accuracy after BN calibration, after fine-tuning.
 
     Resumable per config: each finished config's record goes to .resume/evaluate_space.json and the
     fine-tuning in progress saves its state per epoch to .resume/evaluate_space.pt, both keyed like the
     training stages; a rerun with the same params and inputs continues there and writes the same files an
-    uninterrupted run would.
+    uninterrupted run would. Returns the records and the summary on rank 0, None on the other ranks.
+
+    With several processes the configs are dealt out round-robin, each rank evaluating and fine-tuning its
+    own alone (same seeds, so the same records as one process on the same kind of device); rank 0 gathers
+    the records in order and writes them, and each rank keeps the fine-tuning state of its own config
+    (.resume/evaluate_space.pt, .resume/evaluate_space.rank<r>.pt).
     """
     start = time.perf_counter()
+    w = distributed.world()
     data, net, calibration = stage_setup(params, root, len(TRAINING_STAGES))
     checkpoint = root / MODELS / "shrink_width.pt"
     load_checkpoint(net, checkpoint)
     configs = _space_configs(net, params)
     key = resume_key(params, "evaluate_space", [*prepared_files(root), checkpoint])
-    done_path, state = root / RESUME / "evaluate_space.json", root / RESUME / "evaluate_space.pt"
-    records = _finished_records(done_path, key, configs)
-    if records:
+    done_path = root / RESUME / "evaluate_space.json"
+    state = root / RESUME / ("evaluate_space.pt" if w.main else f"evaluate_space.rank{w.rank}.pt")
+    records = distributed.broadcast(_finished_records(done_path, key, configs) if w.main else None, w)
+    if records and w.main:
         print(f"evaluate_space: resuming after config {len(records)}/{len(configs)} from {done_path}",
               file=sys.stderr)
-    for i in range(len(records), len(configs)):
-        records.append(_evaluate_config(params, net, configs[i], data, calibration, i, state, f"{key}:{i}",
-                                        progress))
-        write_json(done_path, {"key": key, "records": records})
-        if progress:
-            r = records[-1]
-            print(f"[{i + 1}/{len(configs)}] {r['config']}: {r['macs'] / 1e6:.2f}M MACs, accuracy "
-                  f"{r['accuracy']:.4f}, fine-tuned {r['accuracy_finetuned']:.4f}", flush=True)
+
+    def evaluate_one(i: int) -> dict:  # alone on this rank: no collective inside
+        return _evaluate_config(params, net, configs[i], data, calibration, i, state, f"{key}:{i}",
+                                progress and w.main)
+
+    for first in range(len(records), len(configs), w.size):  # one config per rank at a time
+        new = distributed.map_ordered(evaluate_one, range(first, min(first + w.size, len(configs))), w)
+        records += new
+        if w.main:
+            write_json(done_path, {"key": key, "records": records})
+        for i, r in enumerate(new, first):
+            if progress and w.main:
+                print(f"[{i + 1}/{len(configs)}] {r['config']}: {r['macs'] / 1e6:.2f}M MACs, accuracy "
+                      f"{r['accuracy']:.4f}, fine-tuned {r['accuracy_finetuned']:.4f}", flush=True)
+    state.unlink(missing_ok=True)
+    if not w.main:
+        return None
     summary = _summary(records, net, params.evaluate.finetune.epochs)
     write_json(root / METRICS / "space.json", records)
     write_json(root / METRICS / "evaluate_space.json", summary)
-    write_json(root / METRICS / "timing" / "evaluate_space.json",
-               {"wall_s": round(time.perf_counter() - start, 1), "device": data.device.type})
+    write_json(root / METRICS / "timing" / "evaluate_space.json", {
+        "wall_s": round(time.perf_counter() - start, 1), "device": data.device.type, "processes": w.size})
     done_path.unlink(missing_ok=True)
-    state.unlink(missing_ok=True)
     return records, summary
 
 
@@ -323,15 +347,18 @@ def _finished_records(path: Path, key: str, configs: list[SubnetConfig]) -> list
 
 def _evaluate_config(params: Params, net: OFANet, cfg: SubnetConfig, data: DeviceData,
                      calibration: list[torch.Tensor], index: int, state: Path, key: str, progress: bool) -> dict:
-    """One config's record: MACs, params, accuracy after BN calibration and after fine-tuning (resumable per epoch)."""
-    eval_bs = params.train.eval_batch_size
+    """One config's record: MACs, params, accuracy after BN calibration and after fine-tuning (resumable per epoch).
+
+    Runs on one process alone, also in a job of several.
+    """
+    eval_bs, alone = params.train.eval_batch_size, distributed.SINGLE
     sub = net.extract(cfg)
-    calibrate_bn(sub, calibration)
-    accuracy = evaluate(sub, data, batch_size=eval_bs)
+    calibrate_bn(sub, calibration, world=alone)
+    accuracy = evaluate(sub, data, batch_size=eval_bs, world=alone)
     macs, n_params = count_macs(sub, (1, *data.input_shape)), count_params(sub)
     ft = params.evaluate.finetune
     fit(sub, data, schedule(params, ft, ft.images_per_epoch), seed=params.seed * 1000 + 100 + index,
-        desc=f"finetune {cfg}", resume=state, resume_key=key, progress=progress)
+        desc=f"finetune {cfg}", resume=state, resume_key=key, progress=progress, world=alone)
     uniform = cfg.uniform_values()
     return {
         "config": str(cfg),
@@ -341,7 +368,7 @@ def _evaluate_config(params: Params, net: OFANet, cfg: SubnetConfig, data: Devic
         "macs": macs,
         "params": n_params,
         "accuracy": accuracy,
-        "accuracy_finetuned": evaluate(sub, data, batch_size=eval_bs),
+        "accuracy_finetuned": evaluate(sub, data, batch_size=eval_bs, world=alone),
         "subnet": cfg.to_dict(),
     }
 
@@ -380,17 +407,27 @@ def table(records: list[dict], finetune_epochs: int):
 
 
 def main(stage: Callable[[Params], Any]) -> None:
-    """Run a stage script: load params.yaml, run, print the result; a user's mistake is one line, exit 2."""
-    import sys
+    """Run a stage script: load params.yaml, run, print the result; a user's mistake is one line, exit 2.
 
+    With train.processes > 1 the script starts that many copies of itself (``distributed.launch``) and
+    waits for them; a copy started so, or by torchrun, joins its job (``distributed.process_group``).
+    """
     from .config import ParamsError, load_params
     from .export import ExportError
     from .train import DivergenceError
 
     try:
-        result = stage(load_params("params.yaml"))
-    except (ParamsError, data_mod.DataError, CheckpointError, DivergenceError, ExportError, ValueError) as e:
+        params = load_params("params.yaml")
+    except ParamsError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    if result is not None:
+    if params.train.processes > 1 and not distributed.launched():
+        sys.exit(distributed.launch(params.train.processes, sys.argv[0], sys.argv[1:]))
+    try:
+        with distributed.process_group(params.train.device) as w:
+            result = stage(params)
+    except (ParamsError, data_mod.DataError, CheckpointError, DivergenceError, ExportError, ValueError) as e:
+        distributed.report_error(str(e))
+        sys.exit(2)
+    if result is not None and w.main:
         print(json.dumps(result, indent=2))

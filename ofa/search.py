@@ -124,12 +124,15 @@ def search(
     storage: Path | None = None,
     key: str = "search",
     progress: bool = True,
+    batch: int = 1,
+    evaluate_many: Callable[[list[SubnetConfig]], list[float]] | None = None,
 ) -> list[Candidate]:
     """Run `trials` NSGA-II trials (the first ones every uniform config); every distinct config evaluated, in order.
 
     `evaluate(cfg)` is the accuracy to maximise, `macs(cfg)` the cost to minimise. With `storage` (an SQLite
     file) each finished trial is kept there under `key`, and a later call with the same key continues
-    after the last finished trial instead of starting again.
+    after the last finished trial instead of starting again. With `batch` > 1 that many trials are asked
+    at a time and their new configs scored together by `evaluate_many` (several processes: one each).
     """
     import optuna
     from optuna.trial import TrialState
@@ -150,22 +153,29 @@ def search(
         seen.setdefault(cfg, Candidate(cfg, int(t.values[1]), float(t.values[0]), i))
     if resumed and progress:
         print(f"search: resuming after {len(done)}/{trials} trials from {storage}", file=sys.stderr, flush=True)
+    evaluate_many = evaluate_many or (lambda cfgs: [evaluate(c) for c in cfgs])
     start = time.perf_counter()
-    for n in range(len(done), trials):
-        waiting = study.get_trials(deepcopy=False, states=[TrialState.WAITING])
-        if n < len(uniform) and not waiting:
-            study.enqueue_trial(to_params(uniform[n], space))
-        study.sampler = optuna.samplers.NSGAIISampler(population_size=population, seed=seed * 1_000_003 + n)
-        trial = study.ask(dists)
-        cfg = from_params(trial.params, space, num_units)
-        known = cfg in seen
-        if not known:
-            seen[cfg] = Candidate(cfg, int(macs(cfg)), float(evaluate(cfg)), n)
-        cand = seen[cfg]
-        trial.set_user_attr("config", cfg.to_dict())
-        study.tell(trial, [cand.accuracy, float(cand.macs)])
-        if progress:
-            rate = (time.perf_counter() - start) / (n + 1 - len(done))
-            print(f"search {n + 1}/{trials}: {cfg} {cand.macs / 1e6:.2f}M MACs, accuracy {cand.accuracy:.4f}"
-                  f"{' (seen)' if known else ''} [{rate:.1f} s/trial]", file=sys.stderr, flush=True)
+    for first in range(len(done), trials, batch):
+        asked = []  # (trial, its config), numbered first, first + 1, ...
+        for n in range(first, min(first + batch, trials)):
+            waiting = study.get_trials(deepcopy=False, states=[TrialState.WAITING])
+            if n < len(uniform) and not waiting:
+                study.enqueue_trial(to_params(uniform[n], space))
+            study.sampler = optuna.samplers.NSGAIISampler(population_size=population, seed=seed * 1_000_003 + n)
+            trial = study.ask(dists)
+            asked.append((trial, from_params(trial.params, space, num_units)))
+        new: dict[SubnetConfig, int] = {}  # each config not scored yet -> the first trial that asked for it
+        for n, (_, cfg) in enumerate(asked, first):
+            if cfg not in seen:
+                new.setdefault(cfg, n)
+        for (cfg, n), accuracy in zip(new.items(), evaluate_many(list(new))):
+            seen[cfg] = Candidate(cfg, int(macs(cfg)), float(accuracy), n)
+        for n, (trial, cfg) in enumerate(asked, first):
+            cand = seen[cfg]
+            trial.set_user_attr("config", cfg.to_dict())
+            study.tell(trial, [cand.accuracy, float(cand.macs)])
+            if progress:
+                rate = (time.perf_counter() - start) / (n + 1 - len(done))
+                print(f"search {n + 1}/{trials}: {cfg} {cand.macs / 1e6:.2f}M MACs, accuracy {cand.accuracy:.4f}"
+                      f"{' (seen)' if cand.trial != n else ''} [{rate:.1f} s/trial]", file=sys.stderr, flush=True)
     return sorted(seen.values(), key=lambda c: c.trial)

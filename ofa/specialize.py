@@ -5,6 +5,10 @@ norm; its cost is ``OFANet.macs`` (exact, no tracing). For each budget the pick 
 evaluated config within it, and beside it the best uniform config within the same budget (the search
 evaluates every uniform config first, so the pick is never worse on val). Only the picks are evaluated on
 test. Each pick is exported as ONNX (raw pixels in, normalisation inside) and as a saved subnet.
+
+With several processes the search asks as many trials at a time as there are ranks and each rank scores
+one of their configs alone (``distributed.lead`` / ``serve``); rank 0 keeps the search state, picks, tests
+and exports.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import Any
 
 import torch
 
-from . import search
+from . import distributed, search
 from .config import Params, ParamsError
 from .export import export_onnx, save_subnet
 from .io import write_json
@@ -56,24 +60,31 @@ class _Subnets:
 
     def calibrated(self, cfg: SubnetConfig) -> Subnet:
         sub = self.net.extract(cfg)
-        calibrate_bn(sub, self.calibration)
+        calibrate_bn(sub, self.calibration, world=distributed.SINGLE)
         return sub
 
     def val_accuracy(self, cfg: SubnetConfig) -> float:
-        return evaluate(self.calibrated(cfg), self.data, batch_size=self.batch_size, split="val")
+        """Val accuracy of cfg, computed by this process alone (several ranks each score their own configs)."""
+        return evaluate(self.calibrated(cfg), self.data, batch_size=self.batch_size, split="val",
+                        world=distributed.SINGLE)
 
     def report(self, c: search.Candidate) -> dict[str, Any]:
         """MACs, params, val and test accuracy of a candidate; keeps its calibrated subnet for export."""
         if c.config not in self.kept:
             self.kept[c.config] = self.calibrated(c.config)
-            self.test[c.config] = evaluate(self.kept[c.config], self.data, batch_size=self.batch_size)
+            self.test[c.config] = evaluate(self.kept[c.config], self.data, batch_size=self.batch_size,
+                                           world=distributed.SINGLE)
         return {"config": str(c.config), "macs": c.macs, "params": self.net.num_params(c.config),
                 "val_accuracy": c.accuracy, "accuracy": self.test[c.config]}
 
 
-def specialize(params: Params, root: Path = Path("."), progress: bool = True) -> dict[str, Any]:
-    """Search, pick per budget, report on test, export; writes metrics/specialize.json, search.json, models/specialized."""
+def specialize(params: Params, root: Path = Path("."), progress: bool = True) -> dict[str, Any] | None:
+    """Search, pick per budget, report on test, export; writes metrics/specialize.json, search.json, models/specialized.
+
+    Returns the summary on rank 0, None on the other ranks of a job.
+    """
     start = time.perf_counter()
+    w = distributed.world()
     data, net, calibration = stage_setup(params, root, len(TRAINING_STAGES) + 1)
     shape = data.input_shape
     budgets = params.specialize.macs_budgets()
@@ -82,12 +93,17 @@ def specialize(params: Params, root: Path = Path("."), progress: bool = True) ->
     load_checkpoint(net, checkpoint)
     net.eval()
     subnets = _Subnets(net, data, calibration, params.train.eval_batch_size)
+    if not w.main:  # score the configs rank 0 sends, until the search ends
+        distributed.serve(subnets.val_accuracy, w)
+        return None
     candidates = search.search(
         net.space, net.num_units, subnets.val_accuracy, lambda cfg: net.macs(cfg, shape),
         trials=params.specialize.trials, population=params.search_population(), seed=params.seed,
         storage=root / RESUME / "specialize.db", progress=progress,
         key=resume_key(params, "specialize", [*prepared_files(root), checkpoint]),
+        batch=w.size, evaluate_many=lambda cfgs: distributed.lead(subnets.val_accuracy, cfgs, w),
     )
+    distributed.dismiss(w)  # (were the search to fail, rank 0's exit would make the launcher stop the others)
     search_s = time.perf_counter() - start
     mean, std = data.mean.flatten().tolist(), data.std.flatten().tolist()
     picks = export_picks(candidates, budgets, subnets, root / SPECIALIZED, shape, mean, std,
@@ -106,7 +122,7 @@ def specialize(params: Params, root: Path = Path("."), progress: bool = True) ->
     write_json(root / METRICS / "specialize.json", summary)
     write_json(root / METRICS / "timing" / "specialize.json", {
         "wall_s": round(time.perf_counter() - start, 1), "search_s": round(search_s, 1),
-        "configs_evaluated": len(candidates), "device": data.device.type})
+        "configs_evaluated": len(candidates), "device": data.device.type, "processes": w.size})
     (root / RESUME / "specialize.db").unlink(missing_ok=True)
     return summary
 

@@ -22,6 +22,8 @@ from torch import nn
 from tqdm import tqdm
 
 from . import data as data_mod
+from . import distributed
+from .distributed import World
 from .io import atomic_write
 from .space import SubnetConfig
 
@@ -125,28 +127,39 @@ def _autocast(device: torch.device):
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: DeviceData, cfg: SubnetConfig | None = None, batch_size: int = 1000,
-             split: str = "test") -> float:
-    """Top-1 accuracy on a split, 'test' by default (eval mode, restored afterwards)."""
-    images, labels = data.split(split).images, data.split(split).labels
+             split: str = "test", world: World | None = None) -> float:
+    """Top-1 accuracy on a split, 'test' by default (eval mode, restored afterwards).
+
+    In a job of several processes (`world`, default the current one) each rank scores its contiguous share
+    of the split and the counts are summed: the same figure as one process scoring it all.
+    """
+    w = world or distributed.world()
+    labels = data.split(split).labels
+    lo, hi = len(labels) * w.rank // w.size, len(labels) * (w.rank + 1) // w.size
+    images, labels_mine = data.split(split).images[lo:hi], labels[lo:hi]
     training = model.training
     model.eval()
     correct = torch.zeros((), dtype=torch.long, device=data.device)
     try:
-        for i in range(0, len(labels), batch_size):
+        for i in range(0, len(labels_mine), batch_size):
             with _autocast(data.device):
                 logits = _call(model, data.inputs(images[i : i + batch_size]), cfg)
-            correct += (logits.argmax(1) == labels[i : i + batch_size]).sum()
+            correct += (logits.argmax(1) == labels_mine[i : i + batch_size]).sum()
     finally:
         model.train(training)
-    return int(correct) / len(labels)
+    return int(distributed.all_sum_(correct, w)) / len(labels)
 
 
 @torch.no_grad()
-def calibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
+def calibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor], world: World | None = None) -> int:
     """Recompute every BatchNorm's running statistics as the plain average over `batches`; returns images seen.
 
-    Subnets share the supernet's statistics, which fit none of them: re-calibrate before evaluating.
+    Subnets share the supernet's statistics, which fit none of them: re-calibrate before evaluating. In a job
+    of several processes (`world`, default the current one) the batches are dealt out round-robin to the
+    ranks and each rank's averages are combined weighted by its number of batches: the statistics of one
+    process going through them all (to float rounding), on every rank.
     """
+    w = world or distributed.world()
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [(bn.momentum, bn.training) for bn in bns]
     training = model.training
@@ -154,9 +167,10 @@ def calibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
         bn.reset_running_stats()
         bn.momentum = None  # cumulative moving average: equal weight for every batch
     model.train()
+    mine = list(batches)[w.rank :: w.size]
     seen = 0
     try:
-        for x in batches:
+        for x in mine:
             with _autocast(x.device):
                 model(x)
             seen += x.shape[0]
@@ -165,9 +179,27 @@ def calibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
         for bn, (momentum, bn_training) in zip(bns, saved):
             bn.momentum = momentum
             bn.train(bn_training)
+    if w.active:
+        seen = _combine_calibration(bns, len(mine), seen, w)
     if seen == 0:
         raise ValueError("calibrate_bn: no batches given (at least one batch of training images is needed)")
     return seen
+
+
+def _combine_calibration(bns: list[nn.Module], batches: int, seen: int, w: World) -> int:
+    """Every rank's BN averages weighted by its batches, summed: the average over all ranks' batches."""
+    stats = [t for bn in bns for t in (bn.running_mean, bn.running_var) if t is not None]
+    device = stats[0].device if stats else torch.device("cpu")
+    flat = torch.cat([distributed.flatten(stats) * batches if stats else torch.zeros(0, device=device),
+                      torch.tensor([batches, seen], dtype=torch.float32, device=device)])
+    distributed.all_sum_(flat, w)
+    total_batches, total_seen = int(flat[-2]), int(flat[-1])
+    for t, avg in zip(stats, distributed.unflatten(flat[:-2] / max(1, total_batches), stats)):
+        t.copy_(avg)
+    for bn in bns:
+        if bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.fill_(total_batches)
+    return total_seen
 
 
 @dataclass
@@ -208,6 +240,8 @@ def fit(
     resume: Path | None = None,
     resume_key: str = "",
     progress: bool = True,
+    world: World | None = None,
+    sync_bn: bool = False,
 ) -> list[EpochStats]:
     """Train `model` for `schedule.epochs`; each step accumulates the gradients of the configs `sample` draws.
 
@@ -221,7 +255,15 @@ def fit(
     run would. A non-finite loss raises DivergenceError naming the epoch, step and learning rate of its first
     occurrence; it is noted on the device and read back every SYNC_EVERY steps and at each epoch's end, before
     anything is saved or logged.
+
+    In a job of several processes (`world`, default the current one) every rank takes its share of each
+    batch of `schedule.batch_size` images and draws the same configs, the gradients are averaged across
+    ranks before each update (``distributed.average_gradients``), batch-norm running statistics are
+    averaged at each epoch's end, a divergence on any rank stops them all, and rank 0 alone logs and saves.
+    With `sync_bn` training-mode batch norm (the teacher's too) normalises with the statistics of the whole
+    batch, every rank's share (``distributed.synced_batch_norm``), as one process does.
     """
+    w = world or distributed.world()
     if reduce not in REDUCE:
         raise ValueError(f"reduce {reduce!r} is not allowed ({' or '.join(REDUCE)})")
     if parameters is not None:  # freeze the rest: no gradient is computed for it at all
@@ -238,6 +280,9 @@ def fit(
     n = len(data.train)
     per_epoch = min(n, schedule.images_per_epoch or n)
     batch = min(schedule.batch_size, per_epoch)
+    distributed.check_batch(batch, w)
+    local = batch // w.size  # this rank's share of each batch: images [lo, lo + local) of it
+    lo = w.rank * local
     steps_per_epoch = per_epoch // batch
     total = steps_per_epoch * schedule.epochs
     lr_of = lambda epoch, step: schedule.lr_at(epoch * steps_per_epoch + step, total, steps_per_epoch)  # noqa: E731
@@ -245,19 +290,21 @@ def fit(
     shuffle = torch.Generator().manual_seed(seed)
     aug = torch.Generator(device=data.device).manual_seed(seed + 1)
     history: list[EpochStats] = []
-    torch.manual_seed(seed + 2)  # dropout draws from torch's global generator: seeded per call, like the rest
-    state = _load_state(resume, resume_key)
+    # dropout draws from torch's global generator: seeded per call, like the rest, and per rank (other images)
+    torch.manual_seed(seed + 2 + 1_000_003 * w.rank)
+    state = distributed.broadcast(_load_state(resume, resume_key) if w.main else None, w)
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         rng.setstate(_tuples(state["rng"]))
         shuffle.set_state(state["shuffle"])
         aug.set_state(state["aug"].to(aug.get_state().device))
-        _set_global_rng(state["global_rng"], data.device)
+        _set_global_rng(state["global_rng"] if not w.active else state["global_rngs"][w.rank], data.device)
         history = [EpochStats(**h) for h in state["history"]]
-        print(f"{desc}: resuming after epoch {len(history)}/{schedule.epochs} from {resume}", file=sys.stderr)
+        if w.main:
+            print(f"{desc}: resuming after epoch {len(history)}/{schedule.epochs} from {resume}", file=sys.stderr)
         for h in history:
-            if log is not None:
+            if log is not None and w.main:
                 log(h.logged)
     use_kd = teacher is not None and kd_ratio > 0
     model.train()
@@ -265,9 +312,9 @@ def fit(
         order = torch.randperm(n, generator=shuffle)[: steps_per_epoch * batch].to(data.device)
         loss_sum = torch.zeros((), device=data.device)
         correct = torch.zeros((), device=data.device, dtype=torch.long)
-        guard = _DivergenceGuard(desc, data.device)
+        guard = _DivergenceGuard(desc, data.device, w)
         start = time.perf_counter()
-        bar = tqdm(range(steps_per_epoch), desc=f"{desc} {epoch + 1}/{schedule.epochs}", disable=not progress,
+        bar = tqdm(range(steps_per_epoch), desc=f"{desc} {epoch + 1}/{schedule.epochs}", disable=not (progress and w.main),
                    file=sys.stderr, mininterval=1.0 if sys.stderr.isatty() else 30.0, leave=True)
         for step in bar:
             lr = lr_of(epoch, step)
@@ -275,12 +322,14 @@ def fit(
                 group["lr"] = lr
             idx = order[step * batch : (step + 1) * batch]
             images = data.train.images[idx]
-            if schedule.crop_padding or schedule.flip:
+            if schedule.crop_padding or schedule.flip:  # drawn for the whole batch: the same draws at any world size
                 images = data_mod.augment(images, aug, schedule.crop_padding, schedule.flip)
+            if w.active:
+                images, idx = images[lo : lo + local], idx[lo : lo + local]
             x, y = data.inputs(images), data.train.labels[idx]
             configs = list(sample(rng))
             optimizer.zero_grad(set_to_none=True)
-            with _autocast(data.device):
+            with _autocast(data.device), distributed.synced_batch_norm(sync_bn and w.active):
                 soft = None
                 if use_kd:
                     with torch.no_grad():
@@ -297,15 +346,21 @@ def fit(
                     if i == 0:
                         correct += (logits.argmax(1) == y).sum()
             guard.record(step_loss, step)
+            distributed.average_gradients(params, w)
             optimizer.step()
             loss_sum += step_loss
             if step % SYNC_EVERY == 0 or step == steps_per_epoch - 1:  # the only host reads of the loop
                 guard.check(lambda s: f"epoch {epoch + 1} step {s + 1} (lr {lr_of(epoch, s):.4g})")  # noqa: B023
             if progress and (step % SYNC_EVERY == 0 or step == steps_per_epoch - 1):
-                seen = (step + 1) * batch
-                bar.set_postfix(loss=f"{float(loss_sum) / (step + 1):.3f}", acc=f"{int(correct) / seen:.3f}",
-                                lr=f"{lr:.3g}", img_s=f"{seen / (time.perf_counter() - start):.0f}", refresh=False)
+                seen = (step + 1) * batch  # this rank's loss and accuracy, every rank's images per second
+                bar.set_postfix(loss=f"{float(loss_sum) / (step + 1):.3f}",
+                                acc=f"{int(correct) / ((step + 1) * local):.3f}", lr=f"{lr:.3g}",
+                                img_s=f"{seen / (time.perf_counter() - start):.0f}", refresh=False)
         bar.close()
+        if w.active:  # the epoch's figures over every rank's images; running statistics averaged
+            loss_sum, correct = distributed.all_sum(
+                [float(loss_sum) / w.size, int(correct)], w, data.device)
+            distributed.average_buffers(model, w)
         seconds = time.perf_counter() - start
         mean_loss = float(loss_sum) / max(1, steps_per_epoch)
         accuracy = int(correct) / max(1, steps_per_epoch * batch)
@@ -314,16 +369,25 @@ def fit(
             logged.update(epoch_metrics())
         stats = EpochStats(epoch + 1, mean_loss, accuracy, lr, steps_per_epoch * batch, seconds, logged)
         history.append(stats)
-        if log is not None:
+        if log is not None and w.main:
             log(logged)
         if resume is not None:
-            atomic_write(resume, lambda f: torch.save({
+            _save_state(resume, w, {
                 "key": resume_key, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "rng": rng.getstate(), "shuffle": shuffle.get_state(), "aug": aug.get_state().cpu(),
-                "global_rng": _global_rng(data.device),  # dropout draws from torch's global generator
                 "history": [asdict(h) for h in history],
-            }, f), binary=True)
+            }, data.device)
     return history
+
+
+def _save_state(path: Path, w: World, state: dict, device: torch.device) -> None:
+    """Rank 0 writes the training state; dropout's generator (torch's global one) is every rank's own."""
+    rngs = distributed.gather(_global_rng(device), w)
+    if w.main:
+        state["global_rng"] = rngs[0]
+        if w.active:
+            state["global_rngs"] = rngs
+        atomic_write(path, lambda f: torch.save(state, f), binary=True)
 
 
 class _DivergenceGuard:
@@ -334,8 +398,8 @@ class _DivergenceGuard:
     evaluated, so a non-finite update never reaches a checkpoint, a resume state or the curves.
     """
 
-    def __init__(self, desc: str, device: torch.device) -> None:
-        self.desc = desc
+    def __init__(self, desc: str, device: torch.device, world: World = distributed.SINGLE) -> None:
+        self.desc, self.world = desc, world
         self.step = torch.full((), -1, dtype=torch.long, device=device)  # the first bad step, -1 while none
         self.loss = torch.zeros((), device=device)
 
@@ -345,7 +409,16 @@ class _DivergenceGuard:
         self.loss = torch.where(first, loss, self.loss)
 
     def check(self, where: Callable[[int], str]) -> None:
-        """DivergenceError naming `where(step)` of the first bad step, if there was one."""
+        """DivergenceError naming `where(step)` of the first bad step on any rank, if there was one (on every rank)."""
+        if self.world.active:  # the earliest bad step of all ranks, and its loss: every rank stops together
+            never = torch.iinfo(torch.long).max
+            first = distributed.all_min_(torch.where(self.step < 0, never, self.step), self.world)
+            loss = torch.where(self.step == first, self.loss, torch.zeros_like(self.loss))
+            mine = (self.step == first).float()
+            both = distributed.all_sum_(torch.stack([loss.float(), mine]), self.world)
+            if int(first) == never:
+                return
+            self.step, self.loss = first, both[0] / both[1].clamp_min(1)
         step = int(self.step)
         if step >= 0:
             raise DivergenceError(f"{self.desc}: loss is {float(self.loss)} at {where(step)}; lower the learning rate")

@@ -5,7 +5,8 @@ from ofa import pipeline, specialize
 
 def run(params):
     summary = specialize.specialize(params)
-    print(specialize.table(summary).to_string(index=False))
+    if summary is not None:  # None on a rank other than 0: rank 0 reports
+        print(specialize.table(summary).to_string(index=False))
     return summary
 
 

@@ -1,0 +1,487 @@
+"""Several processes (torch.distributed, gloo on CPU): the same training, evaluation and stages as one process.
+
+Each test runs real ranks: separate processes joined in one gloo group, one CPU thread each.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import yaml
+
+from conftest import SEED_SPACE, perturb, tiny_net
+from ofa import data as data_mod
+from ofa import distributed
+from ofa.config import ParamsError, parse_params
+from ofa.train import DeviceData, DivergenceError, Schedule, calibrate_bn, evaluate, fit
+from test_pipeline import ROOT, STAGES, new_project, ran, run, tiny_params
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(fn, rank: int, size: int, port: int, out: Path, args: tuple) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
+    try:
+        fn(rank, out, *args)
+    except BaseException:
+        (out / f"failed{rank}.txt").write_text(traceback.format_exc())
+        raise
+    dist.destroy_process_group()
+
+
+def spawn(fn, out: Path, *args, size: int = 2, timeout: float = 120) -> None:
+    """Run fn(rank, out, *args) on `size` ranks of one gloo group; fail on any rank's error or a hang."""
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_entry, args=(fn, r, size, port, out, args)) for r in range(size)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout)
+    hung = [p for p in procs if p.is_alive()]
+    for p in hung:
+        p.kill()
+    failures = "\n".join(f.read_text() for f in sorted(out.glob("failed*.txt")))
+    assert not hung, f"ranks hung:\n{failures}"
+    assert all(p.exitcode == 0 for p in procs), failures
+
+
+def _all_jobs(rank: int, out: Path) -> None:
+    """Every rank-side job of the tests below, in one job of 2 ranks (starting ranks costs seconds each)."""
+    for mutant in ("", "no_average", "own_subnets"):
+        _train_rank(rank, out, "frozen", mutant)
+    for bn in ("sync", "rank"):
+        _train_rank(rank, out, bn, "")
+    for job in (_hash_rank, _evaluate_rank, _diverge_rank, _resume_rank, _map_rank):
+        (out / job.__name__).mkdir(exist_ok=True)
+        job(rank, out / job.__name__)
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> Path:
+    """The folder where the two ranks of `_all_jobs` left their results."""
+    out = tmp_path_factory.mktemp("ranks")
+    spawn(_all_jobs, out, timeout=300)
+    return out
+
+
+def _data() -> DeviceData:
+    """conftest's synthetic set, built here too: the ranks are fresh processes."""
+    train, test = data_mod.synthetic(seed=0)
+    train, val = data_mod.hold_out(train, 64, seed=0)
+    return DeviceData(train, val, test, torch.full((1, 3, 1, 1), 128.0), torch.full((1, 3, 1, 1), 64.0),
+                      torch.device("cpu"))
+
+
+SCHEDULE = Schedule(epochs=1, lr=0.01, batch_size=64, images_per_epoch=64 * 4, warmup_epochs=0.5)  # crop + flip
+
+
+def _frozen_bn(net: torch.nn.Module) -> torch.nn.Module:
+    """Batch norm in eval mode (running statistics) also while training: nothing couples a rank's images."""
+    def train(mode: bool = True):
+        torch.nn.Module.train(net, mode)
+        for m in net.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
+        return net
+
+    net.train = train
+    return net
+
+
+def _train(bn: str, mutant: str = ""):
+    """The tiny supernet after 4 steps of 2 sampled subnets each; `mutant` breaks one rule of data parallelism.
+
+    bn: "frozen" (running statistics), "sync" (train.sync_bn: statistics of the whole batch) or "rank"
+    (statistics of each rank's share, official OFA's way).
+    """
+    net = perturb(tiny_net(SEED_SPACE))
+    if bn == "frozen":
+        _frozen_bn(net)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if mutant == "own_subnets":  # every rank its own draws
+
+        def sample(rng):
+            return [net.sample_config(random.Random(rng.random() + rank)) for _ in range(2)]
+    else:
+
+        def sample(rng):
+            return [net.sample_config(rng) for _ in range(2)]
+    if mutant == "no_average":
+        real = distributed.average_gradients
+        distributed.average_gradients = lambda params, w: None
+    try:
+        fit(net, _data(), SCHEDULE, sample=sample, progress=False, sync_bn=bn == "sync")
+    finally:
+        if mutant == "no_average":
+            distributed.average_gradients = real
+    return net
+
+
+def _weights(net: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in net.named_parameters()}
+
+
+def _train_rank(rank: int, out: Path, bn: str, mutant: str) -> None:
+    net = _train(bn, mutant)
+    if rank == 0:
+        torch.save(_weights(net), out / f"weights-{bn}{mutant}.pt")
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def test_two_processes_train_the_weights_one_process_does_and_the_test_can_tell(ranks):
+    """Same global batch, batch norm in eval mode: the same weights after 4 steps, to float rounding.
+
+    The comparison fails if the gradients are not averaged or the ranks draw their own subnets: the two
+    mutants, run beside it, show it does.
+    """
+    one = _weights(_train("frozen"))
+    for mutant in ("", "no_average", "own_subnets"):
+        diff = _max_diff(one, torch.load(ranks / f"weights-frozen{mutant}.pt", weights_only=True))
+        assert diff > 5e-4 if mutant else diff < 1e-6, (mutant, diff)  # measured: 1.5e-8; 4e-3 and 1.6e-3
+
+
+def test_sync_bn_normalises_every_rank_with_the_whole_batch(ranks):
+    """train.sync_bn: two processes train as one with the whole batch (train-mode batch norm).
+
+    Train-mode batch norm makes this net sensitive: a 1e-6 change of the weights grows to about 6e-5 in
+    these 4 steps, hence the bound of 2e-4; with per-rank statistics (bn "rank") the difference is 1.3e-3.
+    """
+    one = _weights(_train("sync"))
+    for bn in ("sync", "rank"):
+        diff = _max_diff(one, torch.load(ranks / f"weights-{bn}.pt", weights_only=True))
+        assert diff < 2e-4 if bn == "sync" else diff > 5e-4, (bn, diff)
+
+
+def _digest(tensors) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _hash_rank(rank: int, out: Path) -> None:
+    net = tiny_net(SEED_SPACE)  # per-rank batch-norm statistics (official OFA's way)
+    hashes = []
+
+    def sample(rng):  # called before each step: the weights after the previous one
+        hashes.append(_digest(net.parameters()))
+        return [net.sample_config(rng) for _ in range(2)]
+
+    fit(net, _data(), SCHEDULE, sample=sample, progress=False)
+    hashes.append(_digest(net.parameters()))
+    buffers = _digest(b for n, b in net.named_buffers() if "running" in n)
+    torch.save({"steps": hashes, "buffers": buffers}, out / f"hashes{rank}.pt")
+
+
+def test_weights_are_identical_on_every_rank_after_every_step(ranks):
+    tmp_path = ranks / "_hash_rank"  # what this test's job wrote
+    r0, r1 = (torch.load(tmp_path / f"hashes{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["steps"] == r1["steps"] and len(r0["steps"]) == 5 and len(set(r0["steps"])) == 5  # all moved
+    assert r0["buffers"] == r1["buffers"]  # running statistics averaged at the epoch's end
+
+
+def _evaluated_subnet():
+    """Seen, BN statistics, test and val accuracy of a calibrated subnet; and the images this process computed."""
+    net = perturb(tiny_net(SEED_SPACE))
+    data = _data()
+    sub = net.extract(net.sample_config(random.Random(3)))
+    computed = []
+    sub.register_forward_pre_hook(lambda module, args: computed.append(args[0].shape[0]))
+    batches = data.calibration_batches(300, 128, seed=0)  # 3 batches (128, 128, 44): rank 0 takes 2, rank 1 one
+    seen = calibrate_bn(sub, batches)
+    stats = {n: b.clone() for n, b in sub.named_buffers() if "running" in n}
+    calibrated, computed[:] = list(computed), []
+    accuracy = evaluate(sub, data, batch_size=50), evaluate(sub, data, batch_size=50, split="val")
+    return seen, stats, accuracy, calibrated, sum(computed)
+
+
+def _evaluate_rank(rank: int, out: Path) -> None:
+    torch.save(_evaluated_subnet(), out / f"evaluated{rank}.pt")
+
+
+def test_calibration_and_evaluation_split_across_ranks_report_what_one_process_does(ranks):
+    tmp_path = ranks / "_evaluate_rank"  # what this test's job wrote
+    seen, stats, accuracy, _, _ = _evaluated_subnet()
+    shares = {0: ([128, 44], 128 + 32), 1: ([128], 128 + 32)}  # batches dealt out; test (256) and val (64) halved
+    for rank in (0, 1):
+        r_seen, r_stats, r_accuracy, calibrated, evaluated = torch.load(tmp_path / f"evaluated{rank}.pt",
+                                                                         weights_only=True)
+        assert (r_seen, r_accuracy) == (seen, accuracy) and seen == 300
+        assert (calibrated, evaluated) == shares[rank]
+        for name in stats:  # the ranks' threads sum in another order: near-constant channels' variances move
+            torch.testing.assert_close(r_stats[name], stats[name], rtol=1e-4, atol=1e-5)
+
+
+class _BlowsUpOnRank1(torch.nn.Module):
+    """A linear classifier whose output turns NaN from its 3rd training forward on, on rank 1 only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(3 * 16 * 16, 10)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += self.training
+        out = self.linear(x.flatten(1))
+        return out * float("nan") if self.calls >= 3 and dist.get_rank() == 1 else out
+
+
+def _diverge_rank(rank: int, out: Path) -> None:
+    try:
+        fit(_BlowsUpOnRank1(), _data(), Schedule(epochs=2, lr=0.1, batch_size=32, warmup_epochs=0.4), desc="t",
+            resume=out / "state.pt", progress=False)
+    except DivergenceError as e:
+        (out / f"error{rank}.txt").write_text(str(e))
+
+
+def test_a_divergence_on_one_rank_stops_every_rank_with_the_same_line(ranks):
+    tmp_path = ranks / "_diverge_rank"  # what this test's job wrote
+    errors = [(tmp_path / f"error{r}.txt").read_text() for r in (0, 1)]
+    assert errors[0] == errors[1] == "t: loss is nan at epoch 1 step 3 (lr 0.06); lower the learning rate"
+    assert not (tmp_path / "state.pt").exists()  # stopped before the epoch's state was saved
+
+
+class _Stop(Exception):
+    pass
+
+
+def _resume_rank(rank: int, out: Path) -> None:
+    def run(state: Path, stop_at: int | None = None):
+        net = tiny_net(SEED_SPACE)
+        epochs = []
+
+        def after_epoch():
+            epochs.append(1)
+            if len(epochs) == stop_at:
+                raise _Stop
+            return {}
+
+        schedule = Schedule(epochs=3, lr=0.1, batch_size=64, images_per_epoch=128, warmup_epochs=0.5)
+        try:
+            fit(net, _data(), schedule, sample=lambda rng: [net.sample_config(rng)], progress=False,
+                resume=state, resume_key="k", epoch_metrics=after_epoch)
+        except _Stop:
+            return None, sorted(p.name for p in out.iterdir() if p.suffix == ".pt")
+        return {k: v.clone() for k, v in net.state_dict().items()}, len(epochs)
+
+    import ofa.train
+
+    writes, real = [], ofa.train.atomic_write
+    ofa.train.atomic_write = lambda path, *a, **k: writes.append(Path(path).name) or real(path, *a, **k)
+    whole, _ = run(out / "a.pt")
+    _, files = run(out / "b.pt", stop_at=2)  # killed after epoch 1's state was saved, in epoch 2
+    dist.barrier()
+    resumed, epochs_run = run(out / "b.pt")
+    torch.save({"whole": whole, "resumed": resumed, "files": files, "epochs_run": epochs_run, "writes": writes},
+               out / f"resume{rank}.pt")
+
+
+def test_an_interrupted_two_process_run_resumes_where_it_stopped(ranks):
+    tmp_path = ranks / "_resume_rank"  # what this test's job wrote
+    for rank in (0, 1):
+        r = torch.load(tmp_path / f"resume{rank}.pt", weights_only=True)
+        assert r["files"] == ["a.pt", "b.pt"]  # the uninterrupted run's and the interrupted one's
+        assert r["writes"] == (["a.pt"] * 3 + ["b.pt"] * 3 if rank == 0 else [])  # rank 0 alone writes
+        assert r["epochs_run"] == 2  # epochs 2 and 3: epoch 1 came from the state
+        for k, v in r["whole"].items():
+            assert torch.equal(r["resumed"][k], v), k
+
+
+def test_one_process_in_a_process_group_trains_the_same_bytes(tmp_path):
+    alone = _train("sync").state_dict()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        grouped = _train("sync").state_dict()
+    finally:
+        dist.destroy_process_group()
+    assert all(torch.equal(alone[k], grouped[k]) for k in alone)
+
+
+def test_a_batch_that_does_not_split_evenly_is_one_line(synthetic):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["train"].update(batch_size=100, processes=3)
+    with pytest.raises(ParamsError, match=r"^train\.batch_size: 100 images per step do not split evenly across "
+                                          r"train\.processes = 3 \(a multiple of 3\)$"):
+        parse_params(raw)
+    with pytest.raises(ValueError, match=r"^train\.batch_size: 64 images per step do not split evenly across 3"):
+        fit(tiny_net(SEED_SPACE), synthetic, Schedule(epochs=1, lr=0.1, batch_size=64), progress=False,
+            world=distributed.World(0, 3))
+
+
+def test_map_ordered_deals_items_round_robin_and_gathers_in_order(ranks):
+    tmp_path = ranks / "_map_rank"  # what this test's job wrote
+    for rank, mine in ((0, [0, 2, 4, 7]), (1, [1, 3])):
+        assert json.loads((tmp_path / f"map{rank}.json").read_text()) == {"results": [0, 1, 4, 9, 16], "mine": mine}
+
+
+def _map_rank(rank: int, out: Path) -> None:
+    w = distributed.world()
+    mine = []
+
+    def square(x):
+        mine.append(x)
+        return x * x
+
+    results = distributed.map_ordered(square, range(5), w)
+    if w.main:  # rank 0 leads one more round of a single item: it is rank 0's
+        assert distributed.lead(square, [7], w) == [49]
+        distributed.dismiss(w)
+    else:
+        distributed.serve(square, w)
+    (out / f"map{rank}.json").write_text(json.dumps({"results": results, "mine": mine}))
+
+
+# --- the stages with train.processes: 2 ---------------------------------------------------------------------
+
+
+def _stage(name: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "stages" / f"{name}.py")], cwd=cwd, capture_output=True,
+                          text=True, timeout=600, env=env)
+
+
+@pytest.fixture(scope="module")
+def two_process_repro(tmp_path_factory) -> tuple[Path, str]:
+    raw = tiny_params()
+    raw["train"]["processes"] = 2
+    raw["supernet"]["epochs"] = 1
+    raw["specialize"].update(trials=8, population=8)  # the uniform grid, then a few more
+    project = new_project(tmp_path_factory.mktemp("two_processes"), raw)
+    return project, run([sys.executable, "-m", "dvc", "repro"], project)
+
+
+def test_repro_with_two_processes_runs_every_stage_on_two_ranks(two_process_repro):
+    project, out = two_process_repro
+    assert ran(out) == STAGES
+    assert out.count("error") == 0 and len(re.findall(r"^\[1/9\]", out, re.M)) == 1  # rank 0 alone reports
+    for stage in STAGES[1:]:
+        assert json.loads((project / "metrics" / "timing" / f"{stage}.json").read_text())["processes"] == 2
+    for stage in STAGES[1:5]:
+        m = json.loads((project / "metrics" / f"{stage}.json").read_text())
+        assert m["epochs"] >= 1 and m["accuracy_max"] > 0.2  # chance is 0.1
+    records = json.loads((project / "metrics" / "space.json").read_text())
+    assert [r["config"] for r in records[:8]] == [f"k{k}-d{d}-w{w}" for k in (5, 7) for d in (2, 3) for w in (2, 4)]
+    assert len(records) == 9 and all(0.2 < r["accuracy"] <= 1 for r in records[:8])
+    picks = json.loads((project / "metrics" / "specialize.json").read_text())["budgets"]
+    assert list(picks) == ["macs-0.8M", "macs-1.5M"] and all(p["macs"] <= p["budget"] for p in picks.values())
+    assert sorted(p.name for p in (project / "models" / "specialized").iterdir()) == [
+        "macs-0.8M.onnx", "macs-0.8M.pt", "macs-1.5M.onnx", "macs-1.5M.pt"]
+    assert [p for p in (project / ".resume").rglob("*") if p.is_file()] == []
+
+
+def test_evaluate_space_on_two_ranks_records_what_one_process_does(two_process_repro):
+    """Each config is evaluated and fine-tuned by one rank alone, with its own seed: the same records."""
+    project, _ = two_process_repro
+    two = (project / "metrics" / "space.json").read_text()
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    raw["train"]["processes"] = 1
+    (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    try:
+        result = _stage("evaluate_space", project)
+        assert result.returncode == 0, result.stderr
+        assert (project / "metrics" / "space.json").read_text() == two
+    finally:
+        run(["git", "-C", str(project), "checkout", "params.yaml"], project)
+
+
+def _workers(marker: str) -> dict[int, int]:
+    """rank -> pid of the stage workers whose environment carries `marker`."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            env = dict(kv.split("=", 1) for kv in (proc / "environ").read_text().split("\0") if "=" in kv)
+        except (OSError, ValueError):
+            continue
+        if env.get("OFA_TEST_MARKER") == marker and "RANK" in env:
+            found[int(env["RANK"])] = int(proc.name)
+    return found
+
+
+@pytest.fixture(scope="module")
+def downloaded(tmp_path_factory) -> Path:
+    """A synthetic project, downloaded, whose train_supernet runs 2 processes for a while."""
+    root = tmp_path_factory.mktemp("downloaded")
+    raw = tiny_params()
+    raw["train"]["processes"] = 2
+    raw["supernet"]["epochs"] = 40
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    assert _stage("download", root).returncode == 0
+    return root
+
+
+@pytest.fixture()
+def long_training(downloaded, tmp_path) -> tuple[Path, dict]:
+    """A fresh copy of `downloaded` and the environment to run its stages in (a marker finds the workers)."""
+    cwd = tmp_path / "project"
+    shutil.copytree(downloaded, cwd)
+    return cwd, {**os.environ, "OFA_TEST_MARKER": str(cwd), "PYTHONUNBUFFERED": "1"}
+
+
+def _start_and_wait_for_an_epoch(cwd: Path, env: dict) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, str(ROOT / "stages" / "train_supernet.py")], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (cwd / ".resume" / "train_supernet.pt").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    return proc
+
+
+@pytest.mark.parametrize("victim", ["rank 1", "the launcher"])
+def test_a_killed_process_ends_the_stage_within_seconds_and_writes_no_output(long_training, victim):
+    cwd, env = long_training
+    proc = _start_and_wait_for_an_epoch(cwd, env)
+    workers = _workers(env["OFA_TEST_MARKER"])
+    assert sorted(workers) == [0, 1]
+    os.kill(workers[1] if victim == "rank 1" else proc.pid, signal.SIGKILL)
+    start = time.monotonic()
+    if victim == "rank 1":
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 1
+        assert err.splitlines()[-1] == ("error: rank 1 of 2 was killed by SIGKILL; the other ranks were stopped "
+                                        "and no output was written")
+    else:
+        proc.communicate(timeout=60)
+        while _workers(env["OFA_TEST_MARKER"]):  # the workers die with their launcher
+            assert time.monotonic() - start < 10
+            time.sleep(0.05)
+    assert time.monotonic() - start < 30
+    assert not (cwd / "models").exists() and not (cwd / "metrics").exists()
+
+
+def test_a_divergence_stops_both_ranks_with_one_line(long_training):
+    cwd, env = long_training
+    raw = yaml.safe_load((cwd / "params.yaml").read_text())
+    raw["supernet"]["lr"] = 1.0e12
+    (cwd / "params.yaml").write_text(yaml.safe_dump(raw))
+    result = _stage("train_supernet", cwd, env)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and re.fullmatch(r"error: train_supernet: loss is (nan|inf) at epoch 1 step \d+ "
+                                             r"\(lr [0-9.e+]+\); lower the learning rate", errors[0]), result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (cwd / "models").exists() and not (cwd / "metrics").exists()
