@@ -43,3 +43,4 @@ quick: setup
 bench: setup
 	$(PY) benchmarks/elastic_overhead.py
 	$(PY) benchmarks/cost.py
+	$(PY) benchmarks/scaling.py

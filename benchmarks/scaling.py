@@ -1,0 +1,125 @@
+"""Data-parallel scaling: images/s of a shrink_width training stage with 1, 2, ... processes, and the all-reduce.
+
+    python benchmarks/scaling.py                       # 1 and 2 processes, the quick profile's net, CPU (gloo)
+    python benchmarks/scaling.py --processes 1 2 4 8 --net default --device cuda   # a machine's GPUs (NCCL)
+
+Each run launches its processes as the stages do (``ofa.distributed.launch``), trains the supernet as
+shrink_width does (kernel, depth and width sampled, `--subnets` subnets per step, summed) on random images
+of the net's input shape for two epochs of `--steps` steps, and reports the second epoch: images/s over all
+ranks, the speed-up over one process, and the time per step spent in the gradient all-reduce
+(``distributed.average_gradients``, synchronised on CUDA), with the share of the reduced gradient that
+belongs to parameters the step's subnets did not use (sent as zeros). The global batch is `--batch-size`
+at every process count, as in training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from ofa import ConfigSpace, OFANet, UnitSpec, distributed
+from ofa import data as data_mod
+from ofa.train import DeviceData, Schedule, fit, select_device
+
+NETS = {  # (input shape, macro structure)
+    "quick": ((1, 28, 28), dict(units=[UnitSpec(16, 2, "relu", False), UnitSpec(32, 1, "relu", True),
+                                       UnitSpec(48, 2, "hswish", True)], stem_channels=16, stem_stride=2,
+                                final_channels=256)),
+    "default": ((3, 32, 32), {}),  # params.yaml's CIFAR-10 supernet
+}
+
+
+def worker(args: argparse.Namespace) -> None:
+    with distributed.process_group(args.device) as w:
+        device = distributed.device(select_device(args.device))
+        shape, structure = NETS[args.net]
+        torch.manual_seed(0)
+        net = OFANet(ConfigSpace(kernel=(5, 7), depth=(2, 3), width=(2, 4)), shape[0], 10, **structure)
+        net = net.to(device, memory_format=torch.channels_last)
+        n = args.steps * args.batch_size
+        g = torch.Generator().manual_seed(0)
+        split = data_mod.Split(torch.randint(0, 256, (n, *shape), dtype=torch.uint8, generator=g),
+                               torch.randint(0, 10, (n,), generator=g))
+        move = lambda s: data_mod.Split(s.images.to(device), s.labels.to(device))  # noqa: E731
+        data = DeviceData(move(split), move(split), move(split), torch.full((1, shape[0], 1, 1), 128.0, device=device),
+                          torch.full((1, shape[0], 1, 1), 64.0, device=device), device)
+        reduce_s, sent, unused = [], [], []
+        real = distributed.average_gradients
+
+        def timed(params, world):  # the all-reduce of every step, timed
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            real(params, world)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            reduce_s.append(time.perf_counter() - start)
+            sent.append(sum(p.numel() for p in params))
+            unused.append(sum(p.numel() for p in params if p.grad is None))
+
+        distributed.average_gradients = timed
+        schedule = Schedule(epochs=2, lr=0.01, batch_size=args.batch_size, warmup_epochs=0.0)
+        history = fit(net, data, schedule, progress=False, reduce="sum",
+                      sample=lambda rng: [net.sample_config(rng) for _ in range(args.subnets)])
+        second = history[1]
+        steps = args.steps
+        if w.main:
+            Path(args.json).write_text(json.dumps({
+                "processes": w.size, "images_per_s": second.images / second.seconds,
+                "step_ms": 1000 * second.seconds / steps,
+                "allreduce_ms": 1000 * statistics.median(reduce_s[steps:]) if w.active else 0.0,
+                "allreduce_mb": 4 * sent[-1] / 1e6 if w.active else 0.0,
+                "unused_share": statistics.mean(u / s for u, s in zip(unused[steps:], sent[steps:])) if w.active
+                else 0.0,
+                "device": device.type,
+            }))
+
+
+def run(processes: int, args: argparse.Namespace) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        flags = ["--worker", "--json", str(out), "--net", args.net, "--device", args.device, "--steps",
+                 str(args.steps), "--batch-size", str(args.batch_size), "--subnets", str(args.subnets)]
+        if processes == 1:
+            worker(argparse.Namespace(**{**vars(args), "json": str(out)}))
+        elif distributed.launch(processes, __file__, flags) != 0:
+            sys.exit(f"the run with {processes} processes failed")
+        return json.loads(out.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--net", choices=list(NETS), default="quick")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--steps", type=int, default=20, help="steps per epoch; the second epoch is measured")
+    parser.add_argument("--batch-size", type=int, default=256, help="global batch, at every process count")
+    parser.add_argument("--subnets", type=int, default=4, help="sampled subnets per step (shrink_width: 4)")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--json", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    for p in args.processes:
+        if args.batch_size % p:
+            parser.error(f"--batch-size {args.batch_size} does not split evenly across {p} processes")
+    results = [run(p, args) for p in args.processes]
+    base = results[0]["images_per_s"] / results[0]["processes"] if results else 1.0
+    print(f"net {args.net}, batch {args.batch_size}, {args.subnets} subnets per step, device {results[0]['device']}")
+    print(f"{'processes':>9} {'images/s':>9} {'speed-up':>8} {'step ms':>8} {'all-reduce ms':>13} {'MB':>6} "
+          f"{'unused':>6}")
+    for r in results:
+        print(f"{r['processes']:>9} {r['images_per_s']:>9.1f} {r['images_per_s'] / base:>8.2f} {r['step_ms']:>8.1f} "
+              f"{r['allreduce_ms']:>13.2f} {r['allreduce_mb']:>6.2f} {100 * r['unused_share']:>5.1f}%")
+
+
+if __name__ == "__main__":
+    main()
