@@ -124,7 +124,7 @@ def failure_message(errors: Path, rank: int, exitcode: int, processes: int) -> s
     if _reported(errors, rank):
         return json.loads((errors / f"rank{rank}.json").read_text())["message"]
     how = f"was killed by {signal.Signals(-exitcode).name}" if exitcode < 0 else f"exited with status {exitcode}"
-    return f"rank {rank} of {processes} {how}; the other ranks were stopped and no output was written"
+    return f"rank {rank} of {processes} {how}; the other ranks were stopped (rerun the stage to resume it)"
 
 
 def report_error(message: str) -> None:

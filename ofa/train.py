@@ -294,19 +294,13 @@ def fit(
     torch.manual_seed(seed + 2 + 1_000_003 * w.rank)
     state = distributed.broadcast(_load_state(resume, resume_key) if w.main else None, w)
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        rng.setstate(_tuples(state["rng"]))
-        shuffle.set_state(state["shuffle"])
-        aug.set_state(state["aug"].to(aug.get_state().device))
-        _set_global_rng(state["global_rng"] if not w.active else state["global_rngs"][w.rank], data.device)
-        history = [EpochStats(**h) for h in state["history"]]
+        history = _restore(state, model, optimizer, rng, shuffle, aug, data.device, w)
         if w.main:
             print(f"{desc}: resuming after epoch {len(history)}/{schedule.epochs} from {resume}", file=sys.stderr)
         for h in history:
             if log is not None and w.main:
                 log(h.logged)
-    use_kd = teacher is not None and kd_ratio > 0
+    soft_targets = teacher if teacher is not None and kd_ratio > 0 else None
     model.train()
     for epoch in range(len(history), schedule.epochs):
         order = torch.randperm(n, generator=shuffle)[: steps_per_epoch * batch].to(data.device)
@@ -320,31 +314,13 @@ def fit(
             lr = lr_of(epoch, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            idx = order[step * batch : (step + 1) * batch]
-            images = data.train.images[idx]
-            if schedule.crop_padding or schedule.flip:  # drawn for the whole batch: the same draws at any world size
-                images = data_mod.augment(images, aug, schedule.crop_padding, schedule.flip)
-            if w.active:
-                images, idx = images[lo : lo + local], idx[lo : lo + local]
-            x, y = data.inputs(images), data.train.labels[idx]
+            x, y = _batch(data, order[step * batch : (step + 1) * batch], schedule, aug, lo, local)
             configs = list(sample(rng))
             optimizer.zero_grad(set_to_none=True)
             with _autocast(data.device), distributed.synced_batch_norm(sync_bn and w.active):
-                soft = None
-                if use_kd:
-                    with torch.no_grad():
-                        soft = F.softmax(teacher(x).float(), dim=1)
-                step_loss = torch.zeros((), device=data.device)
-                for i, cfg in enumerate(configs):
-                    logits = _call(model, x, cfg).float()
-                    loss = F.cross_entropy(logits, y, label_smoothing=schedule.label_smoothing)
-                    if soft is not None:
-                        loss = loss + kd_ratio * soft_cross_entropy(logits, soft)
-                    if loss.requires_grad:  # e.g. only transforms train and this subnet uses none
-                        (loss if reduce == "sum" else loss / len(configs)).backward()
-                    step_loss += loss.detach() / len(configs)
-                    if i == 0:
-                        correct += (logits.argmax(1) == y).sum()
+                step_loss, step_correct = _backward(model, x, y, configs, soft_targets, kd_ratio,
+                                                    schedule.label_smoothing, reduce)
+            correct += step_correct
             guard.record(step_loss, step)
             distributed.average_gradients(params, w)
             optimizer.step()
@@ -378,6 +354,52 @@ def fit(
                 "history": [asdict(h) for h in history],
             }, data.device)
     return history
+
+
+def _batch(data: DeviceData, idx: torch.Tensor, schedule: Schedule, aug: torch.Generator, lo: int,
+           local: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's inputs and labels of a batch: images [lo, lo + local) of it, augmented as the whole batch is."""
+    images = data.train.images[idx]
+    if schedule.crop_padding or schedule.flip:  # drawn for the whole batch: the same draws at any world size
+        images = data_mod.augment(images, aug, schedule.crop_padding, schedule.flip)
+    if local < len(idx):
+        images, idx = images[lo : lo + local], idx[lo : lo + local]
+    return data.inputs(images), data.train.labels[idx]
+
+
+def _backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, configs: Sequence[SubnetConfig | None],
+              teacher: nn.Module | None, kd_ratio: float, label_smoothing: float,
+              reduce: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Accumulate the gradients of every config's loss (plus distillation); their mean loss and the first's hits."""
+    soft = None
+    if teacher is not None:
+        with torch.no_grad():
+            soft = F.softmax(teacher(x).float(), dim=1)
+    step_loss = torch.zeros((), device=x.device)
+    correct = torch.zeros((), device=x.device, dtype=torch.long)
+    for i, cfg in enumerate(configs):
+        logits = _call(model, x, cfg).float()
+        loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+        if soft is not None:
+            loss = loss + kd_ratio * soft_cross_entropy(logits, soft)
+        if loss.requires_grad:  # e.g. only transforms train and this subnet uses none
+            (loss if reduce == "sum" else loss / len(configs)).backward()
+        step_loss += loss.detach() / len(configs)
+        if i == 0:
+            correct = (logits.argmax(1) == y).sum()
+    return step_loss, correct
+
+
+def _restore(state: dict, model: nn.Module, optimizer: torch.optim.Optimizer, rng: random.Random,
+             shuffle: torch.Generator, aug: torch.Generator, device: torch.device, w: World) -> list[EpochStats]:
+    """Put a saved training state back (this rank's dropout generator among them); the epochs it had finished."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    rng.setstate(_tuples(state["rng"]))
+    shuffle.set_state(state["shuffle"])
+    aug.set_state(state["aug"].to(aug.get_state().device))
+    _set_global_rng(state["global_rng"] if not w.active else state["global_rngs"][w.rank], device)
+    return [EpochStats(**h) for h in state["history"]]
 
 
 def _save_state(path: Path, w: World, state: dict, device: torch.device) -> None:

@@ -199,7 +199,7 @@ def _hash_rank(rank: int, out: Path) -> None:
 
 
 def test_weights_are_identical_on_every_rank_after_every_step(ranks):
-    tmp_path = ranks / "_hash_rank"  # what this test's job wrote
+    tmp_path = ranks / "_hash_rank"  # where this test's rank-side job wrote
     r0, r1 = (torch.load(tmp_path / f"hashes{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["steps"] == r1["steps"] and len(r0["steps"]) == 5 and len(set(r0["steps"])) == 5  # all moved
     assert r0["buffers"] == r1["buffers"]  # running statistics averaged at the epoch's end
@@ -225,7 +225,7 @@ def _evaluate_rank(rank: int, out: Path) -> None:
 
 
 def test_calibration_and_evaluation_split_across_ranks_report_what_one_process_does(ranks):
-    tmp_path = ranks / "_evaluate_rank"  # what this test's job wrote
+    tmp_path = ranks / "_evaluate_rank"  # where this test's rank-side job wrote
     seen, stats, accuracy, _, _ = _evaluated_subnet()
     shares = {0: ([128, 44], 128 + 32), 1: ([128], 128 + 32)}  # batches dealt out; test (256) and val (64) halved
     for rank in (0, 1):
@@ -260,7 +260,7 @@ def _diverge_rank(rank: int, out: Path) -> None:
 
 
 def test_a_divergence_on_one_rank_stops_every_rank_with_the_same_line(ranks):
-    tmp_path = ranks / "_diverge_rank"  # what this test's job wrote
+    tmp_path = ranks / "_diverge_rank"  # where this test's rank-side job wrote
     errors = [(tmp_path / f"error{r}.txt").read_text() for r in (0, 1)]
     assert errors[0] == errors[1] == "t: loss is nan at epoch 1 step 3 (lr 0.06); lower the learning rate"
     assert not (tmp_path / "state.pt").exists()  # stopped before the epoch's state was saved
@@ -302,7 +302,7 @@ def _resume_rank(rank: int, out: Path) -> None:
 
 
 def test_an_interrupted_two_process_run_resumes_where_it_stopped(ranks):
-    tmp_path = ranks / "_resume_rank"  # what this test's job wrote
+    tmp_path = ranks / "_resume_rank"  # where this test's rank-side job wrote
     for rank in (0, 1):
         r = torch.load(tmp_path / f"resume{rank}.pt", weights_only=True)
         assert r["files"] == ["a.pt", "b.pt"]  # the uninterrupted run's and the interrupted one's
@@ -334,7 +334,7 @@ def test_a_batch_that_does_not_split_evenly_is_one_line(synthetic):
 
 
 def test_map_ordered_deals_items_round_robin_and_gathers_in_order(ranks):
-    tmp_path = ranks / "_map_rank"  # what this test's job wrote
+    tmp_path = ranks / "_map_rank"  # where this test's rank-side job wrote
     for rank, mine in ((0, [0, 2, 4, 7]), (1, [1, 3])):
         assert json.loads((tmp_path / f"map{rank}.json").read_text()) == {"results": [0, 1, 4, 9, 16], "mine": mine}
 
@@ -463,7 +463,7 @@ def test_a_killed_process_ends_the_stage_within_seconds_and_writes_no_output(lon
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 1
         assert err.splitlines()[-1] == ("error: rank 1 of 2 was killed by SIGKILL; the other ranks were stopped "
-                                        "and no output was written")
+                                        "(rerun the stage to resume it)")
     else:
         proc.communicate(timeout=60)
         while _workers(env["OFA_TEST_MARKER"]):  # the workers die with their launcher
