@@ -423,11 +423,11 @@ def _workers(marker: str) -> dict[int, int]:
 
 @pytest.fixture(scope="module")
 def downloaded(tmp_path_factory) -> Path:
-    """A synthetic project, downloaded, whose train_supernet runs 2 processes for a while."""
+    """A synthetic project, downloaded, whose train_supernet runs 2 processes for 12 epochs of 2 steps."""
     root = tmp_path_factory.mktemp("downloaded")
-    raw = tiny_params()
+    raw = tiny_params(train_limit=256)  # 128 training images after val
     raw["train"]["processes"] = 2
-    raw["supernet"]["epochs"] = 40
+    raw["supernet"]["epochs"] = 12
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
     assert _stage("download", root).returncode == 0
     return root
@@ -471,6 +471,30 @@ def test_a_killed_process_ends_the_stage_within_seconds_and_writes_no_output(lon
             time.sleep(0.05)
     assert time.monotonic() - start < 30
     assert not (cwd / "models").exists() and not (cwd / "metrics").exists()
+    if victim == "rank 1":  # a rerun with the same two processes continues from rank 0's state
+        result = _stage("train_supernet", cwd, env)
+        assert result.returncode == 0, result.stderr
+        assert re.search(r"train_supernet: resuming after epoch [1-9][0-9]?/12", result.stderr)
+        assert json.loads((cwd / "metrics" / "train_supernet.json").read_text())["epochs"] == 12
+
+
+def test_a_stage_started_by_torchrun_on_two_nodes_joins_their_job(long_training):
+    """As on two machines: two torchrun launchers of one process each, meeting at a c10d rendezvous."""
+    cwd, env = long_training
+    raw = yaml.safe_load((cwd / "params.yaml").read_text())
+    raw["train"]["processes"] = 1  # unused under torchrun: the world is the launchers'
+    raw["supernet"]["epochs"] = 1
+    (cwd / "params.yaml").write_text(yaml.safe_dump(raw))
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nnodes", "2", "--nproc-per-node", "1",
+                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "--rdzv-id", "two-nodes"]
+    nodes = [subprocess.Popen([*torchrun, "--node-rank", str(n), str(ROOT / "stages" / "train_supernet.py")],
+                              cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for n in (0, 1)]
+    outs = [node.communicate(timeout=300) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outs
+    assert sum('"accuracy_max"' in out for out, _ in outs) == 1  # global rank 0 alone reports
+    assert json.loads((cwd / "metrics" / "timing" / "train_supernet.json").read_text())["processes"] == 2
+    assert (cwd / "models" / "train_supernet.pt").is_file()
 
 
 def test_a_divergence_stops_both_ranks_with_one_line(long_training):
@@ -481,7 +505,7 @@ def test_a_divergence_stops_both_ranks_with_one_line(long_training):
     result = _stage("train_supernet", cwd, env)
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if "error" in line]
-    assert len(errors) == 1 and re.fullmatch(r"error: train_supernet: loss is (nan|inf) at epoch 1 step \d+ "
+    assert len(errors) == 1 and re.fullmatch(r"error: train_supernet: loss is (nan|inf) at epoch \d+ step \d+ "
                                              r"\(lr [0-9.e+]+\); lower the learning rate", errors[0]), result.stderr
     assert "Traceback" not in result.stderr
     assert not (cwd / "models").exists() and not (cwd / "metrics").exists()
