@@ -1,6 +1,6 @@
 # make setup: the virtual environment in .venv (CPU PyTorch unless a CUDA one is already there)
 # make test:  the test suite (CPU, a few minutes)
-# make quick: the whole pipeline on Fashion-MNIST on the CPU, as a DVC experiment (15-20 minutes)
+# make quick: the whole pipeline on Fashion-MNIST on the CPU, as a DVC experiment (about 15 minutes)
 # make bench: speed benchmarks (print figures)
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -14,12 +14,12 @@ QUICK_PARAMS := \
 	net.stem_stride=2 net.final_channels=256 \
 	'net.units=[{channels:16,stride:2,activation:relu,se:false},{channels:32,stride:1,activation:relu,se:true},{channels:48,stride:2,activation:hswish,se:true}]' \
 	train.device=cpu train.batch_size=256 train.warmup_epochs=0.3 train.crop_padding=0 \
-	supernet.epochs=4 supernet.lr=0.2 \
-	shrink.kernel.epochs=2 shrink.kernel.lr=0.05 \
+	supernet.epochs=3 supernet.lr=0.2 \
+	shrink.kernel.epochs=1 shrink.kernel.lr=0.05 \
 	shrink.depth.epochs=1 shrink.depth.lr=0.05 \
 	shrink.width.epochs=1 shrink.width.lr=0.05 \
 	evaluate.finetune.epochs=1 evaluate.finetune.lr=0.01 evaluate.finetune.images_per_epoch=5000 \
-	'specialize.budgets=[1500000,2000000,2500000,3000000]' specialize.trials=60
+	'specialize.budgets=[1500000,2000000,2500000,3000000]' specialize.trials=40
 
 .PHONY: setup test quick bench
 
