@@ -71,6 +71,11 @@ def world() -> World:
     return World(dist.get_rank(), dist.get_world_size())
 
 
+def local_processes() -> int:
+    """The processes of this job on this machine (1 outside a job)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if launched() else 1
+
+
 def launched() -> bool:
     """Whether this process is a worker of a torchrun-style launch (its environment names its rank)."""
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
@@ -152,7 +157,7 @@ def process_group(device: str) -> Iterator[World]:
         return
     if os.environ.get(ERRORS_ENV):
         _die_with_parent()
-    local_rank, local_size = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    local_rank, local_size = int(os.environ.get("LOCAL_RANK", 0)), local_processes()
     cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if cuda:
         if local_size > torch.cuda.device_count():

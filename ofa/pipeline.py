@@ -143,8 +143,11 @@ def stage_setup(params: Params, root: Path, stage_index: int) -> tuple[DeviceDat
     torch.manual_seed(params.seed)
     device = distributed.device(select_device(params.train.device))  # a rank's own GPU in a job of several
     classes = load_classes(root)
-    data_mod.check_fits(sum(p.stat().st_size for p in prepared_files(root) if p.is_file()), device,
-                        "the prepared dataset")
+    copies = distributed.local_processes() if device.type == "cpu" else 1  # the ranks of a machine share its RAM
+    data_mod.check_fits(copies * sum(p.stat().st_size for p in prepared_files(root) if p.is_file()), device,
+                        "the prepared dataset" + (f", once per process ({copies})," if copies > 1 else ""),
+                        hint="lower data.image_size, data.train_limit or train.processes" if copies > 1 else
+                        "lower data.image_size or data.train_limit")
     data = DeviceData.load(root / PREPARED, device)
     net = build_net(params, data.input_shape, classes).to(device, memory_format=torch.channels_last)
     calibration = data.calibration_batches(params.evaluate.bn_calibration_images, params.train.eval_batch_size,

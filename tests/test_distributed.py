@@ -509,3 +509,18 @@ def test_a_divergence_stops_both_ranks_with_one_line(long_training):
                                              r"\(lr [0-9.e+]+\); lower the learning rate", errors[0]), result.stderr
     assert "Traceback" not in result.stderr
     assert not (cwd / "models").exists() and not (cwd / "metrics").exists()
+
+
+def test_the_ranks_of_a_machine_each_hold_the_dataset_in_its_memory(downloaded, monkeypatch):
+    from ofa import pipeline
+
+    for key, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(data_mod, "available_memory", lambda device: 1000)
+    params = parse_params(yaml.safe_load((downloaded / "params.yaml").read_text()))
+    size = 2 * sum(f.stat().st_size for f in pipeline.prepared_files(downloaded)) / 1024
+    with pytest.raises(data_mod.DataError, match=rf"^the prepared dataset, once per process \(2\), needs {size:.1f} KiB "
+                                                 r"but cpu has 1\.0 KiB available; lower data\.image_size, "
+                                                 r"data\.train_limit or train\.processes$"):
+        pipeline.stage_setup(params, downloaded, 0)
