@@ -301,6 +301,7 @@ def fit(
             if log is not None and w.main:
                 log(h.logged)
     soft_targets = teacher if teacher is not None and kd_ratio > 0 else None
+    show = progress and w.main  # one progress bar: rank 0's
     model.train()
     for epoch in range(len(history), schedule.epochs):
         order = torch.randperm(n, generator=shuffle)[: steps_per_epoch * batch].to(data.device)
@@ -308,7 +309,7 @@ def fit(
         correct = torch.zeros((), device=data.device, dtype=torch.long)
         guard = _DivergenceGuard(desc, data.device, w)
         start = time.perf_counter()
-        bar = tqdm(range(steps_per_epoch), desc=f"{desc} {epoch + 1}/{schedule.epochs}", disable=not (progress and w.main),
+        bar = tqdm(range(steps_per_epoch), desc=f"{desc} {epoch + 1}/{schedule.epochs}", disable=not show,
                    file=sys.stderr, mininterval=1.0 if sys.stderr.isatty() else 30.0, leave=True)
         for step in bar:
             lr = lr_of(epoch, step)
@@ -327,7 +328,7 @@ def fit(
             loss_sum += step_loss
             if step % SYNC_EVERY == 0 or step == steps_per_epoch - 1:  # the only host reads of the loop
                 guard.check(lambda s: f"epoch {epoch + 1} step {s + 1} (lr {lr_of(epoch, s):.4g})")  # noqa: B023
-            if progress and (step % SYNC_EVERY == 0 or step == steps_per_epoch - 1):
+            if show and (step % SYNC_EVERY == 0 or step == steps_per_epoch - 1):
                 seen = (step + 1) * batch  # this rank's loss and accuracy, every rank's images per second
                 bar.set_postfix(loss=f"{float(loss_sum) / (step + 1):.3f}",
                                 acc=f"{int(correct) / ((step + 1) * local):.3f}", lr=f"{lr:.3g}",
