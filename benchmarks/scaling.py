@@ -9,7 +9,9 @@ of the net's input shape for two epochs of `--steps` steps, and reports the seco
 ranks, the speed-up over one process, and the time per step spent in the gradient all-reduce
 (``distributed.average_gradients``, synchronised on CUDA), with the share of the reduced gradient that
 belongs to parameters the step's subnets did not use (sent as zeros). The global batch is `--batch-size`
-at every process count, as in training.
+at every process count, as in training. `--ddp` adds, for each process count above 1, the same training
+through DistributedDataParallel with find_unused_parameters=True instead (one all-reduce per subnet's
+backward, overlapped with it, after a search of the autograd graph for unused parameters), for comparison.
 """
 
 from __future__ import annotations
@@ -65,8 +67,14 @@ def worker(args: argparse.Namespace) -> None:
             unused.append(sum(p.numel() for p in params if p.grad is None))
 
         distributed.average_gradients = timed
+        model = net
+        if args.ddp and w.active:  # DDP reduces in backward: the project's all-reduce is not used
+            from torch.nn.parallel import DistributedDataParallel
+
+            model = DistributedDataParallel(net, find_unused_parameters=True)
+            distributed.average_gradients = lambda params, world: None
         schedule = Schedule(epochs=2, lr=0.01, batch_size=args.batch_size, warmup_epochs=0.0)
-        history = fit(net, data, schedule, progress=False, reduce="sum",
+        history = fit(model, data, schedule, progress=False, reduce="sum",
                       sample=lambda rng: [net.sample_config(rng) for _ in range(args.subnets)])
         second = history[1]
         steps = args.steps
@@ -74,21 +82,22 @@ def worker(args: argparse.Namespace) -> None:
             Path(args.json).write_text(json.dumps({
                 "processes": w.size, "images_per_s": second.images / second.seconds,
                 "step_ms": 1000 * second.seconds / steps,
-                "allreduce_ms": 1000 * statistics.median(reduce_s[steps:]) if w.active else 0.0,
-                "allreduce_mb": 4 * sent[-1] / 1e6 if w.active else 0.0,
-                "unused_share": statistics.mean(u / s for u, s in zip(unused[steps:], sent[steps:])) if w.active
-                else 0.0,
-                "device": device.type,
+                "allreduce_ms": 1000 * statistics.median(reduce_s[steps:]) if reduce_s and w.active else None,
+                "allreduce_mb": 4 * sent[-1] / 1e6 if sent and w.active else None,
+                "unused_share": statistics.mean(u / s for u, s in zip(unused[steps:], sent[steps:]))
+                if sent and w.active else None,
+                "device": device.type, "ddp": bool(args.ddp and w.active),
             }))
 
 
-def run(processes: int, args: argparse.Namespace) -> dict:
+def run(processes: int, args: argparse.Namespace, ddp: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         flags = ["--worker", "--json", str(out), "--net", args.net, "--device", args.device, "--steps",
                  str(args.steps), "--batch-size", str(args.batch_size), "--subnets", str(args.subnets)]
+        flags += ["--ddp"] if ddp else []
         if processes == 1:
-            worker(argparse.Namespace(**{**vars(args), "json": str(out)}))
+            worker(argparse.Namespace(**{**vars(args), "json": str(out), "ddp": False}))
         elif distributed.launch(processes, __file__, flags) != 0:
             sys.exit(f"the run with {processes} processes failed")
         return json.loads(out.read_text())
@@ -102,6 +111,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="steps per epoch; the second epoch is measured")
     parser.add_argument("--batch-size", type=int, default=256, help="global batch, at every process count")
     parser.add_argument("--subnets", type=int, default=4, help="sampled subnets per step (shrink_width: 4)")
+    parser.add_argument("--ddp", action="store_true", help="also DistributedDataParallel(find_unused_parameters)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -111,14 +121,21 @@ def main() -> None:
     for p in args.processes:
         if args.batch_size % p:
             parser.error(f"--batch-size {args.batch_size} does not split evenly across {p} processes")
-    results = [run(p, args) for p in args.processes]
-    base = results[0]["images_per_s"] / results[0]["processes"] if results else 1.0
+    results = []
+    for p in args.processes:
+        results.append(run(p, args))
+        if args.ddp and p > 1:
+            results.append(run(p, args, ddp=True))
+    base = results[0]["images_per_s"] / results[0]["processes"]
     print(f"net {args.net}, batch {args.batch_size}, {args.subnets} subnets per step, device {results[0]['device']}")
-    print(f"{'processes':>9} {'images/s':>9} {'speed-up':>8} {'step ms':>8} {'all-reduce ms':>13} {'MB':>6} "
-          f"{'unused':>6}")
+    print(f"{'processes':>9} {'reduce':>6} {'images/s':>9} {'speed-up':>8} {'step ms':>8} {'all-reduce ms':>13} "
+          f"{'MB':>6} {'unused':>6}")
+    num = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     for r in results:
-        print(f"{r['processes']:>9} {r['images_per_s']:>9.1f} {r['images_per_s'] / base:>8.2f} {r['step_ms']:>8.1f} "
-              f"{r['allreduce_ms']:>13.2f} {r['allreduce_mb']:>6.2f} {100 * r['unused_share']:>5.1f}%")
+        reduce = "ddp" if r["ddp"] else "ours"
+        print(f"{r['processes']:>9} {reduce:>6} {r['images_per_s']:>9.1f} {r['images_per_s'] / base:>8.2f} "
+              f"{r['step_ms']:>8.1f} {num(r['allreduce_ms'], '.2f'):>13} {num(r['allreduce_mb'], '.2f'):>6} "
+              f"{num(r['unused_share'], '.1%'):>6}")
 
 
 if __name__ == "__main__":
