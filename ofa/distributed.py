@@ -252,15 +252,6 @@ def average_buffers(model: nn.Module, w: World) -> None:
         t.copy_(avg)
 
 
-def all_sum(values: Sequence[float | int], w: World, device: torch.device) -> list[float]:
-    """Each value summed over the ranks (float64)."""
-    if not w.active:
-        return [float(v) for v in values]
-    t = torch.tensor(list(values), dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
 def all_sum_(t: torch.Tensor, w: World) -> torch.Tensor:
     """Sum a tensor over the ranks, in place; returns it."""
     if w.active:

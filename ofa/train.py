@@ -335,8 +335,7 @@ def fit(
                                 img_s=f"{seen / (time.perf_counter() - start):.0f}", refresh=False)
         bar.close()
         if w.active:  # the epoch's figures over every rank's images; running statistics averaged
-            loss_sum, correct = distributed.all_sum(
-                [float(loss_sum) / w.size, int(correct)], w, data.device)
+            loss_sum, correct = distributed.all_sum_(torch.stack([loss_sum.double() / w.size, correct.double()]), w)
             distributed.average_buffers(model, w)
         seconds = time.perf_counter() - start
         mean_loss = float(loss_sum) / max(1, steps_per_epoch)
