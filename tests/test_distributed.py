@@ -356,6 +356,30 @@ def _map_rank(rank: int, out: Path) -> None:
     (out / f"map{rank}.json").write_text(json.dumps({"results": results, "mine": mine}))
 
 
+_RELEASE_JOB = """
+import os, sys, torch
+from ofa import distributed
+with distributed.process_group("cpu") as w:
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.ones(3)
+    torch.optim.SGD([p], lr=0.1).step()  # a stage's first step: it imports torch._dynamo, torch.distributed.nn
+    distributed.all_sum_(p.grad, w)
+threads = sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
+open(os.path.join(sys.argv[1], f"threads{os.environ['RANK']}.txt"), "w").write(" ".join(threads))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="lists the threads in /proc (Linux)")
+def test_a_rank_has_released_its_process_group_when_it_exits(tmp_path):
+    """No gloo thread outlives the group into the interpreter's shutdown (where it could abort the rank)."""
+    job = tmp_path / "job.py"
+    job.write_text(_RELEASE_JOB)
+    assert distributed.launch(2, str(job), [str(tmp_path)]) == 0
+    for rank in (0, 1):
+        threads = (tmp_path / f"threads{rank}.txt").read_text().split()
+        assert threads and not [t for t in threads if "gloo" in t], threads
+
+
 # --- the stages with train.processes: 2 ---------------------------------------------------------------------
 
 
