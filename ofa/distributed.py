@@ -34,7 +34,6 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn  # noqa: F401  (before any process group is made: see below)
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
@@ -43,7 +42,9 @@ from torch.overrides import TorchFunctionMode
 # first imported. Imported while a group exists (torch.optim's first step imports it, through torch._dynamo),
 # it would keep that group alive past destroy_process_group, and gloo's threads would then meet the
 # interpreter's shutdown: an occasional SIGABRT ("terminate called without an active exception") of a rank
-# whose stage had succeeded. Hence its import above, while there is no group yet.
+# whose stage had succeeded. Hence its import here, before any group exists.
+if dist.is_available():
+    import torch.distributed.nn  # noqa: F401
 
 T = TypeVar("T")
 R = TypeVar("R")
