@@ -39,7 +39,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 # torch.distributed.nn.functional binds the default group into its functions' default arguments when it is
-# first imported. Imported while a group exists (torch.optim's first step imports it, through torch._dynamo),
+# first imported. Imported while a group exists (a torch.optim optimizer imports it, through torch._dynamo),
 # it would keep that group alive past destroy_process_group, and gloo's threads would then meet the
 # interpreter's shutdown: an occasional SIGABRT ("terminate called without an active exception") of a rank
 # whose stage had succeeded. Hence its import here, before any group exists.

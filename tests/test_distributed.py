@@ -362,7 +362,7 @@ from ofa import distributed
 with distributed.process_group("cpu") as w:
     p = torch.nn.Parameter(torch.ones(3))
     p.grad = torch.ones(3)
-    torch.optim.SGD([p], lr=0.1).step()  # a stage's first step: it imports torch._dynamo, torch.distributed.nn
+    torch.optim.SGD([p], lr=0.1).step()  # as a stage trains: SGD imports torch._dynamo, torch.distributed.nn
     distributed.all_sum_(p.grad, w)
 threads = sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
 open(os.path.join(sys.argv[1], f"threads{os.environ['RANK']}.txt"), "w").write(" ".join(threads))
