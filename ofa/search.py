@@ -8,8 +8,10 @@ categorical parameter; the first generation holds every uniform config, the rest
 crossover and mutation. A config is evaluated once: trials that land on a config already scored (inactive
 slots of a shallower unit do not change the subnet) reuse its score.
 
-Deterministic from `seed` even across a resume: the sampler of the n-th completed trial is seeded with
-(seed, n), so the same finished trials lead to the same next proposal.
+Deterministic from `seed` even across a resume: the sampler of the n-th trial is seeded with (seed, n), so
+the same finished trials lead to the same next proposal, and trials asked before a kill are scored when the
+search resumes rather than asked again, so a batch (one trial per process) that a kill cut short ends as it
+would have.
 """
 
 from __future__ import annotations
@@ -130,9 +132,9 @@ def search(
     """Run `trials` NSGA-II trials (the first ones every uniform config); every distinct config evaluated, in order.
 
     `evaluate(cfg)` is the accuracy to maximise, `macs(cfg)` the cost to minimise. With `storage` (an SQLite
-    file) each finished trial is kept there under `key`, and a later call with the same key continues
-    after the last finished trial instead of starting again. With `batch` > 1 that many trials are asked
-    at a time and their new configs scored together by `evaluate_many` (several processes: one each).
+    file) each trial is kept there under `key`, and a later call with the same key continues where the
+    last one stopped, with the same result as an uninterrupted call. With `batch` > 1 that many trials are
+    asked at a time and their new configs scored together by `evaluate_many` (several processes: one each).
     """
     import optuna
     from optuna.trial import TrialState
@@ -143,21 +145,24 @@ def search(
     if population < len(uniform):
         raise ValueError(f"population {population}: smaller than the {len(uniform)} uniform configs of generation 0")
     study, resumed = _open_study(storage, key)
-    for t in study.get_trials(deepcopy=False, states=[TrialState.RUNNING]):  # killed mid-trial
-        study.tell(t.number, state=TrialState.FAIL)
     dists = distributions(space, num_units)
+    pending = _asked_before_a_kill(study, dists)
     seen: dict[SubnetConfig, Candidate] = {}
     done = study.get_trials(deepcopy=False, states=[TrialState.COMPLETE])
     for i, t in enumerate(done):  # numbered by completed trials: a trial failed by a kill leaves no gap
-        cfg = SubnetConfig.from_dict(t.user_attrs["config"])
+        cfg = from_params(t.params, space, num_units)
         seen.setdefault(cfg, Candidate(cfg, int(t.values[1]), float(t.values[0]), i))
     if resumed and progress:
         print(f"search: resuming after {len(done)}/{trials} trials from {storage}", file=sys.stderr, flush=True)
     evaluate_many = evaluate_many or (lambda cfgs: [evaluate(c) for c in cfgs])
     start = time.perf_counter()
-    for first in range(len(done), trials, batch):
-        asked = []  # (trial, its config), numbered first, first + 1, ...
-        for n in range(first, min(first + batch, trials)):
+    first = len(done)
+    while first < trials:
+        # a batch is trials [k * batch, (k + 1) * batch): one cut short by a kill is completed, not restarted,
+        # so the sampler makes the same proposals as in an uninterrupted run
+        asked: list[tuple[Any, SubnetConfig]] = [(t.number, from_params(t.params, space, num_units)) for t in pending]
+        pending = []
+        for n in range(first + len(asked), min((first // batch + 1) * batch, trials)):
             waiting = study.get_trials(deepcopy=False, states=[TrialState.WAITING])
             if n < len(uniform) and not waiting:
                 study.enqueue_trial(to_params(uniform[n], space))
@@ -172,10 +177,23 @@ def search(
             seen[cfg] = Candidate(cfg, int(macs(cfg)), float(accuracy), n)
         for n, (trial, cfg) in enumerate(asked, first):
             cand = seen[cfg]
-            trial.set_user_attr("config", cfg.to_dict())
             study.tell(trial, [cand.accuracy, float(cand.macs)])
             if progress:
                 rate = (time.perf_counter() - start) / (n + 1 - len(done))
                 print(f"search {n + 1}/{trials}: {cfg} {cand.macs / 1e6:.2f}M MACs, accuracy {cand.accuracy:.4f}"
                       f"{' (seen)' if cand.trial != n else ''} [{rate:.1f} s/trial]", file=sys.stderr, flush=True)
+        first += len(asked)
     return sorted(seen.values(), key=lambda c: c.trial)
+
+
+def _asked_before_a_kill(study, dists: dict[str, Any]) -> list:
+    """The trials a killed search had asked but not told, in order; one killed while being asked is failed."""
+    from optuna.trial import TrialState
+
+    asked = []
+    for t in sorted(study.get_trials(deepcopy=False, states=[TrialState.RUNNING]), key=lambda t: t.number):
+        if set(t.params) == set(dists):
+            asked.append(t)
+        else:
+            study.tell(t.number, state=TrialState.FAIL)
+    return asked

@@ -101,6 +101,47 @@ def test_interrupted_search_resumes_without_re_evaluating(tmp_path):
     assert len(third) == len(whole)  # another key (other params or inputs) starts afresh
 
 
+@pytest.mark.parametrize("killed_in", ["tell 14", "ask 14", "evaluation 7"])
+def test_a_batched_search_killed_mid_batch_resumes_to_the_uninterrupted_result(killed_in, tmp_path, monkeypatch):
+    """Batches of 2 (two processes): a kill between the two tells of a batch, between its two asks, or while
+    it is scored; the resumed search completes that batch and ends where an uninterrupted one does."""
+    import optuna
+
+    net = tiny_net(SEED_SPACE)
+    macs = lambda c: net.macs(c, (3, 16, 16))  # noqa: E731
+    kwargs = dict(trials=30, population=8, seed=3, progress=False, batch=2)
+    scored: list[list[ofa.SubnetConfig]] = []
+
+    def many(cfgs):
+        scored.append(list(cfgs))
+        if killed_in == "evaluation 7" and len(scored) == 7:
+            raise KeyboardInterrupt
+        return [_score(c) for c in cfgs]
+
+    whole = search.search(SEED_SPACE, net.num_units, _score, macs, evaluate_many=lambda c: [_score(x) for x in c],
+                          **kwargs)
+    method, at = killed_in.split()
+    if method != "evaluation":
+        calls = [0]
+        original = getattr(optuna.study.Study, method)
+
+        def dies(self, *args, **kw):
+            calls[0] += 1
+            if calls[0] == int(at):  # the 14th: the second of the batch of trials 12 and 13
+                raise KeyboardInterrupt
+            return original(self, *args, **kw)
+
+        monkeypatch.setattr(optuna.study.Study, method, dies)
+    db = tmp_path / "search.db"
+    with pytest.raises(KeyboardInterrupt):
+        search.search(SEED_SPACE, net.num_units, _score, macs, evaluate_many=many, storage=db, key="k", **kwargs)
+    monkeypatch.undo()
+    resumed = search.search(SEED_SPACE, net.num_units, _score, macs, evaluate_many=many, storage=db, key="k",
+                            **kwargs)
+    assert [(c.config, c.macs, c.accuracy, c.trial) for c in resumed] == [
+        (c.config, c.macs, c.accuracy, c.trial) for c in whole]
+
+
 def test_search_on_a_tiny_net_respects_budgets_and_beats_uniform_on_val():
     torch.manual_seed(0)
     net = perturb(tiny_net(SEED_SPACE)).eval()
