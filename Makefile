@@ -44,3 +44,4 @@ bench: setup
 	$(PY) benchmarks/elastic_overhead.py
 	$(PY) benchmarks/cost.py
 	$(PY) benchmarks/scaling.py
+	$(PY) benchmarks/stage_exit.py

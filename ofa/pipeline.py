@@ -6,6 +6,7 @@ relative to a project root; every output is written atomically.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import random
@@ -15,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -423,14 +424,23 @@ def main(stage: Callable[[Params], Any]) -> None:
         params = load_params("params.yaml")
     except ParamsError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _exit(2)
     if params.train.processes > 1 and not distributed.launched():
-        sys.exit(distributed.launch(params.train.processes, sys.argv[0], sys.argv[1:]))
+        _exit(distributed.launch(params.train.processes, sys.argv[0], sys.argv[1:]))
     try:
         with distributed.process_group(params.train.device) as w:
             result = stage(params)
     except (ParamsError, data_mod.DataError, CheckpointError, DivergenceError, ExportError, ValueError) as e:
         distributed.report_error(str(e))
-        sys.exit(2)
+        _exit(2)
     if result is not None and w.main:
         print(json.dumps(result, indent=2))
+    _exit(0)
+
+
+def _exit(code: int) -> NoReturn:
+    """Exit a stage script. Its outputs are written and closed by now; freezing the objects first spares the
+    interpreter's shutdown a last garbage collection over torch's (and torch._dynamo's, which the optimizer
+    imports) million objects: about 0.8 s of every stage process on a 2-core CPU (benchmarks/stage_exit.py)."""
+    gc.freeze()
+    sys.exit(code)
