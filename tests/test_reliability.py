@@ -30,6 +30,20 @@ def stage(name: str, cwd: Path, check: bool = True) -> subprocess.CompletedProce
     return result
 
 
+def stages_in_one_process(names: list[str], cwd: Path) -> None:
+    """Run stage scripts one after another in one Python process (one torch import, not one per stage)."""
+    code = ("import runpy, sys\n"
+            "for path in sys.argv[1:]:\n"
+            "    try:\n"
+            "        runpy.run_path(path, run_name='__main__')\n"
+            "    except SystemExit as e:\n"
+            "        if e.code:\n"
+            "            raise\n")
+    result = subprocess.run([sys.executable, "-c", code, *(str(ROOT / "stages" / f"{n}.py") for n in names)],
+                            cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"{names}:\n{result.stdout}\n{result.stderr}"
+
+
 def outputs(root: Path) -> dict[str, bytes]:
     """Every file the pipeline wrote except wall-clock timings."""
     files = [p for d in ("models", "metrics", "data/prepared") for p in (root / d).rglob("*") if p.is_file()]
@@ -84,27 +98,27 @@ def profile() -> dict:
 
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory):
-    """The synthetic profile run twice; in the second, train_supernet is killed after an epoch, evaluate_space
-    after its first config and specialize mid-search, each then rerun."""
+    """The synthetic profile run twice. The first runs every stage in one process; in the second, each stage
+    is a process of its own, and train_supernet is killed after an epoch, evaluate_space after its first config
+    and specialize mid-search, each then rerun."""
     raw = profile()
-    runs = []
-    for name in ("a", "b"):
-        root = tmp_path_factory.mktemp(name)
+    a, b = tmp_path_factory.mktemp("a"), tmp_path_factory.mktemp("b")
+    for root in (a, b):
         (root / "params.yaml").write_text(yaml.safe_dump(raw))
-        log = {}
-        for s in STAGES:
-            if name == "b" and s in ("train_supernet", "evaluate_space", "specialize"):
-                if s == "train_supernet":
-                    log["epochs_before_kill"] = kill_after_first_epoch(root, s)
-                else:
-                    kill_when(root, s, r"^\[1/\d+\] " if s == "evaluate_space" else r"^search 5/")
-                log[f"after_kill/{s}"] = _files(root)
-                result = stage(s, root)
-                log[f"resumed/{s}"] = result.stdout + result.stderr
+    stages_in_one_process(STAGES, a)
+    log = {}
+    for s in STAGES:
+        if s in ("train_supernet", "evaluate_space", "specialize"):
+            if s == "train_supernet":
+                log["epochs_before_kill"] = kill_after_first_epoch(b, s)
             else:
-                stage(s, root)
-        runs.append((root, log))
-    return runs
+                kill_when(b, s, r"^\[1/\d+\] " if s == "evaluate_space" else r"^search 5/")
+            log[f"after_kill/{s}"] = _files(b)
+            result = stage(s, b)
+            log[f"resumed/{s}"] = result.stdout + result.stderr
+        else:
+            stage(s, b)
+    return [(a, {}), (b, log)]
 
 
 def test_killed_stage_leaves_no_output_and_resumes(two_runs):
