@@ -14,6 +14,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NoReturn
@@ -410,11 +411,13 @@ def table(records: list[dict], finetune_epochs: int):
     })
 
 
-def main(stage: Callable[[Params], Any]) -> None:
+def main(stage: Callable[[Params], Any], parallel: bool = True) -> None:
     """Run a stage script: load params.yaml, run, print the result; a user's mistake is one line, exit 2.
 
     With train.processes > 1 the script starts that many copies of itself (``distributed.launch``) and
     waits for them; a copy started so, or by torchrun, joins its job (``distributed.process_group``).
+    A stage with nothing to divide among processes (download) passes ``parallel=False``: it runs as this one
+    process whatever train.processes says.
     """
     from .config import ParamsError, load_params
     from .export import ExportError
@@ -425,10 +428,11 @@ def main(stage: Callable[[Params], Any]) -> None:
     except ParamsError as e:
         print(f"error: {e}", file=sys.stderr)
         _exit(2)
-    if params.train.processes > 1 and not distributed.launched():
+    if parallel and params.train.processes > 1 and not distributed.launched():
         _exit(distributed.launch(params.train.processes, sys.argv[0], sys.argv[1:]))
+    group = distributed.process_group(params.train.device) if parallel else nullcontext(distributed.SINGLE)
     try:
-        with distributed.process_group(params.train.device) as w:
+        with group as w:
             result = stage(params)
     except (ParamsError, data_mod.DataError, CheckpointError, DivergenceError, ExportError, ValueError) as e:
         distributed.report_error(str(e))

@@ -388,6 +388,33 @@ def _stage(name: str, cwd: Path, env: dict | None = None) -> subprocess.Complete
                           text=True, timeout=600, env=env)
 
 
+_NO_LAUNCH = """
+import runpy, sys
+from ofa import distributed
+def launch(*args):  # a stage that starts workers exits 99 instead
+    sys.exit(99)
+distributed.launch = launch
+runpy.run_path(sys.argv[1], run_name="__main__")
+"""
+
+
+def test_download_runs_as_one_process_whatever_train_processes_says(tmp_path):
+    """Nothing in download divides among processes: it starts no workers (each would fetch the dataset)."""
+    raw = tiny_params()
+    raw["train"]["processes"] = 2
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    result = subprocess.run([sys.executable, "-c", _NO_LAUNCH, str(ROOT / "stages" / "download.py")], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["train_images"] == 384
+    assert sorted(p.name for p in (tmp_path / "data" / "prepared").iterdir()) == [
+        "classes.json", "test.pt", "train.pt", "val.pt"]
+    result = subprocess.run([sys.executable, "-c", _NO_LAUNCH, str(ROOT / "stages" / "train_supernet.py")],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 99  # the training stages do start their workers
+    assert not (tmp_path / "models").exists()
+
+
 @pytest.fixture(scope="module")
 def two_process_repro(tmp_path_factory) -> tuple[Path, str]:
     raw = tiny_params()
