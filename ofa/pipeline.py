@@ -443,8 +443,8 @@ def main(stage: Callable[[Params], Any], parallel: bool = True) -> None:
 
 
 def _exit(code: int) -> NoReturn:
-    """Exit a stage script. Its outputs are written and closed by now; freezing the objects first spares the
-    interpreter's shutdown a last garbage collection over the ~300,000 objects that torch and torch._dynamo
+    """Exit a stage script. Its outputs are written and closed by now; freezing the objects first keeps the
+    garbage collections of the interpreter's shutdown off the ~300,000 objects that torch and torch._dynamo
     (which the optimizer imports) create: about 0.8 s of every stage process on a 2-core CPU
     (benchmarks/stage_exit.py)."""
     gc.freeze()
