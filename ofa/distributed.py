@@ -199,11 +199,16 @@ def device(name: torch.device) -> torch.device:
     return name
 
 
-def check_batch(batch_size: int, w: World) -> None:
-    """ValueError naming train.batch_size when a global batch does not split evenly across the processes."""
+def check_batch(batch_size: int, w: World, epoch_images: bool = False) -> None:
+    """ValueError naming train.batch_size when a global batch does not split evenly across the processes.
+
+    epoch_images: the step is an epoch's images, fewer than train.batch_size (a small data.train_limit).
+    """
     if batch_size % w.size:
-        raise ValueError(f"train.batch_size: {batch_size} images per step do not split evenly across {w.size} "
-                         f"processes (a multiple of {w.size}, or another train.processes)")
+        what = f"{batch_size} images per step" + (" (all of an epoch's, fewer than train.batch_size)" if epoch_images
+                                                  else "")
+        raise ValueError(f"train.batch_size: {what} do not split evenly across {w.size} processes (a multiple of "
+                         f"{w.size}, or another train.processes)")
 
 
 # --- collectives -----------------------------------------------------------------------------------------

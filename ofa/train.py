@@ -280,7 +280,7 @@ def fit(
     n = len(data.train)
     per_epoch = min(n, schedule.images_per_epoch or n)
     batch = min(schedule.batch_size, per_epoch)
-    distributed.check_batch(batch, w)
+    distributed.check_batch(batch, w, epoch_images=batch < schedule.batch_size)
     local = batch // w.size  # this rank's share of each batch: images [lo, lo + local) of it
     lo = w.rank * local
     steps_per_epoch = per_epoch // batch

@@ -331,6 +331,11 @@ def test_a_batch_that_does_not_split_evenly_is_one_line(synthetic):
     with pytest.raises(ValueError, match=r"^train\.batch_size: 64 images per step do not split evenly across 3"):
         fit(tiny_net(SEED_SPACE), synthetic, Schedule(epochs=1, lr=0.1, batch_size=64), progress=False,
             world=distributed.World(0, 3))
+    epoch = len(synthetic.train)  # a step capped at an epoch's images says so
+    with pytest.raises(ValueError, match=rf"^train\.batch_size: {epoch} images per step \(all of an epoch's, fewer than "
+                                         r"train\.batch_size\) do not split evenly across 5"):
+        fit(tiny_net(SEED_SPACE), synthetic, Schedule(epochs=1, lr=0.1, batch_size=4096), progress=False,
+            world=distributed.World(0, 5))
 
 
 def test_map_ordered_deals_items_round_robin_and_gathers_in_order(ranks):
