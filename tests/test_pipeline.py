@@ -133,6 +133,39 @@ def test_specialize_picks_within_budget_beat_uniform_on_val_and_export_what_they
         np.testing.assert_allclose(got, expected.numpy(), rtol=0, atol=1e-4)
 
 
+def test_curves_and_the_search_score_on_val_and_report_on_test(repro):
+    """Recomputed from the final checkpoint: the val curve, the stage metrics and the search's scores are
+    accuracies on val, the reported ones on test (swapping a split anywhere changes a figure here)."""
+    import csv
+
+    from ofa import pipeline
+    from ofa.config import load_params
+    from ofa.space import SubnetConfig
+
+    p, _, _ = repro
+    params = load_params(p / "params.yaml")
+    bs = params.train.eval_batch_size
+
+    def accuracies(stage_index: int, cfg_of: object) -> tuple[float, float]:
+        data, net, calibration = pipeline.stage_setup(params, p, stage_index)
+        pipeline.load_checkpoint(net, p / "models" / "shrink_width.pt")
+        cfg = cfg_of(net)
+        return tuple(pipeline.subnet_accuracy(net.eval(), cfg, data, calibration, bs, split)
+                     for split in ("val", "test"))
+
+    metrics = json.loads((p / "metrics" / "shrink_width.json").read_text())
+    with open(p / "metrics" / "live" / "shrink_width" / "plots" / "metrics" / "val" / "accuracy_max.tsv") as f:
+        curve = list(csv.DictReader(f, delimiter="\t"))
+    val, test = accuracies(list(pipeline.TRAINING_STAGES).index("shrink_width"), lambda net: net.max_config())
+    assert float(curve[-1]["accuracy_max"]) == metrics["val_accuracy_max"] == val
+    assert metrics["accuracy_max"] == test
+    pick = json.loads((p / "metrics" / "specialize.json").read_text())["budgets"]["macs-1.5M"]
+    record = next(r for r in json.loads((p / "metrics" / "search.json").read_text()) if r["config"] == pick["config"])
+    val, test = accuracies(len(pipeline.TRAINING_STAGES) + 1, lambda net: SubnetConfig.from_dict(record["subnet"]))
+    assert record["val_accuracy"] == pick["val_accuracy"] == val and pick["accuracy"] == test
+    assert val != test  # on this data the two splits give the pick different accuracies: the test tells them apart
+
+
 def test_folder_dataset_runs_every_stage_with_its_own_classes(repro):
     import onnx
     import torch
