@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 from tqdm import tqdm
 
 from .io import atomic_write, load_tensors
@@ -91,7 +91,7 @@ _WIDE_TO_8BIT = [(v * 255 + 32767) // 65535 for v in range(65536)]  # 16-bit val
 _RESAMPLE = Image.Resampling.BICUBIC
 _REDUCING_GAP = 3.0  # Pillow shrinks by whole factors first while keeping at least 3x the target resolution
 _DECODE_THREADS = max(1, min(8, os.cpu_count() or 1))  # Pillow releases the GIL while it decodes and resizes
-_RESIZE_CHUNK = 1024  # images resized at a time by resize_split (bounds the float copy)
+_IMAGE_CHUNK = 1024  # images at a time in resize_split and channel_stats (bounds their copies)
 
 
 class DataError(RuntimeError):
@@ -602,11 +602,18 @@ def _list_folder(source: Path) -> tuple[tuple[str, ...], dict[str, list[tuple[Pa
             if not paths:
                 raise DataError(f"{dirs[split] / name} has no images (files ending in {_EXTENSIONS_TEXT}); add some, "
                                 "or remove that class folder from every split")
-    listing = {
-        split: [(path, label) for label, name in enumerate(classes) for path in per_class[name]]
-        for split, per_class in files.items()
-    }
+    listing = {split: _interleaved([per_class[name] for name in classes]) for split, per_class in files.items()}
     return tuple(classes), listing
+
+
+def _interleaved(per_class: list[list[Path]]) -> list[tuple[Path, int]]:
+    """(path, label) pairs taking the classes in turn: the first image of each class, then the second, ...
+
+    So the first N images of a split (data.train_limit, data.test_limit) hold every class, as evenly as the
+    class sizes allow, instead of the first classes only.
+    """
+    longest = max(len(paths) for paths in per_class)
+    return [(paths[i], label) for i in range(longest) for label, paths in enumerate(per_class) if i < len(paths)]
 
 
 def _image_error(path: Path, e: BaseException) -> DataError:
@@ -639,6 +646,8 @@ def _decode(path: Path, size: int, gray: bool) -> bytes:
                 scale = size * _REDUCING_GAP / min(w, h)
                 img.draft(None, (math.ceil(w * scale), math.ceil(h * scale)))
             img.load()  # the whole file: a truncated one fails here
+            if img.getexif().get(ExifTags.Base.Orientation, 1) != 1:  # a camera's rotated photo: as it is shown
+                img = ImageOps.exif_transpose(img)
             img = _to_mode(img, gray)
             w, h = img.size
             side = min(w, h)  # the centred square that the crop keeps, in source pixels
@@ -669,8 +678,9 @@ def _read_folder(source: Path, size: int, *, progress: bool) -> Dataset:
     items = [(split, path, label) for split, pairs in listing.items() for path, label in pairs]
     gray = all(_run_ordered(lambda i: _is_gray(items[i][1]), len(items), f"reading headers of {source}", progress))
     channels = 1 if gray else 3
-    check_fits(len(items) * channels * size * size, torch.device("cpu"),
-               f"decoding the {len(items)} images of {source} at data.image_size {size}",
+    # twice the decoded bytes: holding val out of train and saving the splits copy them once more at most
+    check_fits(2 * len(items) * channels * size * size, torch.device("cpu"),
+               f"decoding the {len(items)} images of {source} at data.image_size {size} (and copying them once)",
                hint="lower data.image_size or use fewer images")
     images = torch.empty((len(items), channels, size, size), dtype=torch.uint8)
     hwc = images.permute(0, 2, 3, 1)  # a view: each image's (H, W, C) bytes land in its (C, H, W) slot
@@ -707,10 +717,10 @@ def resize_split(split: Split, size: int) -> Split:
     new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
     top, left = (new_h - size) // 2, (new_w - size) // 2
     out = torch.empty((n, c, size, size), dtype=torch.uint8, device=split.images.device)
-    for start in range(0, n, _RESIZE_CHUNK):
-        chunk = split.images[start : start + _RESIZE_CHUNK].float()
+    for start in range(0, n, _IMAGE_CHUNK):
+        chunk = split.images[start : start + _IMAGE_CHUNK].float()
         resized = F.interpolate(chunk, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)
-        out[start : start + _RESIZE_CHUNK] = resized[:, :, top : top + size, left : left + size].round().clamp(0, 255)
+        out[start : start + _IMAGE_CHUNK] = resized[:, :, top : top + size, left : left + size].round().clamp(0, 255)
     return Split(out, split.labels)
 
 
@@ -866,9 +876,23 @@ def synthetic(
 
 
 def channel_stats(split: Split) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and std (at least 1) of a split's pixels, each (1, C, 1, 1) float: the normalisation."""
-    pixels = split.images.float().transpose(0, 1).reshape(split.images.shape[1], -1)  # (C, N*H*W)
-    return pixels.mean(dim=1).view(1, -1, 1, 1), pixels.std(dim=1).clamp_min(1.0).view(1, -1, 1, 1)
+    """Per-channel mean and std (at least 1) of a split's uint8 pixels, each (1, C, 1, 1) float: the normalisation.
+
+    Exact, from each channel's histogram of the 256 pixel values (counted a chunk of images at a time), so it
+    needs no float copy of the split.
+    """
+    images = split.images
+    counts = torch.zeros(images.shape[1], 256, dtype=torch.int64)
+    for start in range(0, len(images), _IMAGE_CHUNK):
+        chunk = images[start : start + _IMAGE_CHUNK].transpose(0, 1).reshape(images.shape[1], -1).cpu()
+        for c in range(images.shape[1]):
+            counts[c] += torch.bincount(chunk[c], minlength=256)
+    values = torch.arange(256, dtype=torch.float64)
+    n = counts.sum(dim=1, keepdim=True).double()
+    mean = (counts * values).sum(dim=1, keepdim=True) / n
+    var = (counts * (values - mean) ** 2).sum(dim=1) / (n.squeeze(1) - 1).clamp_min(1)  # unbiased, as Tensor.std
+    as_shape = lambda t: t.float().view(1, -1, 1, 1)  # noqa: E731
+    return as_shape(mean), as_shape(var.sqrt().clamp_min(1.0))
 
 
 def hold_out(split: Split, images: int, seed: int) -> tuple[Split, Split]:

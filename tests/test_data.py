@@ -558,6 +558,34 @@ def test_split_validation() -> None:
     assert s.images.is_contiguous()
 
 
+def test_hold_out_is_drawn_from_the_seed_and_disjoint() -> None:
+    images = torch.arange(50, dtype=torch.uint8).view(50, 1, 1, 1)  # each image's pixel is its index
+    split = Split(images, torch.arange(50) % 5)
+    rest, val = data.hold_out(split, 10, seed=3)
+    again_rest, again_val = data.hold_out(split, 10, seed=3)
+    assert torch.equal(val.images, again_val.images) and torch.equal(rest.images, again_rest.images)
+    taken, kept = val.images.flatten().tolist(), rest.images.flatten().tolist()
+    assert len(taken) == 10 and sorted(taken + kept) == list(range(50))  # disjoint, nothing lost
+    assert taken == sorted(taken) and kept == sorted(kept)  # split order kept
+    assert val.labels.tolist() == [i % 5 for i in taken]  # labels travel with their images
+    assert taken != list(range(10)) and data.hold_out(split, 10, seed=4)[1].images.flatten().tolist() != taken
+    with pytest.raises(ValueError, match="cannot hold out 50 of 50"):
+        data.hold_out(split, 50, seed=3)
+
+
+def test_channel_stats_are_exact_chunk_by_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (37, 3, 5, 4), dtype=torch.uint8, generator=g)
+    images[:, 2] = 7  # a constant channel: std clamped to 1
+    monkeypatch.setattr(data, "_IMAGE_CHUNK", 8)  # several chunks, the last one short
+    mean, std = data.channel_stats(Split(images, torch.zeros(37, dtype=torch.int64)))
+    pixels = images.double().transpose(0, 1).reshape(3, -1)
+    assert mean.shape == std.shape == (1, 3, 1, 1) and mean.dtype == std.dtype == torch.float32
+    assert torch.allclose(mean.view(-1).double(), pixels.mean(1), atol=1e-5)
+    assert torch.allclose(std.view(-1)[:2].double(), pixels.std(1)[:2], atol=1e-5)
+    assert mean.view(-1)[2] == 7 and std.view(-1)[2] == 1
+
+
 def test_save_load_round_trip(tmp_path: Path) -> None:
     train, _ = data.synthetic(seed=5, n_train=40, n_test=8)
     view = Split(train.images[10:20], train.labels[10:20])

@@ -98,13 +98,14 @@ def test_rgb_folder(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     assert "decoding" in capfd.readouterr().err  # a progress bar on stderr
     assert ds.classes == ("ant", "bee", "cat") and ds.val is None and ds.image_shape == (3, S, S)
     assert ds.train.images.shape == (6, 3, S, S) and ds.train.images.dtype == torch.uint8
-    assert ds.train.labels.tolist() == [0, 0, 1, 1, 2, 2] and ds.train.labels.dtype == torch.int64
+    # the classes in turn (each one's first image, then each one's second), so a limit keeps every class
+    assert ds.train.labels.tolist() == [0, 1, 2, 0, 1, 2] and ds.train.labels.dtype == torch.int64
     assert ds.test.images.shape == (3, 3, S, S) and ds.test.labels.tolist() == [0, 1, 2]
     train, test = ds.train.images, ds.test.images
     assert close(train[0], ANT, 0)  # PNG: exact
-    assert close(train[1], ANT, 3) and close(test[0], ANT, 3)  # JPEG: nearly
-    assert close(train[2], BEE, 0)  # lossless WebP
-    assert close(train[3], (90, 90, 90), 0)  # the grey PNG, as RGB
+    assert close(train[3], ANT, 3) and close(test[0], ANT, 3)  # JPEG: nearly
+    assert close(train[1], BEE, 0)  # lossless WebP
+    assert close(train[4], (90, 90, 90), 0)  # the grey PNG, as RGB
     assert close(train[5], CAT, 0) and close(test[2], CAT, 0)  # BMP, palette BMP
     assert close(test[1], BEE, 0)  # 5 x 7 enlarged to 8 x 8
     assert not (tmp_path / "raw").exists()  # nothing is copied
@@ -112,15 +113,39 @@ def test_rgb_folder(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
 
 def test_shorter_side_resize_then_centre_crop(tmp_path: Path) -> None:
     source = write(tmp_path / "images", rgb_files())
-    out = prepare(source).train.images[4].to(torch.int16)  # train/cat/bands.png
+    out = prepare(source).train.images[2].to(torch.int16)  # train/cat/bands.png
     assert bool((out == out[:, :1]).all())  # every row alike
     assert close(out[:, :, 1:3], RED, 12) and close(out[:, :, 5:7], BLUE, 12)
     assert int(out[0, 0, 0]) > 200 and int(out[1, 0, 0]) < 60  # the edges are red and blue, not green
     assert int(out[2, 0, 7]) > 200 and int(out[1, 0, 7]) < 60
     # sideways the same: 16 x 64 keeps the middle rows
     save(bands().transpose(Image.Transpose.ROTATE_90), source / "train" / "cat" / "bands.png")
-    turned = prepare(source).train.images[4].to(torch.int16)
+    turned = prepare(source).train.images[2].to(torch.int16)
     assert torch.equal(turned, out.transpose(1, 2).flip(1))
+
+
+def test_classes_take_turns_so_a_limit_keeps_every_class(tmp_path: Path) -> None:
+    files = {f"{split}/{name}/{i}.png": (lambda p, c=colour: save(solid(c, (8, 8)), p))
+             for split, count in (("train", 4), ("test", 1)) for name, colour in (("ant", ANT), ("bee", BEE))
+             for i in range(count)}
+    files["train/cat/0.png"] = lambda p: save(solid(CAT, (8, 8)), p)  # a class with fewer images
+    ds = prepare(write(tmp_path / "images", {**files, "test/cat/0.png": files["train/cat/0.png"]}))
+    assert ds.train.labels.tolist() == [0, 1, 2, 0, 1, 0, 1, 0, 1]
+    assert close(ds.train.images[2], CAT, 0) and close(ds.train.images[3], ANT, 0)
+    assert sorted(ds.train.labels[:3].tolist()) == [0, 1, 2]  # data.train_limit 3: one image of each class
+
+
+def test_exif_orientation_is_applied(tmp_path: Path) -> None:
+    """A camera stores a portrait photo sideways with an EXIF orientation; it is decoded as it is shown."""
+    stored = solid((250, 250, 250), (24, 12))  # stored 24 wide, 12 high: white left half, black right half
+    stored.paste((0, 0, 0), (12, 0, 24, 12))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation 6: shown turned 90 degrees clockwise, 12 wide and 24 high, white on top
+    files = {**rgb_files(), "train/cat/bands.png": lambda p: save(stored, p.with_suffix(".jpg"), exif=exif,
+                                                                  quality=95)}
+    out = prepare(write(tmp_path / "images", files)).train.images[2].to(torch.int16)
+    assert bool((out[:, :3] > 220).all()) and bool((out[:, -3:] < 30).all())  # rows 6..17 of the shown image
+    assert bool(((out[:, :, :1] - out[:, :, -1:]).abs() < 30).all())  # columns alike: not the stored halves
 
 
 def test_file_order_never_changes_the_result(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -152,7 +177,7 @@ def test_all_grey_gives_one_channel_and_val(tmp_path: Path) -> None:
     ds = prepare(write(tmp_path / "grey", files))
     assert ds.channels == 1 and ds.classes == ("x", "y")
     assert ds.train.images.shape == (4, 1, S, S) and ds.test.images.shape == (2, 1, S, S)
-    assert [int(img.float().mean().round()) for img in ds.train.images] == [90, 100, 255, 40]
+    assert [int(img.float().mean().round()) for img in ds.train.images] == [90, 255, 100, 40]  # x, y, x, y
     assert ds.test.images.flatten(1).float().mean(1).tolist() == [10.0, 20.0]
     assert ds.val is not None and ds.val.labels.tolist() == [0, 1] and ds.val.images.shape == (2, 1, S, S)
     assert ds.val.images.flatten(1).float().mean(1).tolist() == [30.0, 50.0]
@@ -260,8 +285,9 @@ def test_folder_checks_memory_before_decoding(tmp_path: Path, monkeypatch: pytes
     monkeypatch.setattr(data, "available_memory", lambda device: seen.append(device) or 100)
     decoded: list[Path] = []
     monkeypatch.setattr(data, "_decode", lambda path, size, gray: decoded.append(path))
-    assert error(source) == (f"decoding the 9 images of {source} at data.image_size 8 needs 1.7 KiB but cpu has "
-                             "100 bytes available; lower data.image_size or use fewer images")  # 9 x 3 x 8 x 8 bytes
+    # twice 9 x 3 x 8 x 8 bytes: the decoded images and the copy that holding out val or saving makes
+    assert error(source) == (f"decoding the 9 images of {source} at data.image_size 8 (and copying them once) needs "
+                             "3.4 KiB but cpu has 100 bytes available; lower data.image_size or use fewer images")
     assert seen == [torch.device("cpu")] and decoded == []
 
 
