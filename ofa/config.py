@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -291,7 +292,7 @@ def _check_data(d: DataParams) -> None:
 def _check_specialize(params: Params) -> None:
     s = params.specialize
     for i, b in enumerate(s.budgets):
-        if not b >= 1:
+        if not 1 <= b < math.inf:
             raise ParamsError(f"specialize.budgets[{i}]: {b!r} is not allowed (MACs per image, a positive number)")
     if len(set(s.macs_budgets())) != len(s.budgets):
         raise ParamsError(f"specialize.budgets: duplicate budgets in {list(s.budgets)} (each budget once)")

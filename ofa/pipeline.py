@@ -23,7 +23,7 @@ import torch
 
 from . import data as data_mod
 from . import distributed
-from .config import Params, PhaseParams
+from .config import Params, ParamsError, PhaseParams
 from .flops import count_macs, count_params
 from .io import atomic_write, load_tensors, write_json
 from .space import SubnetConfig
@@ -125,6 +125,9 @@ def download(params: Params, root: Path = Path(".")) -> dict[str, Any]:
                                  "images (fewer, to leave images to train on)")
     else:
         train, val = data_mod.hold_out(train, d.val_images, seed=params.seed)
+    shape = tuple(train.images.shape[1:])
+    with torch.device("meta"):  # the architecture only: no weights are allocated or initialised
+        check_budgets(params, build_net(params, shape, list(ds.classes)), shape)
     for name, split in (("train", train), ("val", val), ("test", test)):
         data_mod.save_split(split, root / PREPARED / f"{name}.pt")
     write_json(root / CLASSES, list(ds.classes))
@@ -140,8 +143,26 @@ def subnet_accuracy(net: OFANet, cfg: SubnetConfig, data: DeviceData, calibratio
     return evaluate(sub, data, batch_size=batch_size, split=split)
 
 
+def check_budgets(params: Params, net: OFANet, input_shape: tuple[int, ...]) -> None:
+    """ParamsError naming the first of specialize.budgets below the smallest subnet's MACs.
+
+    Every stage checks it as soon as it knows the input (download once the data is read, the others before
+    they train), so a budget that cannot be met stops a fresh ``dvc repro`` before any training, not at its
+    last stage.
+    """
+    smallest_config = net.min_config()
+    smallest = net.macs(smallest_config, input_shape)
+    for i, b in enumerate(params.specialize.macs_budgets()):
+        if b < smallest:
+            raise ParamsError(f"specialize.budgets[{i}]: {b} MACs is below the smallest subnet ({smallest_config}: "
+                              f"{smallest} MACs); at least {smallest}")
+
+
 def stage_setup(params: Params, root: Path, stage_index: int) -> tuple[DeviceData, OFANet, list[torch.Tensor]]:
-    """Seed, the prepared data on the training device, a fresh supernet, and the stage's BN calibration batches."""
+    """Seed, the prepared data on the training device, a fresh supernet, and the stage's BN calibration batches.
+
+    Checks first that the prepared data fits the device and that specialize.budgets fit the space.
+    """
     torch.manual_seed(params.seed)
     device = distributed.device(select_device(params.train.device))  # a rank's own GPU in a job of several
     classes = load_classes(root)
@@ -151,7 +172,9 @@ def stage_setup(params: Params, root: Path, stage_index: int) -> tuple[DeviceDat
                         hint="lower data.image_size, data.train_limit or train.processes" if copies > 1 else
                         "lower data.image_size or data.train_limit")
     data = DeviceData.load(root / PREPARED, device)
-    net = build_net(params, data.input_shape, classes).to(device, memory_format=torch.channels_last)
+    net = build_net(params, data.input_shape, classes)
+    check_budgets(params, net, data.input_shape)
+    net = net.to(device, memory_format=torch.channels_last)
     calibration = data.calibration_batches(params.evaluate.bn_calibration_images, params.train.eval_batch_size,
                                            seed=params.seed + stage_index)
     return data, net, calibration
@@ -419,7 +442,7 @@ def main(stage: Callable[[Params], Any], parallel: bool = True) -> None:
     A stage with nothing to divide among processes (download) passes ``parallel=False``: it runs as this one
     process whatever train.processes says.
     """
-    from .config import ParamsError, load_params
+    from .config import load_params
     from .export import ExportError
     from .train import DivergenceError
 

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from . import distributed, search
-from .config import Params, ParamsError
+from .config import Params
 from .export import export_onnx, save_subnet
 from .io import write_json
 from .pipeline import (
@@ -40,14 +40,6 @@ PLOT_DIR = METRICS / "search_plot"  # MACs vs val accuracy: every evaluated conf
 def budget_name(budget: int) -> str:
     """File-name label of a MACs budget: 2500000 -> 'macs-2.5M'."""
     return "macs-" + f"{budget / 1e6:.6f}".rstrip("0").rstrip(".") + "M"
-
-
-def check_budgets(budgets: list[int], smallest: int, smallest_config: SubnetConfig) -> None:
-    """ParamsError naming the first budget below the smallest subnet's MACs."""
-    for i, b in enumerate(budgets):
-        if b < smallest:
-            raise ParamsError(f"specialize.budgets[{i}]: {b} MACs is below the smallest subnet ({smallest_config}: "
-                              f"{smallest} MACs); at least {smallest}")
 
 
 class _Subnets:
@@ -87,8 +79,7 @@ def specialize(params: Params, root: Path = Path("."), progress: bool = True) ->
     w = distributed.world()
     data, net, calibration = stage_setup(params, root, len(TRAINING_STAGES) + 1)
     shape = data.input_shape
-    budgets = params.specialize.macs_budgets()
-    check_budgets(budgets, net.macs(net.min_config(), shape), net.min_config())
+    budgets = params.specialize.macs_budgets()  # each at least the smallest subnet's MACs (stage_setup checks)
     checkpoint = root / MODELS / "shrink_width.pt"
     load_checkpoint(net, checkpoint)
     net.eval()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -98,6 +99,7 @@ BAD = [
     ("specialize.budgets", [], r"^specialize\.budgets: empty list"),
     ("specialize.budgets", [3.0e7, 0], r"^specialize\.budgets\[1\]: 0 is not allowed \(MACs per image, a positive"),
     ("specialize.budgets", [-4.0e7], r"^specialize\.budgets\[0\]: -40000000\.0 is not allowed"),
+    ("specialize.budgets", [3.0e7, float("inf")], r"^specialize\.budgets\[1\]: inf is not allowed \(MACs per image"),
     ("specialize.budgets", ["2.5e6"], r"^specialize\.budgets\[0\]: got '2\.5e6' \(a number\)$"),
     ("specialize.budgets", [3.0e7, 30000000], r"^specialize\.budgets: duplicate budgets"),
     ("specialize.trials", 0, r"^specialize\.trials: 0 is out of range \(>= 1\)$"),
@@ -137,16 +139,25 @@ def test_stage_script_fails_fast_without_traceback_or_outputs(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
 
 
-def test_budget_below_the_smallest_subnet_fails_before_the_search(tmp_path):
+def test_budget_below_the_smallest_subnet_fails_before_any_training(tmp_path):
     from test_pipeline import tiny_params
 
     raw = tiny_params()
     raw["specialize"]["budgets"] = [2_000_000, 600_000]  # the tiny space's smallest subnet: 616512 MACs
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-    for stage, code in (("download", 0), ("specialize", 2)):
-        result = subprocess.run([sys.executable, str(ROOT / "stages" / f"{stage}.py")], cwd=tmp_path,
-                                capture_output=True, text=True, timeout=120)
-        assert result.returncode == code, result.stderr
+    result = subprocess.run([sys.executable, str(ROOT / "stages" / "download.py")], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)  # the first stage that knows the input
+    assert result.returncode == 2, result.stderr
     assert result.stderr.strip() == ("error: specialize.budgets[1]: 600000 MACs is below the smallest subnet "
                                      "(k5-d2-w2: 616512 MACs); at least 616512")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+    # budgets that fit, then a net whose smallest subnet outgrows them: the next stage stops before training
+    from ofa import pipeline
+
+    raw["specialize"]["budgets"] = [800_000, 1_500_000]
+    pipeline.download(parse_params(raw), tmp_path)
+    raw["net"]["final_channels"] = 256  # the smallest subnet: about 0.85M MACs
+    with pytest.raises(ParamsError, match=r"^specialize\.budgets\[0\]: 800000 MACs is below the smallest subnet "
+                       r"\(k5-d2-w2: (\d+) MACs\); at least \1$"):
+        pipeline.stage_setup(parse_params(raw), tmp_path, 0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "params.yaml"]
