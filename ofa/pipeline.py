@@ -57,18 +57,18 @@ def load_checkpoint(net: OFANet, path: Path) -> None:
     """Load weights saved by save_checkpoint (weights_only); refuse a checkpoint of another architecture."""
     ckpt = load_tensors(path, {"arch", "state_dict"}, CheckpointError, "checkpoint")
     ours, theirs = net.arch, ckpt["arch"]
-    for key in ours:
-        if key == "classes" and theirs.get(key) != ours[key]:
+    for key in sorted(ours, key=lambda k: k != "classes"):  # the class names first: they say more than a count
+        if theirs.get(key) == ours[key]:
+            continue
+        if key == "classes":
             raise CheckpointError(f"{path}: trained on {_names(theirs.get(key))}, the prepared data has "
                                   f"{_names(ours[key])} (data.dataset; rerun the upstream stages: dvc repro)")
-        if theirs.get(key) != ours[key]:
-            where = {"space": "space", "units": "net.units"}.get(key, f"net.{key}")
-            if key in ("in_channels", "num_classes"):
-                where = "data.dataset"
-            raise CheckpointError(
-                f"{path}: built with {where} = {theirs.get(key)!r}, params give {ours[key]!r} "
-                "(rerun the upstream stages: dvc repro)"
-            )
+        if key in ("in_channels", "num_classes"):
+            raise CheckpointError(f"{path}: built for {key} = {theirs.get(key)!r}, the prepared data has "
+                                  f"{ours[key]!r} (data.dataset; rerun the upstream stages: dvc repro)")
+        where = {"space": "space", "units": "net.units"}.get(key, f"net.{key}")
+        raise CheckpointError(f"{path}: built with {where} = {theirs.get(key)!r}, params give {ours[key]!r} "
+                              "(rerun the upstream stages: dvc repro)")
     net.load_state_dict(ckpt["state_dict"])
 
 

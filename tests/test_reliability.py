@@ -178,8 +178,11 @@ def test_checkpoint_of_other_params_is_refused(two_runs):
     raw["net"]["units"][1]["channels"] = 24
     with pytest.raises(pipeline.CheckpointError, match=r"built with net.units = "):
         pipeline.load_checkpoint(pipeline.build_net(parse_params(raw), shape, DIGITS), ckpt)
-    with pytest.raises(pipeline.CheckpointError, match=r"built with data.dataset = 3, params give 1"):
+    with pytest.raises(pipeline.CheckpointError, match=r"built for in_channels = 3, the prepared data has 1 \(data.dataset;"):
         pipeline.load_checkpoint(pipeline.build_net(parse_params(profile()), (1, 16, 16), DIGITS), ckpt)
+    with pytest.raises(pipeline.CheckpointError, match=r"trained on classes .*\(10 in all\), the prepared data has "
+                       r"classes '0', '1', '2', '3', \.\.\. \(9 in all\) \(data.dataset;"):  # the names, not a count
+        pipeline.load_checkpoint(pipeline.build_net(parse_params(profile()), shape, DIGITS[:9]), ckpt)
     other = [*DIGITS[:9], "ten"]  # as many classes, one of them another
     with pytest.raises(pipeline.CheckpointError, match=r"^\S+shrink_width.pt: trained on classes '0', '1', '2', '3', "
                        r"\.\.\. \(10 in all\), the prepared data has classes '0', .*\(data.dataset; rerun"):
