@@ -194,8 +194,13 @@ def prepared_files(root: Path) -> list[Path]:
 
 
 def resume_key(params: Params, stage: str, inputs: list[Path]) -> str:
-    """Identifies a stage run: all params, the stage, and the content of its input files."""
-    h = hashlib.sha256(json.dumps({"stage": stage, "params": asdict(params)}, sort_keys=True).encode())
+    """Identifies a stage run: all params, the stage, the job's process count and the content of its input files.
+
+    The process count is the job's own (torchrun's, which may differ from train.processes): a state saved by
+    another number of processes holds other per-rank states and is not resumed.
+    """
+    run = {"stage": stage, "params": asdict(params), "processes": distributed.world().size}
+    h = hashlib.sha256(json.dumps(run, sort_keys=True).encode())
     for path in inputs:
         h.update(_md5(path).encode())
     return h.hexdigest()

@@ -191,6 +191,24 @@ def test_checkpoint_of_other_params_is_refused(two_runs):
         pipeline.load_checkpoint(pipeline.build_net(parse_params(tiny_params()), shape, DIGITS), ckpt)
 
 
+def test_a_resume_state_belongs_to_its_params_inputs_and_process_count(tmp_path, monkeypatch):
+    """A stage started by torchrun with another process count (train.processes unchanged) starts afresh."""
+    from ofa import distributed
+
+    inputs = [tmp_path / "a.pt"]
+    inputs[0].write_bytes(b"one")
+    params = parse_params(tiny_params())
+    key = pipeline.resume_key(params, "shrink_width", inputs)
+    assert pipeline.resume_key(params, "shrink_width", inputs) == key
+    assert pipeline.resume_key(params, "shrink_depth", inputs) != key
+    assert pipeline.resume_key(parse_params(tiny_params(val_images=100)), "shrink_width", inputs) != key
+    inputs[0].write_bytes(b"two")
+    assert pipeline.resume_key(params, "shrink_width", inputs) != key
+    inputs[0].write_bytes(b"one")
+    monkeypatch.setattr(distributed, "world", lambda: distributed.World(0, 2))
+    assert pipeline.resume_key(params, "shrink_width", inputs) != key
+
+
 def test_garbage_checkpoint_is_refused(tmp_path):
     bad = tmp_path / "x.pt"
     bad.write_bytes(b"not a checkpoint")
