@@ -139,7 +139,7 @@ def test_he_fout_init_of_stem_final_and_classifier():
         ofa.OFANet(SEED_SPACE, 3, 10, init="xavier")
 
 
-def test_a_three_width_space_trains_the_width_stage_in_two_phases(tmp_path):
+def test_a_three_width_space_trains_the_width_stage_in_two_phases(tmp_path, monkeypatch):
     from ofa import pipeline
 
     raw = tiny_params()
@@ -151,7 +151,12 @@ def test_a_three_width_space_trains_the_width_stage_in_two_phases(tmp_path):
     net = pipeline.build_net(params, (3, 16, 16), [str(i) for i in range(10)])
     for stage in ("train_supernet", "shrink_depth"):
         pipeline.save_checkpoint(net, tmp_path / "models" / f"{stage}.pt")
+    sorts = []
+    sort = ofa.OFANet.sort_channels
+    monkeypatch.setattr(ofa.OFANet, "sort_channels",
+                        lambda self, protect=(): sorts.append(tuple(protect)) or sort(self, protect))
     metrics = pipeline.train_stage(params, "shrink_width", tmp_path, progress=False)
     assert metrics["epochs"] == 2  # the first phase on widths {3, 4}, then all widths
+    assert sorts == [(), (3, 4)]  # before each phase; the second keeps the first phase's widths on their channels
     lr = (tmp_path / "metrics" / "live" / "shrink_width" / "plots" / "metrics" / "lr.tsv").read_text().splitlines()
     assert len(lr) == 3 and not list((tmp_path / ".resume").glob("*.pt"))
