@@ -556,11 +556,14 @@ def _subfolders(folder: Path) -> list[str]:
 
 
 def _image_files(folder: Path) -> list[Path]:
-    """The visible image files of a class folder, sorted by name; other files are ignored."""
+    """The visible image files of a class folder, sorted by name; other files are ignored.
+
+    A symbolic link with an image's name is kept even when it leads nowhere: reading it names it.
+    """
     try:
         return sorted(
-            (p for p in folder.iterdir()
-             if not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()),
+            (p for p in folder.iterdir() if not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
+             and (p.is_file() or p.is_symlink())),
             key=lambda p: p.name,
         )
     except OSError as e:
@@ -621,9 +624,15 @@ def _image_error(path: Path, e: BaseException) -> DataError:
 
 
 def _is_gray(path: Path) -> bool:
-    """Whether an image has one channel, from its header alone (also rejects files that are no image)."""
+    """Whether an image has one channel, from its header alone (also rejects files that are no image).
+
+    A palette image counts as grey when every colour of its palette is a grey.
+    """
     try:
         with Image.open(path) as img:
+            if img.mode == "P":
+                palette = img.getpalette() or []
+                return all(palette[i] == palette[i + 1] == palette[i + 2] for i in range(0, len(palette) - 2, 3))
             return img.mode in _GRAY_MODES
     except Exception as e:  # noqa: BLE001 - Pillow's plugins raise many types on broken headers
         raise _image_error(path, e) from e

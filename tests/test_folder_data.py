@@ -171,14 +171,15 @@ def test_all_grey_gives_one_channel_and_val(tmp_path: Path) -> None:
         "train/y/b.jpg": lambda p: save(solid(40, (12, 12), "L"), p, quality=95),
         "test/x/a.png": lambda p: save(solid(10, (8, 8), "L"), p),
         "test/y/a.png": lambda p: save(solid(20, (8, 8), "LA"), p),
+        "test/x/b.png": lambda p: save(solid(70, (8, 8), "L").convert("P"), p),  # a palette of greys
         "val/x/v.png": lambda p: save(solid(30, (8, 9), "L"), p),
         "val/y/v.png": lambda p: save(solid(50, (9, 8), "L"), p),
     }
     ds = prepare(write(tmp_path / "grey", files))
     assert ds.channels == 1 and ds.classes == ("x", "y")
-    assert ds.train.images.shape == (4, 1, S, S) and ds.test.images.shape == (2, 1, S, S)
+    assert ds.train.images.shape == (4, 1, S, S) and ds.test.images.shape == (3, 1, S, S)
     assert [int(img.float().mean().round()) for img in ds.train.images] == [90, 255, 100, 40]  # x, y, x, y
-    assert ds.test.images.flatten(1).float().mean(1).tolist() == [10.0, 20.0]
+    assert ds.test.images.flatten(1).float().mean(1).tolist() == [10.0, 20.0, 70.0]
     assert ds.val is not None and ds.val.labels.tolist() == [0, 1] and ds.val.images.shape == (2, 1, S, S)
     assert ds.val.images.flatten(1).float().mean(1).tolist() == [30.0, 50.0]
     # one colour image anywhere, here in val/, makes every split RGB
@@ -205,6 +206,10 @@ def test_corrupt_images_are_named(tmp_path: Path) -> None:
     garbage = source / "test" / "cat" / "g.webp"
     garbage.write_bytes(b"RIFF but not really a WebP file")
     assert error(source).startswith(f"cannot read image {garbage}: UnidentifiedImageError")
+    garbage.unlink()
+    broken = source / "train" / "ant" / "c.png"
+    broken.symlink_to(tmp_path / "nowhere.png")  # a link that leads nowhere is named, not skipped
+    assert error(source).startswith(f"cannot read image {broken}: FileNotFoundError")
 
 
 def test_folder_errors_name_the_folder_or_key(tmp_path: Path) -> None:
