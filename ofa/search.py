@@ -166,7 +166,8 @@ def search(
             waiting = study.get_trials(deepcopy=False, states=[TrialState.WAITING])
             if n < len(uniform) and not waiting:
                 study.enqueue_trial(to_params(uniform[n], space))
-            study.sampler = optuna.samplers.NSGAIISampler(population_size=population, seed=seed * 1_000_003 + n)
+            study.sampler = optuna.samplers.NSGAIISampler(  # numpy's seeds: 0 to 2**32 - 1
+                population_size=population, seed=(seed * 1_000_003 + n) % 2**32)
             trial = study.ask(dists)
             asked.append((trial, from_params(trial.params, space, num_units)))
         new: dict[SubnetConfig, int] = {}  # each config not scored yet -> the first trial that asked for it

@@ -66,6 +66,9 @@ def test_search_opens_with_every_uniform_config_and_memoises_repeats():
     other = search.search(SEED_SPACE, net.num_units, _score, lambda c: net.macs(c, (3, 16, 16)),
                           trials=40, population=8, seed=1, progress=False)
     assert [c.config for c in other] != [c.config for c in cands]
+    big = search.search(SEED_SPACE, net.num_units, _score, lambda c: net.macs(c, (3, 16, 16)),
+                        trials=10, population=8, seed=2**32 - 1, progress=False)  # numpy takes seeds below 2**32
+    assert len(big) >= 8
 
 
 def test_interrupted_search_resumes_without_re_evaluating(tmp_path):
