@@ -95,7 +95,7 @@ class TrainParams:
     weight_decay: float = _rule(min=0, default=3e-5)
     warmup_epochs: float = _rule(min=0, default=1.0)  # linear warm-up, then cosine to 0
     label_smoothing: float = _rule(min=0, lt=1, default=0.1)
-    crop_padding: int = _rule(min=0, default=4)  # random crop with this zero padding; 0 = no crop
+    crop_padding: int = _rule(min=0, max=64, default=4)  # random crop with this zero padding; 0 = no crop
     flip: bool = True  # random horizontal flip
     device: str = _rule(choices=DEVICES, default="auto")
     processes: int = _rule(min=1, default=1)  # on this machine: one per GPU (NCCL), or CPU processes (gloo)
@@ -151,7 +151,7 @@ class FinetuneParams(PhaseParams):
 class EvaluateParams:
     finetune: FinetuneParams
     bn_calibration_images: int = _rule(min=1, default=2000)
-    sampled_configs: int = _rule(min=0, default=0)  # random per-block configs besides the uniform grid
+    sampled_configs: int = _rule(min=0, max=10_000, default=0)  # random per-block configs besides the uniform grid
 
 
 @dataclass(frozen=True)
@@ -174,7 +174,7 @@ class Params:
     shrink: ShrinkParams
     evaluate: EvaluateParams
     specialize: SpecializeParams
-    seed: int = _rule(min=0, default=0)
+    seed: int = _rule(min=0, max=2**32 - 1, default=0)
 
     def search_population(self) -> int:
         """NSGA-II population: specialize.population, or enough for every uniform config and at least 16."""
@@ -215,6 +215,8 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
     }[tp]
     if not ok:
         raise ParamsError(f"{path}: got {value!r} ({_type_name(tp)})")
+    if tp is float and not math.isfinite(value):
+        raise ParamsError(f"{path}: {value!r} is not allowed (a finite number)")
     return value
 
 
@@ -227,7 +229,8 @@ def _check_range(value: Any, meta: typing.Mapping, path: str) -> None:
               ("max", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<")]
     for key, ok, sign in bounds:
         if meta.get(key) is not None and not ok(value, meta[key]):
-            allowed = [f"{s} {meta[k]:g}" for k, _, s in bounds if meta.get(k) is not None]
+            allowed = [f"{s} {meta[k] if isinstance(meta[k], int) else format(meta[k], 'g')}"
+                       for k, _, s in bounds if meta.get(k) is not None]
             raise ParamsError(f"{path}: {value!r} is out of range ({' and '.join(allowed)})")
 
 
@@ -292,7 +295,7 @@ def _check_data(d: DataParams) -> None:
 def _check_specialize(params: Params) -> None:
     s = params.specialize
     for i, b in enumerate(s.budgets):
-        if not 1 <= b < math.inf:
+        if not b >= 1:
             raise ParamsError(f"specialize.budgets[{i}]: {b!r} is not allowed (MACs per image, a positive number)")
     if len(set(s.macs_budgets())) != len(s.budgets):
         raise ParamsError(f"specialize.budgets: duplicate budgets in {list(s.budgets)} (each budget once)")
@@ -305,13 +308,39 @@ def _check_specialize(params: Params) -> None:
                           f"the first generation (at least {grid}, or null)")
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, line: int) -> None:
+        super().__init__(f"duplicate key {key!r}")
+        self.key, self.line = key, line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (the last one would win silently: a
+    second `train:` section would drop every key of the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, typing.Hashable):
+                if key in seen:
+                    raise _DuplicateKey(key, key_node.start_mark.line + 1)
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate params.yaml."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except FileNotFoundError:
         raise ParamsError(f"{path}: file not found (run from the project root)") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ParamsError(f"{path}: cannot read it ({type(e).__name__}: {' '.join(str(e).split())})") from None
+    except _DuplicateKey as e:
+        raise ParamsError(f"{path}: line {e.line}: {e.key} is given twice (each key once in a mapping; the second "
+                          "would replace the first)") from None
     except yaml.YAMLError as e:
         raise ParamsError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
     return parse_params(raw)

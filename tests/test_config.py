@@ -86,7 +86,7 @@ BAD = [
     ("net.feature_mix_channels", 0, r"^net\.feature_mix_channels: 0 is out of range \(>= 1\)$"),
     ("data.train_limit", 0, r"^data\.train_limit: 0 is out of range \(>= 1\)$"),
     ("evaluate.bn_calibration_images", 0, r"^evaluate\.bn_calibration_images: 0 is out of range \(>= 1\)$"),
-    ("evaluate.sampled_configs", -2, r"^evaluate\.sampled_configs: -2 is out of range \(>= 0\)$"),
+    ("evaluate.sampled_configs", -2, r"^evaluate\.sampled_configs: -2 is out of range \(>= 0 and <= 10000\)$"),
     ("net.units.0.stride", 3, r"^net\.units\[0\]\.stride: 3 is not allowed \(one of 1, 2\)$"),
     ("net.units.1.activation", "gelu", r"^net\.units\[1\]\.activation: 'gelu' is not allowed \(one of relu, hswish\)$"),
     ("net.units.0.channels", KeyError, r"^net\.units\[0\]\.channels: missing \(an integer\)$"),
@@ -99,7 +99,12 @@ BAD = [
     ("specialize.budgets", [], r"^specialize\.budgets: empty list"),
     ("specialize.budgets", [3.0e7, 0], r"^specialize\.budgets\[1\]: 0 is not allowed \(MACs per image, a positive"),
     ("specialize.budgets", [-4.0e7], r"^specialize\.budgets\[0\]: -40000000\.0 is not allowed"),
-    ("specialize.budgets", [3.0e7, float("inf")], r"^specialize\.budgets\[1\]: inf is not allowed \(MACs per image"),
+    ("specialize.budgets", [3.0e7, float("inf")], r"^specialize\.budgets\[1\]: inf is not allowed \(a finite number\)$"),
+    ("train.warmup_epochs", float("inf"), r"^train\.warmup_epochs: inf is not allowed \(a finite number\)$"),
+    ("space.width", [float("nan"), 4], r"^space\.width\[0\]: nan is not allowed \(a finite number\)$"),
+    ("seed", 2**64, r"^seed: 18446744073709551616 is out of range \(>= 0 and <= 4294967295\)$"),
+    ("train.crop_padding", 10**6, r"^train\.crop_padding: 1000000 is out of range \(>= 0 and <= 64\)$"),
+    ("evaluate.sampled_configs", 10**12, r"^evaluate\.sampled_configs: 1000000000000 is out of range \(>= 0 and <= 10000\)$"),
     ("specialize.budgets", ["2.5e6"], r"^specialize\.budgets\[0\]: got '2\.5e6' \(a number\)$"),
     ("specialize.budgets", [3.0e7, 30000000], r"^specialize\.budgets: duplicate budgets"),
     ("specialize.trials", 0, r"^specialize\.trials: 0 is out of range \(>= 1\)$"),
@@ -123,6 +128,26 @@ def test_a_folder_dataset_needs_its_image_size():
         parse_params(raw)
     raw["data"].update(image_size=64, val_images=10**6)  # the folder's size is known only once it is read
     assert parse_params(raw).data.image_size == 64
+
+
+def test_params_yaml_read_errors_are_one_line(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text((ROOT / "params.yaml").read_text() + "train:\n  batch_size: 32\n")  # a second train section
+    line = len((ROOT / "params.yaml").read_text().splitlines()) + 1
+    with pytest.raises(ParamsError, match=rf"^\S+params\.yaml: line {line}: train is given twice \(each key once"):
+        load_params(path)
+    path.write_text("seed: 0\nsupernet: {epochs: 2, lr: 0.1, lr: 0.2}\n")
+    with pytest.raises(ParamsError, match=r"^\S+params\.yaml: line 2: lr is given twice"):
+        load_params(path)
+    path.write_bytes(b"seed: \xff\n")
+    with pytest.raises(ParamsError, match=r"^\S+params\.yaml: cannot read it \(UnicodeDecodeError: "):
+        load_params(path)
+    path.unlink()
+    path.mkdir()
+    with pytest.raises(ParamsError, match=r"^\S+params\.yaml: cannot read it \(IsADirectoryError: "):
+        load_params(path)
+    with pytest.raises(ParamsError, match=r"^\S+absent\.yaml: file not found"):
+        load_params(tmp_path / "absent.yaml")
 
 
 def test_top_level_must_be_a_mapping():
