@@ -573,7 +573,8 @@ def _image_files(folder: Path) -> list[Path]:
 def _list_folder(source: Path) -> tuple[tuple[str, ...], dict[str, list[tuple[Path, int]]]]:
     """(classes, split -> [(image path, label)]) of a folder dataset; every listing sorted by name."""
     if not source.is_dir():
-        raise DataError(f"data.source_dir: {source} is not a folder; a folder dataset needs {_FOLDER_LAYOUT} in it")
+        what = "is not a folder" if source.exists() else "does not exist"
+        raise DataError(f"data.source_dir: {source} {what}; a folder dataset needs {_FOLDER_LAYOUT} in it")
     dirs: dict[str, Path] = {}
     for split in ("train", "val", "test"):
         if (source / split).is_dir():

@@ -99,6 +99,7 @@ def launch(processes: int, script: str, args: Sequence[str] = ()) -> int:
     failing rank; a worker that dies (killed, out of memory) ends every other worker within a fraction of a
     second (the launcher's monitor), and the stage fails naming it.
     """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -118,8 +119,17 @@ def launch(processes: int, script: str, args: Sequence[str] = ()) -> int:
             print(f"{newline}error: {message}", file=sys.stderr)
             code = e.failures[rank].exitcode
             return code if code > 0 else 1
+        except (KeyboardInterrupt, SignalException) as e:  # Ctrl-C, or a kill of the launcher: it ends the workers
+            sig = signal.Signals(getattr(e, "sigval", signal.SIGINT))
+            print(f"\nerror: {interrupted(sig)}", file=sys.stderr)
+            return 128 + sig
         finally:
             os.environ.pop(ERRORS_ENV, None)
+
+
+def interrupted(sig: signal.Signals = signal.SIGINT) -> str:
+    """The one line of a stage stopped by a signal."""
+    return f"stopped by {sig.name}; rerun the stage to resume where it stopped"
 
 
 def _reported(errors: Path, rank: int) -> bool:

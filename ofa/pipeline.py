@@ -11,6 +11,7 @@ import hashlib
 import json
 import random
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -57,6 +58,8 @@ def load_checkpoint(net: OFANet, path: Path) -> None:
     """Load weights saved by save_checkpoint (weights_only); refuse a checkpoint of another architecture."""
     ckpt = load_tensors(path, {"arch", "state_dict"}, CheckpointError, "checkpoint")
     ours, theirs = net.arch, ckpt["arch"]
+    if not isinstance(theirs, dict) or not isinstance(ckpt["state_dict"], dict):
+        raise CheckpointError(f"{path}: not a checkpoint of this pipeline (rerun the upstream stages: dvc repro)")
     for key in sorted(ours, key=lambda k: k != "classes"):  # the class names first: they say more than a count
         if theirs.get(key) == ours[key]:
             continue
@@ -69,7 +72,12 @@ def load_checkpoint(net: OFANet, path: Path) -> None:
         where = {"space": "space", "units": "net.units"}.get(key, f"net.{key}")
         raise CheckpointError(f"{path}: built with {where} = {theirs.get(key)!r}, params give {ours[key]!r} "
                               "(rerun the upstream stages: dvc repro)")
-    net.load_state_dict(ckpt["state_dict"])
+    try:
+        net.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:  # the architecture matches but the weights do not: a damaged or edited file
+        first = str(e).split("\n\t")[1] if "\n\t" in str(e) else str(e)
+        raise CheckpointError(f"{path}: its weights do not fit its architecture ({' '.join(first.split())[:200]}; "
+                              "rerun the upstream stages: dvc repro)") from None
 
 
 def _names(classes: list[str] | None, shown: int = 4) -> str:
@@ -465,6 +473,13 @@ def main(stage: Callable[[Params], Any], parallel: bool = True) -> None:
     except (ParamsError, data_mod.DataError, CheckpointError, DivergenceError, ExportError, ValueError) as e:
         distributed.report_error(str(e))
         _exit(2)
+    except OSError as e:  # a write that failed: a full disk, a read-only folder, a file where a folder goes
+        distributed.report_error(f"{type(e).__name__}: {' '.join(str(e).split())}")
+        _exit(1)
+    except KeyboardInterrupt:  # Ctrl-C: what a training stage finished is in its resume state
+        if not distributed.launched():  # a worker's launcher reports it, once for all of them
+            print(f"\nerror: {distributed.interrupted()}", file=sys.stderr)
+        _exit(128 + signal.SIGINT)
     if result is not None and w.main:
         print(json.dumps(result, indent=2))
     _exit(0)

@@ -218,7 +218,9 @@ def test_folder_errors_name_the_folder_or_key(tmp_path: Path) -> None:
                                 "own size")
     assert error(source, None).startswith("data.image_size: required for data.dataset folder")
     assert error(None).startswith("data.source_dir: required for data.dataset folder")
-    assert error(tmp_path / "absent").startswith(f"data.source_dir: {tmp_path / 'absent'} is not a folder")
+    assert error(tmp_path / "absent").startswith(f"data.source_dir: {tmp_path / 'absent'} does not exist; ")
+    (tmp_path / "file").write_text("")
+    assert error(tmp_path / "file").startswith(f"data.source_dir: {tmp_path / 'file'} is not a folder; ")
 
     (source / "test" / "cat").rename(source / "test" / "dog")
     (source / "test" / "bee").rename(source / "test" / "eel")

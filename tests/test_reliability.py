@@ -164,6 +164,44 @@ def test_non_finite_loss_stops_the_stage_with_one_line(two_runs, tmp_path):
     assert not (tmp_path / "models").exists() and not (tmp_path / "metrics" / "train_supernet.json").exists()
 
 
+def test_ctrl_c_stops_a_stage_with_one_line(tmp_path):
+    raw = tiny_params()
+    raw["supernet"]["epochs"] = 50  # still training when the signal comes
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    pipeline.download(parse_params(raw), tmp_path)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "stages" / "train_supernet.py")], cwd=tmp_path, text=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while not (tmp_path / ".resume" / "train_supernet.pt").exists():  # an epoch finished
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGINT
+    assert err.splitlines()[-1] == "error: stopped by SIGINT; rerun the stage to resume where it stopped", err
+    assert "Traceback" not in err and not (tmp_path / "models").exists()
+    assert (tmp_path / ".resume" / "train_supernet.pt").exists()  # what the next run resumes from
+
+
+def test_a_failed_write_is_one_line(tmp_path, monkeypatch, capsys):
+    import gc
+
+    raw = tiny_params()
+    raw["supernet"]["epochs"] = 1
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    pipeline.download(parse_params(raw), tmp_path)
+    (tmp_path / "models").write_text("a file where the models folder goes")
+    monkeypatch.chdir(tmp_path)
+    try:
+        with pytest.raises(SystemExit) as info:  # what stages/train_supernet.py runs, in this process
+            pipeline.main(lambda params: pipeline.train_stage(params, "train_supernet", progress=False))
+    finally:
+        gc.unfreeze()  # main freezes the objects before it exits
+    assert info.value.code == 1
+    assert capsys.readouterr().err.splitlines()[-1] == ("error: FileExistsError: [Errno 17] File exists: "
+                                                        "'models'")
+
+
 def test_checkpoint_of_other_params_is_refused(two_runs):
     (a, _), _ = two_runs
     ckpt = a / "models" / "shrink_width.pt"
@@ -217,6 +255,22 @@ def test_garbage_checkpoint_is_refused(tmp_path):
         pipeline.load_checkpoint(net, bad)
     with pytest.raises(pipeline.CheckpointError, match=r"missing.pt: checkpoint not found \(run the upstream stage first"):
         pipeline.load_checkpoint(net, tmp_path / "missing.pt")
+    good = tmp_path / "good.pt"
+    pipeline.save_checkpoint(net, good)
+    ckpt = torch.load(good, weights_only=True)
+    torch.save({"arch": 3, "state_dict": ckpt["state_dict"]}, bad)
+    with pytest.raises(pipeline.CheckpointError, match=r"x.pt: not a checkpoint of this pipeline"):
+        pipeline.load_checkpoint(net, bad)
+    ckpt["state_dict"]["stem.0.weight"] = ckpt["state_dict"]["stem.0.weight"][:, :1]  # damaged: another shape
+    torch.save(ckpt, bad)
+    with pytest.raises(pipeline.CheckpointError) as info:
+        pipeline.load_checkpoint(net, bad)
+    assert re.fullmatch(r"\S+x\.pt: its weights do not fit its architecture \(size mismatch for stem\.0\.weight: .*; "
+                        r"rerun the upstream stages: dvc repro\)", str(info.value)), str(info.value)
+    del ckpt["state_dict"]["stem.0.weight"]
+    torch.save(ckpt, bad)
+    with pytest.raises(pipeline.CheckpointError, match=r"its weights do not fit its architecture \(Missing key"):
+        pipeline.load_checkpoint(net, bad)
 
 
 def test_every_torch_load_is_weights_only():
