@@ -10,6 +10,7 @@ import gc
 import hashlib
 import json
 import random
+import re
 import shutil
 import signal
 import sys
@@ -473,6 +474,12 @@ def main(stage: Callable[[Params], Any], parallel: bool = True) -> None:
     except (ParamsError, data_mod.DataError, CheckpointError, DivergenceError, ExportError, ValueError) as e:
         distributed.report_error(str(e))
         _exit(2)
+    except RuntimeError as e:
+        if not _out_of_memory(e):
+            raise
+        distributed.report_error(f"out of memory ({_allocation_failure(e)}); lower train.batch_size or "
+                                 "train.eval_batch_size, or the network (net.units, net.final_channels, space.width)")
+        _exit(1)
     except OSError as e:  # a write that failed: a full disk, a read-only folder, a file where a folder goes
         distributed.report_error(f"{type(e).__name__}: {' '.join(str(e).split())}")
         _exit(1)
@@ -483,6 +490,17 @@ def main(stage: Callable[[Params], Any], parallel: bool = True) -> None:
     if result is not None and w.main:
         print(json.dumps(result, indent=2))
     _exit(0)
+
+
+def _out_of_memory(e: RuntimeError) -> bool:
+    """Whether e is an allocation that failed: CUDA's OutOfMemoryError, or the CPU allocator's error."""
+    return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)
+
+
+def _allocation_failure(e: RuntimeError) -> str:
+    """The first two sentences of an allocator's message, on one line (CUDA's goes on with tuning advice)."""
+    text = re.sub(r"^\[enforce fail at [^\]]*\] \S+ == 0\. ", "", " ".join(str(e).split()))
+    return ". ".join(text.split(". ")[:2]).rstrip(".")
 
 
 def _exit(code: int) -> NoReturn:

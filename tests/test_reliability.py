@@ -202,6 +202,28 @@ def test_a_failed_write_is_one_line(tmp_path, monkeypatch, capsys):
                                                         "'models'")
 
 
+def test_out_of_memory_is_one_line(tmp_path, monkeypatch, capsys):
+    import gc
+
+    raw = tiny_params()
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    pipeline.download(parse_params(raw), tmp_path)
+    raw["net"]["final_channels"] = 10**13  # a 640 TB final layer: beyond any machine's address space
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(tmp_path)
+    try:
+        with pytest.raises(SystemExit) as info:
+            pipeline.main(lambda params: pipeline.train_stage(params, "train_supernet", progress=False))
+    finally:
+        gc.unfreeze()
+    assert info.value.code == 1
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert re.fullmatch(r"error: out of memory \(DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+                        r"640000000000000 bytes\. Error code 12 \(Cannot allocate memory\)\); lower train\.batch_size or "
+                        r"train\.eval_batch_size, or the network \(net\.units, net\.final_channels, space\.width\)",
+                        last), last
+
+
 def test_checkpoint_of_other_params_is_refused(two_runs):
     (a, _), _ = two_runs
     ckpt = a / "models" / "shrink_width.pt"
