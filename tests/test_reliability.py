@@ -140,6 +140,47 @@ def test_killed_evaluate_space_and_specialize_resume_where_they_stopped(two_runs
     assert [p for p in (b / ".resume").rglob("*") if p.is_file()] == []  # each removed once its outputs exist
 
 
+def test_evaluate_space_resumes_a_config_in_the_middle_of_its_fine_tuning(two_runs, tmp_path, monkeypatch):
+    """Stopped after the first of config 2's two fine-tuning epochs, the rerun continues that fine-tuning
+    at its second epoch and writes the space.json of an uninterrupted run."""
+    import shutil
+
+    from ofa import train
+
+    (a, _), _ = two_runs
+    raw = profile()
+    raw["evaluate"].update(sampled_configs=0)
+    raw["evaluate"]["finetune"]["epochs"] = 2
+    params = parse_params(raw)
+    roots = {}
+    for name in ("whole", "stopped"):
+        roots[name] = tmp_path / name
+        for d in ("data/prepared", "models"):
+            shutil.copytree(a / d, roots[name] / d)
+    saves = []
+    save = train._save_state
+    monkeypatch.setattr(train, "_save_state", lambda *args: saves.append(args[0]) or save(*args))
+    pipeline.evaluate_space(params, roots["whole"], progress=False)
+    assert len(saves) == 8 * 2  # a state per fine-tuning epoch
+
+    def stop_after_three(*args):
+        save(*args)
+        saves.append(args[0])
+        if len(saves) == 3:  # config 1 fine-tuned, config 2 one epoch into its fine-tuning
+            raise KeyboardInterrupt
+
+    saves.clear()
+    monkeypatch.setattr(train, "_save_state", stop_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.evaluate_space(params, roots["stopped"], progress=False)
+    saves.clear()
+    monkeypatch.setattr(train, "_save_state", lambda *args: saves.append(args[0]) or save(*args))
+    pipeline.evaluate_space(params, roots["stopped"], progress=False)
+    assert len(saves) == 8 * 2 - 3  # config 2's first epoch was not trained again
+    space = [(roots[name] / "metrics" / "space.json").read_bytes() for name in ("whole", "stopped")]
+    assert space[0] == space[1]
+
+
 def test_same_params_give_byte_identical_outputs(two_runs):
     (a, _), (b, _) = two_runs
     out_a, out_b = outputs(a), outputs(b)
