@@ -840,8 +840,8 @@ def prepare(
     if image_size is None or ds.image_shape[1:] == (image_size, image_size):
         return ds
     images = sum(len(s) for s in ds.splits().values())
-    check_fits(images * ds.channels * image_size * image_size, torch.device("cpu"),
-               f"resizing the {images} images of {dataset} to data.image_size {image_size}",
+    check_fits(2 * images * ds.channels * image_size * image_size, torch.device("cpu"),  # as a folder's: 2x
+               f"resizing the {images} images of {dataset} to data.image_size {image_size} (and copying them once)",
                hint="lower data.image_size")
     resized = {name: resize_split(split, image_size) for name, split in ds.splits().items()}
     return Dataset(resized["train"], resized["test"], ds.classes, resized.get("val"))

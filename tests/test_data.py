@@ -400,7 +400,7 @@ def test_resize_split_shorter_side_then_centre_crop() -> None:
         data.resize_split(same, 0)
 
 
-def test_cifar10_image_size_resizes_every_split(tmp_path: Path) -> None:
+def test_cifar10_image_size_resizes_every_split(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     src = tmp_path / "src"
     src.mkdir()
     (src / CIFAR_NAME).write_bytes(GOOD)
@@ -413,6 +413,10 @@ def test_cifar10_image_size_resizes_every_split(tmp_path: Path) -> None:
     assert torch.equal(big.test.labels, native.test.labels)
     assert data.prepare("cifar10", tmp_path / "raw", files=files, image_size=32, progress=False).train.images.equal(
         native.train.images)  # already 32 x 32: untouched
+    monkeypatch.setattr(data, "available_memory", lambda device: 2 * 12 * 3 * 40 * 40 - 1)  # one byte short
+    with pytest.raises(DataError, match=r"^resizing the 12 images of cifar10 to data\.image_size 40 \(and copying them "
+                                        r"once\) needs 115200 bytes but cpu has 115199 bytes available; lower data\.image_size$"):
+        data.prepare("cifar10", tmp_path / "raw", files=files, image_size=40, progress=False)
 
 
 def test_dataset_validation() -> None:
