@@ -364,7 +364,8 @@ def batch_norm_over_ranks(x: torch.Tensor, running_mean: torch.Tensor | None, ru
                           eps: float) -> torch.Tensor:
     """Training-mode batch norm with the statistics of every rank's share of the batch: one all-reduce.
 
-    The per-channel sums and sums of squares of each rank's (B/N, C, H, W) share are summed across ranks,
+    The per-channel sums and sums of squares of each rank's (B/N, C, H, W) share (less the running mean,
+    for precision) are summed across ranks,
     so every rank normalises with the statistics of all B images, as one process with the whole batch does,
     and the gradient flows back through the sum to every rank's share. Plain tensor ops: it runs on gloo
     (CPU) as on NCCL, and on the sliced channels of an elastic batch norm (torch's SyncBatchNorm module is
@@ -372,11 +373,16 @@ def batch_norm_over_ranks(x: torch.Tensor, running_mean: torch.Tensor | None, ru
     """
     c = x.shape[1]
     xf = x.float()
+    # sums of x - shift, with the same shift on every rank: the running mean (every rank updates it alike),
+    # close to the batch's, so the variance is no small difference of two large float32 sums
+    shift = (running_mean.detach().float() if running_mean is not None else xf.new_zeros(c))[None, :, None, None]
+    d = xf - shift
     count = torch.full((1,), xf.numel() // c, dtype=torch.float32, device=x.device)
-    stats = _AllReduceSum.apply(torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)), count]))
+    stats = _AllReduceSum.apply(torch.cat([d.sum((0, 2, 3)), (d * d).sum((0, 2, 3)), count]))
     n = stats[-1]
-    mean = stats[:c] / n
-    var = (stats[c : 2 * c] / n - mean * mean).clamp_min(0)  # biased, as batch norm normalises
+    mean_d = stats[:c] / n
+    mean = shift.flatten() + mean_d
+    var = (stats[c : 2 * c] / n - mean_d * mean_d).clamp_min(0)  # biased, as batch norm normalises
     if running_mean is not None and running_var is not None:
         m = 0.1 if momentum is None else momentum
         with torch.no_grad():  # running statistics may be views of an elastic layer's full buffers: write through

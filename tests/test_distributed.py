@@ -322,6 +322,23 @@ def test_one_process_in_a_process_group_trains_the_same_bytes(tmp_path):
     assert all(torch.equal(alone[k], grouped[k]) for k in alone)
 
 
+def test_batch_norm_over_ranks_keeps_its_precision_far_from_zero():
+    """Channels whose values sit far from zero: the sums are taken less the running mean, so the variance
+    is no small difference of large float32 sums (without the shift the output here was off by over 1000)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 3, 4, 4, generator=g) + torch.tensor([3e4, -5e3, 0.0]).view(1, 3, 1, 1)
+    running_mean, running_var = torch.tensor([3e4, -5e3, 0.0]), torch.ones(3)
+    expected = torch.nn.functional.batch_norm(x.double(), running_mean.double().clone(), running_var.double().clone(),
+                                              training=True, momentum=0.1, eps=1e-5)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        got = distributed.batch_norm_over_ranks(x, running_mean, running_var, None, None, 0.1, 1e-5)
+    finally:
+        dist.destroy_process_group()
+    assert float((got.double() - expected).abs().max()) < 1e-2
+    assert torch.allclose(running_var, 0.9 + 0.1 * x.double().var((0, 2, 3)).float(), rtol=1e-3)
+
+
 def test_a_batch_that_does_not_split_evenly_is_one_line(synthetic):
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["train"].update(batch_size=100, processes=3)
