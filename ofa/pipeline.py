@@ -449,16 +449,16 @@ def table(records: list[dict], finetune_epochs: int):
 
 
 def main(stage: Callable[[Params], Any], parallel: bool = True) -> None:
-    """Run a stage script: load params.yaml, run, print the result; a user's mistake is one line, exit 2.
+    """Run a stage script: load params.yaml, run, print the result; a failure the user can act on is one line.
 
-    With train.processes > 1 the script starts that many copies of itself (``distributed.launch``) and
-    waits for them; a copy started so, or by torchrun, joins its job (``distributed.process_group``).
-    A stage with nothing to divide among processes (download) passes ``parallel=False``: it runs as this one
-    process whatever train.processes says.
+    Exit status 2 for a mistake in params or data (a bad value, a checkpoint of other params, a divergence),
+    1 for a failed write or exhausted memory, 130 for Ctrl-C; any other exception is a bug and shows its
+    traceback. With train.processes > 1 the script starts that many copies of itself
+    (``distributed.launch``) and waits for them; a copy started so, or by torchrun, joins its job
+    (``distributed.process_group``). A stage with nothing to divide among processes (download) passes
+    ``parallel=False``: it runs as this one process whatever train.processes says.
     """
     from .config import load_params
-    from .export import ExportError
-    from .train import DivergenceError
 
     try:
         params = load_params("params.yaml")
@@ -471,30 +471,34 @@ def main(stage: Callable[[Params], Any], parallel: bool = True) -> None:
     try:
         with group as w:
             result = stage(params)
-    except (ParamsError, data_mod.DataError, CheckpointError, DivergenceError, ExportError, ValueError) as e:
-        distributed.report_error(str(e))
-        _exit(2)
-    except RuntimeError as e:
-        if not _out_of_memory(e):
-            raise
-        distributed.report_error(f"out of memory ({_allocation_failure(e)}); lower train.batch_size or "
-                                 "train.eval_batch_size, or the network (net.units, net.final_channels, space.width)")
-        _exit(1)
-    except OSError as e:  # a write that failed: a full disk, a read-only folder, a file where a folder goes
-        distributed.report_error(f"{type(e).__name__}: {' '.join(str(e).split())}")
-        _exit(1)
     except KeyboardInterrupt:  # Ctrl-C: what a training stage finished is in its resume state
         if not distributed.launched():  # a worker's launcher reports it, once for all of them
             print(f"\nerror: {distributed.interrupted()}", file=sys.stderr)
         _exit(128 + signal.SIGINT)
+    except Exception as e:
+        failure = _failure(e)
+        if failure is None:
+            raise
+        distributed.report_error(failure[0])
+        _exit(failure[1])
     if result is not None and w.main:
         print(json.dumps(result, indent=2))
     _exit(0)
 
 
-def _out_of_memory(e: RuntimeError) -> bool:
-    """Whether e is an allocation that failed: CUDA's OutOfMemoryError, or the CPU allocator's error."""
-    return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)
+def _failure(e: Exception) -> tuple[str, int] | None:
+    """The one line and exit status of an exception a stage ended with; None for a bug."""
+    from .export import ExportError
+    from .train import DivergenceError
+
+    if isinstance(e, (ParamsError, data_mod.DataError, CheckpointError, DivergenceError, ExportError, ValueError)):
+        return str(e), 2
+    if isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and "can't allocate memory" in str(e)):
+        return (f"out of memory ({_allocation_failure(e)}); lower train.batch_size or train.eval_batch_size, or "
+                "the network (net.units, net.final_channels, space.width)"), 1
+    if isinstance(e, OSError):  # a write that failed: a full disk, a read-only folder, a file where a folder goes
+        return f"{type(e).__name__}: {' '.join(str(e).split())}", 1
+    return None
 
 
 def _allocation_failure(e: RuntimeError) -> str:
