@@ -224,40 +224,37 @@ def test_ctrl_c_stops_a_stage_with_one_line(tmp_path):
     assert (tmp_path / ".resume" / "train_supernet.pt").exists()  # what the next run resumes from
 
 
-def test_a_failed_write_is_one_line(tmp_path, monkeypatch, capsys):
+def train_supernet_in_this_process(root: Path, monkeypatch: pytest.MonkeyPatch) -> int:
+    """What stages/train_supernet.py runs, in this process, in root; its exit status."""
     import gc
 
+    monkeypatch.chdir(root)
+    try:
+        with pytest.raises(SystemExit) as info:
+            pipeline.main(lambda params: pipeline.train_stage(params, "train_supernet", progress=False))
+    finally:
+        gc.unfreeze()  # main freezes the objects before it exits
+    return info.value.code
+
+
+def test_a_failed_write_is_one_line(tmp_path, monkeypatch, capsys):
     raw = tiny_params()
     raw["supernet"]["epochs"] = 1
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     pipeline.download(parse_params(raw), tmp_path)
     (tmp_path / "models").write_text("a file where the models folder goes")
-    monkeypatch.chdir(tmp_path)
-    try:
-        with pytest.raises(SystemExit) as info:  # what stages/train_supernet.py runs, in this process
-            pipeline.main(lambda params: pipeline.train_stage(params, "train_supernet", progress=False))
-    finally:
-        gc.unfreeze()  # main freezes the objects before it exits
-    assert info.value.code == 1
+    assert train_supernet_in_this_process(tmp_path, monkeypatch) == 1
     assert capsys.readouterr().err.splitlines()[-1] == ("error: FileExistsError: [Errno 17] File exists: "
                                                         "'models'")
 
 
 def test_out_of_memory_is_one_line(tmp_path, monkeypatch, capsys):
-    import gc
-
     raw = tiny_params()
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     pipeline.download(parse_params(raw), tmp_path)
     raw["net"]["final_channels"] = 10**13  # a 640 TB final layer: beyond any machine's address space
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-    monkeypatch.chdir(tmp_path)
-    try:
-        with pytest.raises(SystemExit) as info:
-            pipeline.main(lambda params: pipeline.train_stage(params, "train_supernet", progress=False))
-    finally:
-        gc.unfreeze()
-    assert info.value.code == 1
+    assert train_supernet_in_this_process(tmp_path, monkeypatch) == 1
     last = capsys.readouterr().err.splitlines()[-1]
     assert re.fullmatch(r"error: out of memory \(DefaultCPUAllocator: can't allocate memory: you tried to allocate "
                         r"640000000000000 bytes\. Error code 12 \(Cannot allocate memory\)\); lower train\.batch_size or "
