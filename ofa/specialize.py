@@ -124,21 +124,29 @@ def export_picks(candidates: list[search.Candidate], budgets: list[int], subnets
     """Per budget: the pick and the best uniform config within it, both tested; the pick exported under `out`.
 
     The exports go to a staging folder that replaces `out` only once every one of them is written and checked.
+    Budgets that pick the same subnet get copies of one export.
     """
     staging = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    picks = {}
+    picks, exported = {}, {}  # exported: config -> the name it was first exported under
     try:
         for budget in budgets:
             name = budget_name(budget)
             chosen = search.best_within(candidates, budget)
             uniform = search.best_within(candidates, budget, uniform_only=True)
             picks[name] = {"budget": budget, **subnets.report(chosen), "uniform": subnets.report(uniform)}
-            sub = subnets.kept[chosen.config]
-            picks[name]["onnx_max_abs_diff"] = export_onnx(sub, staging / f"{name}.onnx", shape, mean=mean, std=std,
-                                                           check_inputs=check_inputs)
-            save_subnet(sub, staging / f"{name}.pt")
+            if chosen.config in exported:
+                first = exported[chosen.config]
+                for suffix in (".onnx", ".pt"):
+                    shutil.copyfile(staging / f"{first}{suffix}", staging / f"{name}{suffix}")
+                picks[name]["onnx_max_abs_diff"] = picks[first]["onnx_max_abs_diff"]
+            else:
+                sub = subnets.kept[chosen.config]
+                picks[name]["onnx_max_abs_diff"] = export_onnx(sub, staging / f"{name}.onnx", shape, mean=mean,
+                                                               std=std, check_inputs=check_inputs)
+                save_subnet(sub, staging / f"{name}.pt")
+                exported[chosen.config] = name
             if progress:
                 print(f"{name}: {chosen.config} {chosen.macs / 1e6:.2f}M MACs, val {chosen.accuracy:.4f} (best "
                       f"uniform {uniform.config} {uniform.macs / 1e6:.2f}M, val {uniform.accuracy:.4f})",

@@ -105,7 +105,7 @@ def test_a_failed_export_leaves_no_partial_models_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(specialize, "export_onnx", export_twice_then_fail)
     out = tmp_path / "models" / "specialized"
     with pytest.raises(ExportError, match="differs"):
-        specialize.export_picks(cands, [900_000, 2_000_000], subnets, out, shape, [128.0] * 3, [64.0] * 3,
+        specialize.export_picks(cands, [700_000, 900_000], subnets, out, shape, [128.0] * 3, [64.0] * 3,
                                 check_inputs=val.images[:4].float(), progress=False)
     assert len(calls) == 2 and sorted(p.name for p in tmp_path.rglob("*")) == ["models"]  # no staging, no half folder
     picks = specialize.export_picks(cands, [900_000], subnets, out, shape, [128.0] * 3, [64.0] * 3,
@@ -114,3 +114,18 @@ def test_a_failed_export_leaves_no_partial_models_folder(tmp_path, monkeypatch):
     best = max((c for c in cands if c.macs <= 900_000), key=lambda c: (c.accuracy, -c.macs))
     assert picks["macs-0.9M"]["config"] == str(best.config) and picks["macs-0.9M"]["macs"] <= 900_000
     assert picks["macs-0.9M"]["accuracy"] == subnets.test[best.config]  # tested once, the exported subnet
+    calls.clear()
+
+    def export(sub, path, *args, **kwargs):
+        calls.append(path)
+        path.write_bytes(str(sub.config).encode())
+        return 1e-6
+
+    monkeypatch.setattr(specialize, "export_onnx", export)
+    picks = specialize.export_picks(cands, [900_000, 2_000_000], subnets, out, shape, [128.0] * 3, [64.0] * 3,
+                                    check_inputs=val.images[:4].float(), progress=False)
+    assert picks["macs-0.9M"]["config"] == picks["macs-2M"]["config"] == str(best.config)  # no better one below 2M
+    assert [p.name for p in calls] == ["macs-0.9M.onnx"]  # the same subnet: exported once, copied
+    files = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert files["macs-2M.onnx"] == files["macs-0.9M.onnx"] == str(best.config).encode()
+    assert files["macs-2M.pt"] == files["macs-0.9M.pt"] and picks["macs-2M"]["onnx_max_abs_diff"] == 1e-6
