@@ -1,11 +1,13 @@
-"""Atomic file writes: a stage killed at any moment leaves the old file or the new one, never a partial one."""
+"""Atomic writes: a stage killed at any moment leaves the old file (or folder) or the new one, never a partial one."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -25,6 +27,28 @@ def atomic_write(path: Path, write: Callable[[IO], None], binary: bool = False) 
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def replaced_dir(path: Path) -> Iterator[Path]:
+    """Yield an empty staging folder beside `path`; once the block succeeds, it replaces `path` as a whole.
+
+    A failure (or a kill) inside the block leaves `path` as it was; the staging folder of a killed run is
+    cleared by the next one. The swap is two renames: in between, `path` is briefly absent, never mixed.
+    """
+    path = Path(path)
+    staging, old = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
+    for leftover in (staging, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+        if path.exists():
+            path.rename(old)
+        staging.rename(path)
+    finally:
+        for leftover in (staging, old):
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _umask() -> int:

@@ -27,7 +27,7 @@ from . import data as data_mod
 from . import distributed
 from .config import Params, ParamsError, PhaseParams
 from .flops import count_macs, count_params
-from .io import atomic_write, load_tensors, write_json
+from .io import atomic_write, load_tensors, replaced_dir, write_json
 from .space import SubnetConfig
 from .supernet import OFANet
 from .train import DeviceData, Schedule, calibrate_bn, evaluate, fit, select_device
@@ -120,7 +120,11 @@ def schedule(params: Params, phase: PhaseParams, images_per_epoch: int | None = 
 
 
 def download(params: Params, root: Path = Path(".")) -> dict[str, Any]:
-    """Fetch, verify and parse the dataset, apply the limits, hold out val, save uint8 splits to data/prepared."""
+    """Fetch, verify and parse the dataset, apply the limits, hold out val, save uint8 splits to data/prepared.
+
+    data/prepared is replaced as a whole once every file is written: a failed or killed run leaves the previous
+    set (or none), never one split of this run beside another of the last.
+    """
     d = params.data
     source = Path(d.source_dir) if d.source_dir else None
     ds = data_mod.prepare(d.dataset, root / RAW / d.dataset, source_dir=source, seed=params.seed,
@@ -137,9 +141,10 @@ def download(params: Params, root: Path = Path(".")) -> dict[str, Any]:
     shape = tuple(train.images.shape[1:])
     with torch.device("meta"):  # the architecture only: no weights are allocated or initialised
         check_budgets(params, build_net(params, shape, list(ds.classes)), shape)
-    for name, split in (("train", train), ("val", val), ("test", test)):
-        data_mod.save_split(split, root / PREPARED / f"{name}.pt")
-    write_json(root / CLASSES, list(ds.classes))
+    with replaced_dir(root / PREPARED) as staging:  # the splits and classes of one run, never a mix of two
+        for name, split in (("train", train), ("val", val), ("test", test)):
+            data_mod.save_split(split, staging / f"{name}.pt")
+        write_json(staging / CLASSES.name, list(ds.classes))
     return {"dataset": d.dataset, "classes": len(ds.classes), "train_images": len(train), "val_images": len(val),
             "test_images": len(test), "image_shape": list(train.images.shape[1:])}
 

@@ -24,7 +24,7 @@ import torch
 from . import distributed, search
 from .config import Params
 from .export import export_onnx, save_subnet
-from .io import write_json
+from .io import replaced_dir, write_json
 from .pipeline import (
     METRICS, MODELS, RESUME, TRAINING_STAGES, load_checkpoint, prepared_files, resume_key, stage_setup,
 )
@@ -126,11 +126,8 @@ def export_picks(candidates: list[search.Candidate], budgets: list[int], subnets
     The exports go to a staging folder that replaces `out` only once every one of them is written and checked.
     Budgets that pick the same subnet get copies of one export.
     """
-    staging = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
     picks, exported = {}, {}  # exported: config -> the name it was first exported under
-    try:
+    with replaced_dir(out) as staging:
         for budget in budgets:
             name = budget_name(budget)
             chosen = search.best_within(candidates, budget)
@@ -151,10 +148,6 @@ def export_picks(candidates: list[search.Candidate], budgets: list[int], subnets
                 print(f"{name}: {chosen.config} {chosen.macs / 1e6:.2f}M MACs, val {chosen.accuracy:.4f} (best "
                       f"uniform {uniform.config} {uniform.macs / 1e6:.2f}M, val {uniform.accuracy:.4f})",
                       file=sys.stderr, flush=True)
-        shutil.rmtree(out, ignore_errors=True)
-        staging.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return picks
 
 

@@ -356,3 +356,29 @@ def test_written_files_get_a_plain_files_mode(tmp_path):
     finally:
         os.umask(mask)
     assert (tmp_path / "m.json").stat().st_mode & 0o777 == 0o644  # readable by a deployer, not only the owner
+
+
+def test_a_failed_download_keeps_the_previous_prepared_set_whole(tmp_path, monkeypatch):
+    """Splits from two runs never sit side by side: data/prepared is replaced only once every file is written."""
+    from ofa import data as data_mod
+
+    raw = tiny_params()
+    pipeline.download(parse_params(raw), tmp_path)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "data" / "prepared").iterdir()}
+    assert sorted(before) == ["classes.json", "test.pt", "train.pt", "val.pt"]
+    save = data_mod.save_split
+
+    def fail_on_val(split, path):
+        if path.name == "val.pt":
+            raise OSError(28, "No space left on device")
+        save(split, path)
+
+    monkeypatch.setattr(data_mod, "save_split", fail_on_val)
+    raw["data"]["val_images"] = 64  # another train split: written before val fails
+    with pytest.raises(OSError, match="No space left"):
+        pipeline.download(parse_params(raw), tmp_path)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "data" / "prepared").iterdir()} == before
+    assert [p.name for p in (tmp_path / "data").iterdir()] == ["prepared"]  # no staging folder left
+    monkeypatch.setattr(data_mod, "save_split", save)
+    assert pipeline.download(parse_params(raw), tmp_path)["val_images"] == 64
+    assert (tmp_path / "data" / "prepared" / "train.pt").read_bytes() != before["train.pt"]
