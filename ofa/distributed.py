@@ -183,13 +183,26 @@ def process_group(device: str) -> Iterator[World]:
                              f"{torch.cuda.device_count()} CUDA devices (at most one process per GPU)")
         torch.cuda.set_device(local_rank)
     else:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_size))
+        threads, note = cpu_share(local_size)
+        torch.set_num_threads(threads)
+        if note and local_rank == 0:
+            print(f"note: {note}", file=sys.stderr, flush=True)
     dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT,
                             device_id=torch.device("cuda", local_rank) if cuda else None)
     yield world()
     # only after success: a rank that failed exits at once (its peers may be inside a collective, which a
     # tear-down would wait for); the launcher then stops the others
     dist.destroy_process_group()
+
+
+def cpu_share(local_size: int) -> tuple[int, str | None]:
+    """The threads each of `local_size` CPU ranks of this machine takes, and a note when they outnumber its cores."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    note = None
+    if local_size > cores:
+        note = (f"train.processes: {local_size} processes share {cores} CPU cores; each gets one thread and "
+                f"they run slower than {cores} would")
+    return max(1, cores // local_size), note
 
 
 def _die_with_parent() -> None:

@@ -339,6 +339,15 @@ def test_batch_norm_over_ranks_keeps_its_precision_far_from_zero():
     assert torch.allclose(running_var, 0.9 + 0.1 * x.double().var((0, 2, 3)).float(), rtol=1e-3)
 
 
+def test_cpu_ranks_share_the_cores_and_more_ranks_than_cores_get_a_note(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert distributed.cpu_share(1) == (4, None)
+    assert distributed.cpu_share(2) == (2, None)
+    assert distributed.cpu_share(3) == (1, None)
+    assert distributed.cpu_share(6) == (1, "train.processes: 6 processes share 4 CPU cores; each gets one thread "
+                                           "and they run slower than 4 would")
+
+
 def test_a_batch_that_does_not_split_evenly_is_one_line(synthetic):
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["train"].update(batch_size=100, processes=3)
