@@ -94,7 +94,7 @@ def best_within(candidates: Sequence[Candidate], budget: int, uniform_only: bool
     return min(fits, key=lambda c: (-c.accuracy, c.macs, c.trial), default=None)
 
 
-def _open_study(storage: Path | None, key: str):
+def _open_study(storage: Path | None, key: str, fresh: bool = False):
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -106,11 +106,15 @@ def _open_study(storage: Path | None, key: str):
     url = f"sqlite:///{storage.resolve()}"
     if storage.exists():
         try:
-            if key in optuna.get_all_study_names(url):
-                return optuna.load_study(study_name=key, storage=url), True
+            names = optuna.get_all_study_names(url)
         except Exception:  # noqa: BLE001 - an unreadable search state is only a lost shortcut
-            pass
-        storage.unlink()
+            names = []
+        if key not in names:
+            storage.unlink()  # unreadable, or another search's: one search is kept
+        elif not fresh:
+            return optuna.load_study(study_name=key, storage=url), True
+        else:
+            optuna.delete_study(study_name=key, storage=url)
     return optuna.create_study(study_name=key, storage=url, directions=directions), False
 
 
@@ -133,8 +137,11 @@ def search(
 
     `evaluate(cfg)` is the accuracy to maximise, `macs(cfg)` the cost to minimise. With `storage` (an SQLite
     file) each trial is kept there under `key`, and a later call with the same key continues where the
-    last one stopped, with the same result as an uninterrupted call. With `batch` > 1 that many trials are
-    asked at a time and their new configs scored together by `evaluate_many` (several processes: one each).
+    last one stopped, with the same result as an uninterrupted call: after a kill; with fewer `trials` (the
+    first ones are reused, nothing is evaluated); with more (the search goes on). The n-th trial does not
+    depend on `trials`, so `key` need not hold it. With `batch` > 1 that many trials are asked at a time and
+    their new configs scored together by `evaluate_many` (several processes: one each); a search of `trials`
+    not a multiple of `batch` ended inside a batch, and one with more trials starts afresh.
     """
     import optuna
     from optuna.trial import TrialState
@@ -147,13 +154,19 @@ def search(
     study, resumed = _open_study(storage, key)
     dists = distributions(space, num_units)
     pending = _asked_before_a_kill(study, dists)
-    seen: dict[SubnetConfig, Candidate] = {}
     done = study.get_trials(deepcopy=False, states=[TrialState.COMPLETE])
+    if len(done) < trials and not pending and len(done) % batch:  # ended inside a batch: cannot go on exactly
+        (study, resumed), pending, done = _open_study(storage, key, fresh=True), [], []
+    stored = len(done)
+    if stored >= trials:  # the first `trials` of a longer search are this search
+        pending, done = [], done[:trials]
+    seen: dict[SubnetConfig, Candidate] = {}
     for i, t in enumerate(done):  # numbered by completed trials: a trial failed by a kill leaves no gap
         cfg = from_params(t.params, space, num_units)
         seen.setdefault(cfg, Candidate(cfg, int(t.values[1]), float(t.values[0]), i))
     if resumed and progress:
-        print(f"search: resuming after {len(done)}/{trials} trials from {storage}", file=sys.stderr, flush=True)
+        print(f"search: reusing the first {trials} of {stored} trials in {storage}" if stored >= trials else
+              f"search: resuming after {stored}/{trials} trials from {storage}", file=sys.stderr, flush=True)
     evaluate_many = evaluate_many or (lambda cfgs: [evaluate(c) for c in cfgs])
     start = time.perf_counter()
     first = len(done)

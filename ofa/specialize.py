@@ -16,6 +16,7 @@ from __future__ import annotations
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +92,7 @@ def specialize(params: Params, root: Path = Path("."), progress: bool = True) ->
         net.space, net.num_units, subnets.val_accuracy, lambda cfg: net.macs(cfg, shape),
         trials=params.specialize.trials, population=params.search_population(), seed=params.seed,
         storage=root / RESUME / "specialize.db", progress=progress,
-        key=resume_key(params, "specialize", [*prepared_files(root), checkpoint]),
+        key=search_key(params, [*prepared_files(root), checkpoint]),
         batch=w.size, evaluate_many=lambda cfgs: distributed.lead(subnets.val_accuracy, cfgs, w),
     )
     distributed.dismiss(w)  # (were the search to fail, rank 0's exit would make the launcher stop the others)
@@ -114,8 +115,14 @@ def specialize(params: Params, root: Path = Path("."), progress: bool = True) ->
     write_json(root / METRICS / "timing" / "specialize.json", {
         "wall_s": round(time.perf_counter() - start, 1), "search_s": round(search_s, 1),
         "configs_evaluated": len(candidates), "device": data.device.type, "processes": w.size})
-    (root / RESUME / "specialize.db").unlink(missing_ok=True)
-    return summary
+    return summary  # the search stays in .resume/specialize.db: other budgets or trials reuse its trials
+
+
+def search_key(params: Params, inputs: list[Path]) -> str:
+    """The stored search's key: every param but specialize.budgets and .trials (neither changes a trial), and
+    the content of the stage's inputs."""
+    return resume_key(replace(params, specialize=replace(params.specialize, budgets=(), trials=1)), "specialize",
+                      inputs)
 
 
 def export_picks(candidates: list[search.Candidate], budgets: list[int], subnets: _Subnets, out: Path,

@@ -262,6 +262,7 @@ def test_exp_run_with_new_budgets_reruns_only_specialize(repro):
     project, _, _ = repro
     out = run([sys.executable, "-m", "dvc", "exp", "run", "-S", "specialize.budgets=[700000,2600000]"], project)
     assert ran(out) == ["specialize"]
+    assert "search: reusing the first 14 of 14 trials" in out and "search 1/" not in out  # nothing re-evaluated
     picks = json.loads((project / "metrics" / "specialize.json").read_text())["budgets"]
     assert list(picks) == ["macs-0.7M", "macs-2.6M"]
     assert sorted(p.name for p in (project / "models" / "specialized").iterdir()) == [

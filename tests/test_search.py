@@ -104,6 +104,34 @@ def test_interrupted_search_resumes_without_re_evaluating(tmp_path):
     assert len(third) == len(whole)  # another key (other params or inputs) starts afresh
 
 
+def test_a_stored_search_serves_fewer_trials_and_goes_on_for_more(tmp_path):
+    """What a search of N trials gives, whether fresh or from a stored search of M: its first N trials."""
+    net = tiny_net(SEED_SPACE)
+    macs = lambda c: net.macs(c, (3, 16, 16))  # noqa: E731
+    calls: list[ofa.SubnetConfig] = []
+
+    def run(trials: int, batch: int = 1, storage=None):
+        return [(c.config, c.macs, c.accuracy, c.trial) for c in search.search(
+            SEED_SPACE, net.num_units, lambda c: calls.append(c) or _score(c), macs, trials=trials, population=8,
+            seed=5, progress=False, batch=batch, storage=storage, key="k",
+            evaluate_many=lambda cfgs: [calls.append(c) or _score(c) for c in cfgs])]
+
+    fresh = {n: run(n) for n in (12, 20)}
+    db = tmp_path / "search.db"
+    assert run(12, storage=db) == fresh[12]
+    calls.clear()
+    assert run(20, storage=db) == fresh[20]  # the stored 12 go on to 20
+    assert 0 < len(calls) == len(fresh[20]) - len(fresh[12])  # only the new configs are evaluated
+    calls.clear()
+    assert run(12, storage=db) == fresh[12] and calls == []  # the first 12 of the stored 20: nothing evaluated
+    fresh = {n: run(n, batch=2) for n in (13, 16)}
+    db.unlink()
+    assert run(13, batch=2, storage=db) == fresh[13]
+    calls.clear()
+    assert run(16, batch=2, storage=db) == fresh[16]  # 13 trials ended inside a batch of 2: it cannot go on
+    assert len(calls) == len(fresh[16])  # exactly, so it starts afresh
+
+
 @pytest.mark.parametrize("killed_in", ["tell 14", "ask 14", "evaluation 7"])
 def test_a_batched_search_killed_mid_batch_resumes_to_the_uninterrupted_result(killed_in, tmp_path, monkeypatch):
     """Batches of 2 (two processes): a kill between the two tells of a batch, between its two asks, or while
