@@ -4,7 +4,9 @@ The search (``ofa.search``) scores every candidate on the validation split after
 norm; its cost is ``OFANet.macs`` (exact, no tracing). For each budget the pick is the most accurate
 evaluated config within it, and beside it the best uniform config within the same budget (the search
 evaluates every uniform config first, so the pick is never worse on val). Only the picks are evaluated on
-test. Each pick is exported as ONNX (raw pixels in, normalisation inside) and as a saved subnet.
+test. Each pick is exported as ONNX (raw pixels in, normalisation inside) and as a saved subnet. The
+search's trials stay in .resume/specialize.db under ``search_key``: a rerun with other budgets or another
+number of trials reuses them.
 
 With several processes the search asks as many trials at a time as there are ranks and each rank scores
 one of their configs alone (``distributed.lead`` / ``serve``); rank 0 keeps the search state, picks, tests
