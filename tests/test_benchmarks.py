@@ -1,0 +1,62 @@
+"""benchmarks/schedule.py: the projection is the schedule times the measured speeds; it runs every phase."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+
+import pytest
+import yaml
+
+from ofa.config import parse_params
+from test_pipeline import ROOT, tiny_params
+
+
+@pytest.fixture(scope="module")
+def schedule_bench():
+    spec = importlib.util.spec_from_file_location("schedule_bench", ROOT / "benchmarks" / "schedule.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_projection_is_the_schedule_times_the_measured_speeds(schedule_bench):
+    raw = tiny_params()
+    raw["shrink"]["width"]["first_phase"] = {"epochs": 2, "lr": 0.01}
+    raw["space"]["width"] = [2, 3, 4]  # a second width phase
+    raw["evaluate"].update(sampled_configs=3)
+    raw["evaluate"]["finetune"].update(epochs=2, images_per_epoch=None)
+    raw["specialize"].update(trials=20, budgets=[800000, 900000, 1000000], population=None)
+    params = parse_params(raw)
+    rows = [{"stage": "train_supernet", "phase": "-", "epochs": 2, "subnets": 1, "images_per_s": 100.0},
+            {"stage": "shrink_kernel", "phase": "-", "epochs": 1, "subnets": 1, "images_per_s": 50.0},
+            {"stage": "shrink_depth", "phase": "-", "epochs": 1, "subnets": 2, "images_per_s": 40.0},
+            {"stage": "shrink_width", "phase": "phase1", "epochs": 2, "subnets": 2, "images_per_s": 25.0},
+            {"stage": "shrink_width", "phase": "-", "epochs": 1, "subnets": 2, "images_per_s": 20.0}]
+    small = {"calibrate_s": 1.0, "evaluate_per_s": 1000.0, "finetune_per_s": 200.0}
+    large = {"calibrate_s": 3.0, "evaluate_per_s": 500.0, "finetune_per_s": 100.0}
+    subnets = {"smallest": small, "largest": large, "middling": {"calibrate_s": 2.0, "evaluate_per_s": 750.0,
+                                                                 "finetune_per_s": 150.0}}
+    parts = schedule_bench.project(params, rows, subnets, n_train=1000, n_val=300, n_test=1500, grid=12)
+    got = {(stage, what.split(",")[0].split(":")[0]): seconds for stage, what, seconds, _ in parts}
+    assert got[("train_supernet", "train 2 epochs x 1000 images")] == 2 * 1000 / 100
+    assert got[("shrink_width", "train 2 epochs x 1000 images")] == 2 * 1000 / 25  # the first phase
+    assert got[("shrink_width", "train 1 epochs x 1000 images")] == 1000 / 20
+    assert got[("train_supernet", "val after each of 2 epochs")] == 2 * (3 + 300 / 500) + (3 + 1500 / 500)
+    assert got[("shrink_width", "val after each of 3 epochs")] == 3 * (3 + 300 / 500) + 2 * (2 + 1500 / 750)
+    assert got[("evaluate_space", "15 configs")] == 15 * (2 + 1500 / 750 + 2 * 1000 / 150 + 1500 / 750)
+    assert got[("specialize", "20 trials on val")] == 20 * (2 + 300 / 750) + 2 * 3 * (2 + 1500 / 750)
+    assert len(parts) == 2 * 4 + 1 + 2  # train + evaluations per stage (width: two phases), the last two stages
+
+
+def test_the_schedule_benchmark_measures_every_phase_of_a_tiny_net(schedule_bench, tmp_path, capsys):
+    raw = tiny_params()
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    schedule_bench.main(["--params", str(tmp_path / "params.yaml"), "--steps", "2"])
+    out = capsys.readouterr().out.splitlines()
+    stages = [line.split()[0] for line in out[1:-1]]
+    assert stages == ["train_supernet"] * 2 + ["shrink_kernel"] * 2 + ["shrink_depth"] * 2 + ["shrink_width"] * 2 + [
+        "evaluate_space", "specialize"]
+    for line in out[1:-1:2][:4]:  # a measured speed beside each training row
+        assert re.match(r"^\w+ +\d+\.\d +\d+m \d\ds  train \d+ epochs x 384 images", line), line
+    assert re.match(r"^total +\d+m \d\ds  on cpu, one process$", out[-1]), out[-1]
