@@ -28,11 +28,10 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 from ofa import data as data_mod
 from ofa import recipe
-from ofa.config import Params, parse_params
+from ofa.config import Params, ParamsError, load_params
 from ofa.pipeline import TRAINING_STAGES, build_net, save_checkpoint, schedule
 from ofa.supernet import OFANet
 from ofa.train import DeviceData, calibrate_bn, evaluate, fit, select_device
@@ -163,7 +162,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train-images", type=int, help="before val is held out; default: the dataset's")
     parser.add_argument("--test-images", type=int, help="default: the dataset's")
     args = parser.parse_args(argv)
-    params = parse_params(yaml.safe_load(args.params.read_text()))
+    try:
+        params = load_params(args.params)
+    except ParamsError as e:
+        parser.error(str(e))
+    if args.steps < 1:
+        parser.error(f"--steps {args.steps}: at least 1")
     d = params.data
     shape = tuple(args.shape) if args.shape else SHAPES.get(d.dataset)
     train_all = args.train_images or data_mod.TRAIN_IMAGES.get(d.dataset)
@@ -176,7 +180,10 @@ def main(argv: list[str] | None = None) -> None:
     n_val, n_test = d.val_images, min(test_all, d.test_limit or test_all)
     if n_train < 1:
         parser.error(f"data.val_images {d.val_images} leaves no training images of {train_all}")
-    device = select_device(args.device or params.train.device)
+    try:
+        device = select_device(args.device or params.train.device)
+    except ValueError as e:
+        parser.error(str(e))
     classes = args.classes or CLASSES.get(d.dataset, 10)
     torch.manual_seed(0)
     net = build_net(params, shape, [str(k) for k in range(classes)]).to(device, memory_format=torch.channels_last)
