@@ -3,6 +3,7 @@
     python benchmarks/schedule.py                          # params.yaml as shipped: CIFAR-10, the default net
     python benchmarks/schedule.py --device cuda --steps 50 # on a GPU (more steps: steadier figures)
     python benchmarks/schedule.py --params my.yaml --shape 3 64 64 --train-images 9000 --test-images 1000
+    python benchmarks/schedule.py -S supernet.epochs=30 -S train.batch_size=256   # overrides, as dvc exp run -S
 
 Every training phase (``ofa.recipe.phases``: the configs it samples, its subnets per step, its teacher and
 what it trains, as the stage runs them) trains the params' network with ``fit`` on random uint8 images of the
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shutil
 import statistics
 import sys
 import tempfile
@@ -146,6 +148,26 @@ def project(params: Params, rows: list[dict], subnets: dict[str, dict], n_train:
     return parts
 
 
+def read_params(parser: argparse.ArgumentParser, path: Path, overrides: list[str]) -> Params:
+    """The params of `path` with `overrides` applied as ``dvc exp run -S`` applies them (DVC's own code)."""
+    from dvc.utils.hydra import apply_overrides
+
+    if not path.is_file():
+        parser.error(f"{path}: file not found")
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / "params.yaml"
+        shutil.copyfile(path, copy)
+        try:
+            if overrides:
+                apply_overrides(copy, overrides)
+            return load_params(copy)
+        except ParamsError as e:
+            parser.error(str(e).replace(str(copy), str(path)))
+        except Exception as e:  # noqa: BLE001 - DVC's override errors have no common base
+            why = str(e.__cause__ or e).splitlines()[0]
+            parser.error(f"-S {' -S '.join(overrides)}: {why}")
+
+
 def _duration(seconds: float) -> str:
     m, s = divmod(round(seconds), 60)
     h, m = divmod(m, 60)
@@ -161,13 +183,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--classes", type=int, help="default: the dataset's")
     parser.add_argument("--train-images", type=int, help="before val is held out; default: the dataset's")
     parser.add_argument("--test-images", type=int, help="default: the dataset's")
+    parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a param of --params, in dvc exp run -S's syntax (repeatable)")
     args = parser.parse_args(argv)
-    try:
-        params = load_params(args.params)
-    except ParamsError as e:
-        parser.error(str(e))
     if args.steps < 1:
         parser.error(f"--steps {args.steps}: at least 1")
+    params = read_params(parser, args.params, args.set)
     d = params.data
     shape = tuple(args.shape) if args.shape else SHAPES.get(d.dataset)
     train_all = args.train_images or data_mod.TRAIN_IMAGES.get(d.dataset)

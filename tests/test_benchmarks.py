@@ -52,11 +52,19 @@ def test_the_projection_is_the_schedule_times_the_measured_speeds(schedule_bench
 def test_the_schedule_benchmark_measures_every_phase_of_a_tiny_net(schedule_bench, tmp_path, capsys):
     raw = tiny_params()
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-    schedule_bench.main(["--params", str(tmp_path / "params.yaml"), "--steps", "2"])
+    schedule_bench.main(["--params", str(tmp_path / "params.yaml"), "--steps", "2", "-S", "supernet.epochs=5"])
     out = capsys.readouterr().out.splitlines()
+    assert " train 5 epochs x 384 images" in out[1]  # the override, applied as dvc exp run -S applies it
     stages = [line.split()[0] for line in out[1:-1]]
     assert stages == ["train_supernet"] * 2 + ["shrink_kernel"] * 2 + ["shrink_depth"] * 2 + ["shrink_width"] * 2 + [
         "evaluate_space", "specialize"]
     for line in out[1:-1:2][:4]:  # a measured speed beside each training row
         assert re.match(r"^\w+ +\d+\.\d +\d+m \d\ds  train \d+ epochs x 384 images", line), line
     assert re.match(r"^total +\d+m \d\ds  on cpu, one process$", out[-1]), out[-1]
+
+
+def test_the_schedule_benchmark_refuses_a_bad_override_in_one_line(schedule_bench, capsys):
+    with pytest.raises(SystemExit) as info:
+        schedule_bench.main(["-S", "supernet.epochs=many"])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(": error: supernet.epochs: got 'many' (an integer)")
