@@ -123,7 +123,7 @@ def measure_subnets(params: Params, net: OFANet, data: DeviceData, steps: int) -
 def project(params: Params, rows: list[dict], subnets: dict[str, dict], n_train: int, n_val: int, n_test: int,
             grid: int) -> list[tuple[str, str, float, float | None]]:
     """(stage, what, seconds, training images/s or None) for every part of the schedule."""
-    big, mid = subnets["largest"], subnets["middling"]
+    big, mid, small = subnets["largest"], subnets["middling"], subnets["smallest"]
     check = lambda s, n: s["calibrate_s"] + n / s["evaluate_per_s"]  # noqa: E731 - extract, calibrate, evaluate n
     parts = []
     for stage in TRAINING_STAGES:
@@ -133,9 +133,9 @@ def project(params: Params, rows: list[dict], subnets: dict[str, dict], n_train:
             what = f"train {r['epochs']} epochs x {n_train} images, {r['subnets']} subnets/step"
             parts.append((stage, what + ("" if r["phase"] == "-" else f" ({r['phase']})"),
                           r["epochs"] * n_train / r["images_per_s"], r["images_per_s"]))
-        closing = 1 if stage == "train_supernet" else 2  # max config on test; a shrink stage's min config too
-        parts.append((stage, f"val after each of {epochs} epochs, {closing} test at the end",
-                      epochs * check(big, n_val) + closing * check(mid if closing == 2 else big, n_test), None))
+        shrink = stage != "train_supernet"  # the max config on test at the end; a shrink stage's min config too
+        parts.append((stage, f"val after each of {epochs} epochs, {1 + shrink} test at the end",
+                      epochs * check(big, n_val) + check(big, n_test) + (check(small, n_test) if shrink else 0), None))
     configs = grid + params.evaluate.sampled_configs
     ft = params.evaluate.finetune
     ft_images = ft.epochs * (ft.images_per_epoch or n_train)

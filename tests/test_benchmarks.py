@@ -43,7 +43,8 @@ def test_the_projection_is_the_schedule_times_the_measured_speeds(schedule_bench
     assert got[("shrink_width", "train 2 epochs x 1000 images")] == 2 * 1000 / 25  # the first phase
     assert got[("shrink_width", "train 1 epochs x 1000 images")] == 1000 / 20
     assert got[("train_supernet", "val after each of 2 epochs")] == 2 * (3 + 300 / 500) + (3 + 1500 / 500)
-    assert got[("shrink_width", "val after each of 3 epochs")] == 3 * (3 + 300 / 500) + 2 * (2 + 1500 / 750)
+    assert got[("shrink_width", "val after each of 3 epochs")] == 3 * (3 + 300 / 500) + (3 + 1500 / 500) + (
+        1 + 1500 / 1000)  # the max config's val each epoch; the max and the min config on test at the end
     assert got[("evaluate_space", "15 configs")] == 15 * (2 + 1500 / 750 + 2 * 1000 / 150 + 1500 / 750)
     assert got[("specialize", "20 trials on val")] == 20 * (2 + 300 / 750) + 2 * 3 * (2 + 1500 / 750)
     assert len(parts) == 2 * 4 + 1 + 2  # train + evaluations per stage (width: two phases), the last two stages
