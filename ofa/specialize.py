@@ -90,12 +90,18 @@ def specialize(params: Params, root: Path = Path("."), progress: bool = True) ->
     if not w.main:  # score the configs rank 0 sends, until the search ends
         distributed.serve(subnets.val_accuracy, w)
         return None
+    scored: list[SubnetConfig] = []  # by this run: a stored search's trials are not scored again
+
+    def score(cfgs: list[SubnetConfig]) -> list[float]:
+        scored.extend(cfgs)
+        return distributed.lead(subnets.val_accuracy, cfgs, w)
+
     candidates = search.search(
         net.space, net.num_units, subnets.val_accuracy, lambda cfg: net.macs(cfg, shape),
         trials=params.specialize.trials, population=params.search_population(), seed=params.seed,
         storage=root / RESUME / "specialize.db", progress=progress,
         key=search_key(params, [*prepared_files(root), checkpoint]),
-        batch=w.size, evaluate_many=lambda cfgs: distributed.lead(subnets.val_accuracy, cfgs, w),
+        batch=w.size, evaluate_many=score,
     )
     distributed.dismiss(w)  # (were the search to fail, rank 0's exit would make the launcher stop the others)
     search_s = time.perf_counter() - start
@@ -116,7 +122,8 @@ def specialize(params: Params, root: Path = Path("."), progress: bool = True) ->
     write_json(root / METRICS / "specialize.json", summary)
     write_json(root / METRICS / "timing" / "specialize.json", {
         "wall_s": round(time.perf_counter() - start, 1), "search_s": round(search_s, 1),
-        "configs_evaluated": len(candidates), "device": data.device.type, "processes": w.size})
+        "configs_scored": len(scored), "configs_reused": len(candidates) - len(scored), "device": data.device.type,
+        "processes": w.size})
     return summary  # the search stays in .resume/specialize.db: other budgets or trials reuse its trials
 
 

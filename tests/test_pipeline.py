@@ -103,6 +103,8 @@ def test_specialize_picks_within_budget_beat_uniform_on_val_and_export_what_they
     summary = json.loads((project / "metrics" / "specialize.json").read_text())
     searched = json.loads((project / "metrics" / "search.json").read_text())
     assert summary["configs_evaluated"] == len(searched) >= 8 and summary["trials"] == 14
+    timing = json.loads((project / "metrics" / "timing" / "specialize.json").read_text())
+    assert (timing["configs_scored"], timing["configs_reused"]) == (len(searched), 0)  # a first search
     assert [r["uniform"] for r in searched[:8]] == [True] * 8  # the first generation holds every uniform config
     assert len({r["config"] for r in searched}) == len(searched)
     front = [r for r in searched if r["pareto"]]
@@ -263,6 +265,9 @@ def test_exp_run_with_new_budgets_reruns_only_specialize(repro):
     out = run([sys.executable, "-m", "dvc", "exp", "run", "-S", "specialize.budgets=[700000,2600000]"], project)
     assert ran(out) == ["specialize"]
     assert "search: reusing the first 14 of 14 trials" in out and "search 1/" not in out  # nothing re-evaluated
+    timing = json.loads((project / "metrics" / "timing" / "specialize.json").read_text())
+    evaluated = json.loads((project / "metrics" / "specialize.json").read_text())["configs_evaluated"]
+    assert timing["configs_scored"] == 0 and timing["configs_reused"] == evaluated >= 8
     picks = json.loads((project / "metrics" / "specialize.json").read_text())["budgets"]
     assert list(picks) == ["macs-0.7M", "macs-2.6M"]
     assert sorted(p.name for p in (project / "models" / "specialized").iterdir()) == [
