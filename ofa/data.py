@@ -306,44 +306,15 @@ def _download(rf: RemoteFile, dest: Path, *, timeout: float, progress: bool) -> 
     try:
         request = urllib.request.Request(url, headers={"User-Agent": "ofa-data/1.0"})
         with urllib.request.urlopen(request, timeout=timeout) as response, open(part, "wb") as out:
-            length_header = response.headers.get("Content-Length")
-            total: int | None = None
-            if length_header is not None:
-                try:
-                    total = int(length_header)
-                except ValueError:
-                    total = None
+            total = _content_length(response)
             if progress:
                 _log(f"downloading {url} -> {dest}" + (f" ({total} bytes)" if total is not None else ""))
-            h = hashlib.md5(usedforsecurity=False)
-            received = 0
-            next_report = 0.1
-            unknown_step = 16 * _CHUNK
-            while chunk := response.read(_CHUNK):
-                out.write(chunk)
-                h.update(chunk)
-                received += len(chunk)
-                if progress:
-                    if total:
-                        fraction = received / total
-                        if fraction >= next_report:
-                            _log(f"  {rf.filename}: {received}/{total} bytes ({min(fraction, 1.0):.0%})")
-                            next_report = math.floor(fraction * 10 + 1e-9) / 10 + 0.1
-                    elif received >= unknown_step:
-                        _log(f"  {rf.filename}: {received} bytes")
-                        unknown_step += 16 * _CHUNK
+            received, actual = _stream(response, out, rf.filename, total, progress)
         if total is not None and received != total:
             raise DataError(
                 f"download of {url} incomplete: got {received} of {total} bytes (connection dropped?); retry or use the {hint}"
             )
-        actual = h.hexdigest()
-        if actual != rf.md5.lower():
-            content = _md5_gunzip(part) if rf.content_md5 is not None else None
-            if content is None or content != rf.content_md5.lower():
-                extra = f" (content md5 expected {rf.content_md5}, got {content})" if rf.content_md5 is not None else ""
-                raise DataError(
-                    f"md5 mismatch for {rf.filename} downloaded from {url}: expected {rf.md5}, got {actual}{extra}"
-                )
+        _check_md5(rf, part, actual)
         os.replace(part, dest)
         ok = True
         if progress:
@@ -363,6 +334,45 @@ def _download(rf: RemoteFile, dest: Path, *, timeout: float, progress: bool) -> 
     finally:
         if not ok:
             part.unlink(missing_ok=True)
+
+
+def _content_length(response) -> int | None:
+    try:
+        return int(response.headers["Content-Length"])
+    except (KeyError, TypeError, ValueError):  # absent or not a number: progress in bytes, no length check
+        return None
+
+
+def _stream(response, out, filename: str, total: int | None, progress: bool) -> tuple[int, str]:
+    """Copy `response` into `out`, reporting every tenth (or every 16 chunks of unknown length); bytes and md5."""
+    h = hashlib.md5(usedforsecurity=False)
+    received = 0
+    next_report = 0.1
+    unknown_step = 16 * _CHUNK
+    while chunk := response.read(_CHUNK):
+        out.write(chunk)
+        h.update(chunk)
+        received += len(chunk)
+        if progress:
+            if total:
+                fraction = received / total
+                if fraction >= next_report:
+                    _log(f"  {filename}: {received}/{total} bytes ({min(fraction, 1.0):.0%})")
+                    next_report = math.floor(fraction * 10 + 1e-9) / 10 + 0.1
+            elif received >= unknown_step:
+                _log(f"  {filename}: {received} bytes")
+                unknown_step += 16 * _CHUNK
+    return received, h.hexdigest()
+
+
+def _check_md5(rf: RemoteFile, part: Path, actual: str) -> None:
+    """DataError unless the download's md5 (or, for a gzip file that has one, its content's md5) is the expected one."""
+    if actual == rf.md5.lower():
+        return
+    content = _md5_gunzip(part) if rf.content_md5 is not None else None
+    if content is None or content != rf.content_md5.lower():
+        extra = f" (content md5 expected {rf.content_md5}, got {content})" if rf.content_md5 is not None else ""
+        raise DataError(f"md5 mismatch for {rf.filename} downloaded from {rf.url}: expected {rf.md5}, got {actual}{extra}")
 
 
 def fetch(
@@ -817,26 +827,8 @@ def prepare(
         return Dataset(train, test, SYNTHETIC_CLASSES)
     if dataset == "folder":
         return _read_folder(Path(source_dir), image_size, progress=progress)
-    raw_dir = Path(raw_dir)
-    sources: list[Path] = [Path(source_dir)] if source_dir is not None else []
-    if dataset in _CIFAR_LAYOUTS:
-        files = (CIFAR10_FILES if dataset == "cifar10" else CIFAR100_FILES) if files is None else tuple(files)
-        if len(files) != 1:
-            raise ValueError(f"{dataset} files must be exactly 1 RemoteFile (the binary tar.gz), got {len(files)}")
-        (archive,) = fetch(files, raw_dir, source_dirs=sources, progress=progress)
-        ds = _parse_cifar(archive, _CIFAR_LAYOUTS[dataset])
-    else:
-        files = FASHION_MNIST_FILES if files is None else tuple(files)
-        if len(files) != 4:
-            raise ValueError(
-                f"fashion_mnist files must be 4 RemoteFiles (train images, train labels, test images, test labels), got {len(files)}"
-            )
-        sources.append(FASHION_MNIST_SYSTEM_DIR)
-        train_images, train_labels, test_images, test_labels = fetch(files, raw_dir, source_dirs=sources,
-                                                                     progress=progress)
-        n = len(FASHION_MNIST_CLASSES)
-        ds = Dataset(_idx_split(train_images, train_labels, n), _idx_split(test_images, test_labels, n),
-                     FASHION_MNIST_CLASSES)
+    sources = [Path(source_dir)] if source_dir is not None else []
+    ds = _fetch_and_parse(dataset, Path(raw_dir), sources, files, progress)
     if image_size is None or ds.image_shape[1:] == (image_size, image_size):
         return ds
     images = sum(len(s) for s in ds.splits().values())
@@ -845,6 +837,27 @@ def prepare(
                hint="lower data.image_size")
     resized = {name: resize_split(split, image_size) for name, split in ds.splits().items()}
     return Dataset(resized["train"], resized["test"], ds.classes, resized.get("val"))
+
+
+def _fetch_and_parse(dataset: str, raw_dir: Path, sources: list[Path], files: Sequence[RemoteFile] | None,
+                     progress: bool) -> Dataset:
+    """A published dataset (CIFAR-10/100, Fashion-MNIST): its verified files fetched into raw_dir, then parsed."""
+    if dataset in _CIFAR_LAYOUTS:
+        files = (CIFAR10_FILES if dataset == "cifar10" else CIFAR100_FILES) if files is None else tuple(files)
+        if len(files) != 1:
+            raise ValueError(f"{dataset} files must be exactly 1 RemoteFile (the binary tar.gz), got {len(files)}")
+        (archive,) = fetch(files, raw_dir, source_dirs=sources, progress=progress)
+        return _parse_cifar(archive, _CIFAR_LAYOUTS[dataset])
+    files = FASHION_MNIST_FILES if files is None else tuple(files)
+    if len(files) != 4:
+        raise ValueError(
+            f"fashion_mnist files must be 4 RemoteFiles (train images, train labels, test images, test labels), got {len(files)}"
+        )
+    train_images, train_labels, test_images, test_labels = fetch(
+        files, raw_dir, source_dirs=[*sources, FASHION_MNIST_SYSTEM_DIR], progress=progress)
+    n = len(FASHION_MNIST_CLASSES)
+    return Dataset(_idx_split(train_images, train_labels, n), _idx_split(test_images, test_labels, n),
+                   FASHION_MNIST_CLASSES)
 
 
 # --------------------------------------------------------------------------------------------------

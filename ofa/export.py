@@ -123,6 +123,22 @@ def export_onnx(
             optimize=True, verbose=False,
         )
     proto = program.model_proto
+    onnx.helper.set_model_props(proto, _metadata(sub, input_shape, mean, std))
+    data = proto.SerializeToString()
+    session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        expected = model(x)
+    got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    diff = float((got - expected).abs().max())
+    if not diff <= ONNX_TOLERANCE:
+        raise ExportError(f"{path}: onnxruntime output differs from PyTorch by {diff:.3g} (> {ONNX_TOLERANCE:g})")
+    atomic_write(Path(path), lambda f: f.write(data), binary=True)
+    return diff
+
+
+def _metadata(sub: Subnet, input_shape: tuple[int, ...], mean: Sequence[float] | None,
+              std: Sequence[float] | None) -> dict[str, str]:
+    """What the ONNX file says about itself: config, architecture, input contract, classes, normalisation."""
     meta = {
         "ofa.config": sub.config.to_json(),
         "ofa.subnet": str(sub.config),
@@ -134,14 +150,4 @@ def export_onnx(
         meta["ofa.classes"] = json.dumps(sub.classes)  # output i is class sub.classes[i]
     if mean is not None:
         meta["ofa.mean"], meta["ofa.std"] = json.dumps([float(m) for m in mean]), json.dumps([float(s) for s in std])
-    onnx.helper.set_model_props(proto, meta)
-    data = proto.SerializeToString()
-    session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
-    with torch.no_grad():
-        expected = model(x)
-    got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
-    diff = float((got - expected).abs().max())
-    if not diff <= ONNX_TOLERANCE:
-        raise ExportError(f"{path}: onnxruntime output differs from PyTorch by {diff:.3g} (> {ONNX_TOLERANCE:g})")
-    atomic_write(Path(path), lambda f: f.write(data), binary=True)
-    return diff
+    return meta

@@ -228,38 +228,18 @@ def train_stage(params: Params, stage: str, root: Path = Path("."), progress: bo
     interrupted stage with the same params and inputs continues from there. Removed once outputs are written.
     With several processes every rank trains (``ofa.distributed``) and rank 0 alone writes.
     """
-    from dvclive import Live
-
     from . import recipe
 
     start = time.perf_counter()
     w = distributed.world()
-    previous = TRAINING_STAGES[stage]
     stage_index = list(TRAINING_STAGES).index(stage)
     data, net, calibration = stage_setup(params, root, stage_index)
-    inputs = prepared_files(root)
-    full = root / MODELS / "train_supernet.pt"
-    if previous is not None:
-        inputs.append(root / MODELS / f"{previous}.pt")
-        load_checkpoint(net, inputs[-1])
-        if params.shrink.kd_ratio > 0 and params.shrink.teacher == "full" and full not in inputs:
-            inputs.append(full)
-    teacher = recipe.teacher(params, net, full, calibration, data.input_shape) if previous else None
+    inputs, teacher = _start_from_previous(params, stage, root, net, data, calibration)
     parameters = None
     if stage == "shrink_kernel" and params.shrink.kernel.transforms_only:
         parameters = [p for name, p in net.named_parameters() if ".transforms." in name]
     eval_bs = params.train.eval_batch_size
-    # curves are written beside the resume state and moved into metrics/ only when the stage succeeds
-    live_dir = root / RESUME / "live" / stage
-    if w.main:
-        shutil.rmtree(live_dir, ignore_errors=True)
-    live = Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=None) if w.main else None
-
-    def log(entry: dict[str, float]) -> None:  # rank 0 only (fit logs nowhere else)
-        for name, value in entry.items():
-            live.log_metric(name, value)
-        live.next_step()
-
+    curves = _Curves(root, stage, w.main)
     key = resume_key(params, stage, inputs)
     history, states = [], []
     for phase in recipe.phases(params, stage, net.space):
@@ -270,12 +250,12 @@ def train_stage(params: Params, stage: str, root: Path = Path("."), progress: bo
             net, data, schedule(params, phase.schedule), sample=phase.sampler(net, stage), parameters=parameters,
             teacher=teacher, kd_ratio=params.shrink.kd_ratio if teacher is not None else 0.0,
             reduce=params.shrink.reduce, seed=params.seed * 1000 + stage_index + (50 if phase.suffix else 0),
-            desc=stage + phase.suffix, log=log, resume=states[-1], resume_key=key + phase.suffix, progress=progress,
-            sync_bn=params.train.sync_bn,
+            desc=stage + phase.suffix, log=curves.log, resume=states[-1], resume_key=key + phase.suffix,
+            progress=progress, sync_bn=params.train.sync_bn,
             epoch_metrics=lambda: {
                 "val/accuracy_max": subnet_accuracy(net, net.max_config(), data, calibration, eval_bs, "val")},
         )
-    metrics = _stage_metrics(net, data, calibration, eval_bs, history, shrink=previous is not None)
+    metrics = _stage_metrics(net, data, calibration, eval_bs, history, shrink=TRAINING_STAGES[stage] is not None)
     train_s = sum(h.seconds for h in history)
     timing = {
         "wall_s": round(time.perf_counter() - start, 1),
@@ -284,20 +264,57 @@ def train_stage(params: Params, stage: str, root: Path = Path("."), progress: bo
         "device": data.device.type,
         "processes": w.size,
     }
-    if not w.main:
-        return {**metrics, **timing}
-    live.end()
-    save_checkpoint(net, root / MODELS / f"{stage}.pt")
-    write_json(root / METRICS / f"{stage}.json", metrics)
-    write_json(root / METRICS / "timing" / f"{stage}.json", timing)
-    final_live = root / METRICS / "live" / stage
-    shutil.rmtree(final_live, ignore_errors=True)
-    final_live.parent.mkdir(parents=True, exist_ok=True)
-    live_dir.mkdir(parents=True, exist_ok=True)  # DVCLive writes nothing when there are no epochs
-    live_dir.rename(final_live)
-    for state in states:
-        state.unlink(missing_ok=True)
+    if w.main:
+        save_checkpoint(net, root / MODELS / f"{stage}.pt")
+        write_json(root / METRICS / f"{stage}.json", metrics)
+        write_json(root / METRICS / "timing" / f"{stage}.json", timing)
+        curves.publish()
+        for state in states:
+            state.unlink(missing_ok=True)
     return {**metrics, **timing}
+
+
+def _start_from_previous(params: Params, stage: str, root: Path, net: OFANet, data: DeviceData,
+                         calibration: list[torch.Tensor]) -> tuple[list[Path], torch.nn.Module | None]:
+    """Load the previous stage's weights into `net`; the files the stage's result depends on, and its teacher."""
+    from . import recipe
+
+    inputs = prepared_files(root)
+    previous = TRAINING_STAGES[stage]
+    if previous is None:
+        return inputs, None
+    full = root / MODELS / "train_supernet.pt"
+    inputs.append(root / MODELS / f"{previous}.pt")
+    load_checkpoint(net, inputs[-1])
+    if params.shrink.kd_ratio > 0 and params.shrink.teacher == "full" and full not in inputs:
+        inputs.append(full)
+    return inputs, recipe.teacher(params, net, full, calibration, data.input_shape)
+
+
+class _Curves:
+    """A stage's per-epoch curves (DVCLive, rank 0 only): written beside the resume state while the stage runs,
+    moved to metrics/live/<stage> when it succeeds, so a failed stage leaves none in its outputs."""
+
+    def __init__(self, root: Path, stage: str, main: bool) -> None:
+        self.dir, self.final = root / RESUME / "live" / stage, root / METRICS / "live" / stage
+        self.live = None
+        if main:
+            from dvclive import Live
+
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.live = Live(dir=str(self.dir), save_dvc_exp=False, dvcyaml=None)
+
+    def log(self, entry: dict[str, float]) -> None:  # rank 0 only (fit logs nowhere else)
+        for name, value in entry.items():
+            self.live.log_metric(name, value)
+        self.live.next_step()
+
+    def publish(self) -> None:
+        self.live.end()
+        shutil.rmtree(self.final, ignore_errors=True)
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self.dir.mkdir(parents=True, exist_ok=True)  # DVCLive writes nothing when there are no epochs
+        self.dir.rename(self.final)
 
 
 def _stage_metrics(net: OFANet, data: DeviceData, calibration: list[torch.Tensor], eval_bs: int, history: list,

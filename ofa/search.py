@@ -143,45 +143,27 @@ def search(
     their new configs scored together by `evaluate_many` (several processes: one each); a search of `trials`
     not a multiple of `batch` ended inside a batch, and one with more trials starts afresh.
     """
-    import optuna
-    from optuna.trial import TrialState
-
     uniform = space.uniform_grid(num_units)
     if trials < len(uniform):
         raise ValueError(f"trials {trials}: fewer than the {len(uniform)} uniform configs that open the search")
     if population < len(uniform):
         raise ValueError(f"population {population}: smaller than the {len(uniform)} uniform configs of generation 0")
-    study, resumed = _open_study(storage, key)
     dists = distributions(space, num_units)
-    pending = _asked_before_a_kill(study, dists)
-    done = study.get_trials(deepcopy=False, states=[TrialState.COMPLETE])
-    if len(done) < trials and not pending and len(done) % batch:  # ended inside a batch: cannot go on exactly
-        (study, resumed), pending, done = _open_study(storage, key, fresh=True), [], []
-    stored = len(done)
-    if stored >= trials:  # the first `trials` of a longer search are this search
-        pending, done = [], done[:trials]
+    study, pending, done = _stored_trials(storage, key, dists, trials, batch, progress)
     seen: dict[SubnetConfig, Candidate] = {}
     for i, t in enumerate(done):  # numbered by completed trials: a trial failed by a kill leaves no gap
         cfg = from_params(t.params, space, num_units)
         seen.setdefault(cfg, Candidate(cfg, int(t.values[1]), float(t.values[0]), i))
-    if resumed and progress:
-        print(f"search: reusing the first {trials} of {stored} trials in {storage}" if stored >= trials else
-              f"search: resuming after {stored}/{trials} trials from {storage}", file=sys.stderr, flush=True)
     evaluate_many = evaluate_many or (lambda cfgs: [evaluate(c) for c in cfgs])
     start = time.perf_counter()
     first = len(done)
     while first < trials:
         # a batch is trials [k * batch, (k + 1) * batch): one cut short by a kill is completed, not restarted,
         # so the sampler makes the same proposals as in an uninterrupted run
-        asked: list[tuple[Any, SubnetConfig]] = [(t.number, from_params(t.params, space, num_units)) for t in pending]
+        asked = [(t.number, from_params(t.params, space, num_units)) for t in pending]
         pending = []
         for n in range(first + len(asked), min((first // batch + 1) * batch, trials)):
-            waiting = study.get_trials(deepcopy=False, states=[TrialState.WAITING])
-            if n < len(uniform) and not waiting:
-                study.enqueue_trial(to_params(uniform[n], space))
-            study.sampler = optuna.samplers.NSGAIISampler(  # numpy's seeds: 0 to 2**32 - 1
-                population_size=population, seed=(seed * 1_000_003 + n) % 2**32)
-            trial = study.ask(dists)
+            trial = _ask(study, n, uniform[n] if n < len(uniform) else None, space, dists, population, seed)
             asked.append((trial, from_params(trial.params, space, num_units)))
         new: dict[SubnetConfig, int] = {}  # each config not scored yet -> the first trial that asked for it
         for n, (_, cfg) in enumerate(asked, first):
@@ -198,6 +180,38 @@ def search(
                       f"{' (seen)' if cand.trial != n else ''} [{rate:.1f} s/trial]", file=sys.stderr, flush=True)
         first += len(asked)
     return sorted(seen.values(), key=lambda c: c.trial)
+
+
+def _stored_trials(storage: Path | None, key: str, dists: dict[str, Any], trials: int, batch: int,
+                   progress: bool) -> tuple[Any, list, list]:
+    """The study under `key` in `storage` (new if none), the trials a kill left asked, the completed ones to use."""
+    from optuna.trial import TrialState
+
+    study, resumed = _open_study(storage, key)
+    pending = _asked_before_a_kill(study, dists)
+    done = study.get_trials(deepcopy=False, states=[TrialState.COMPLETE])
+    if len(done) < trials and not pending and len(done) % batch:  # ended inside a batch: cannot go on exactly
+        (study, resumed), pending, done = _open_study(storage, key, fresh=True), [], []
+    stored = len(done)
+    if stored >= trials:  # the first `trials` of a longer search are this search
+        pending, done = [], done[:trials]
+    if resumed and progress:
+        print(f"search: reusing the first {trials} of {stored} trials in {storage}" if stored >= trials else
+              f"search: resuming after {stored}/{trials} trials from {storage}", file=sys.stderr, flush=True)
+    return study, pending, done
+
+
+def _ask(study, n: int, uniform: SubnetConfig | None, space: ConfigSpace, dists: dict[str, Any], population: int,
+         seed: int):
+    """Ask for trial `n`: `uniform` (an opening one) unless already queued, else NSGA-II's proposal seeded by (seed, n)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    if uniform is not None and not study.get_trials(deepcopy=False, states=[TrialState.WAITING]):
+        study.enqueue_trial(to_params(uniform, space))
+    study.sampler = optuna.samplers.NSGAIISampler(  # numpy's seeds: 0 to 2**32 - 1
+        population_size=population, seed=(seed * 1_000_003 + n) % 2**32)
+    return study.ask(dists)
 
 
 def _asked_before_a_kill(study, dists: dict[str, Any]) -> list:

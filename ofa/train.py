@@ -266,7 +266,32 @@ def fit(
     w = world or distributed.world()
     if reduce not in REDUCE:
         raise ValueError(f"reduce {reduce!r} is not allowed ({' or '.join(REDUCE)})")
-    if parameters is not None:  # freeze the rest: no gradient is computed for it at all
+    params, optimizer = _optimizer(model, parameters, schedule)
+    loop = _Loop(model, data, schedule, _Steps.plan(len(data.train), schedule, w), params, optimizer, sample,
+                 teacher if teacher is not None and kd_ratio > 0 else None, kd_ratio, reduce, desc,
+                 progress and w.main, w, sync_bn, seed)
+    history = loop.resume(resume, resume_key, log)
+    model.train()
+    for epoch in range(len(history), schedule.epochs):
+        loss_sum, correct, lr, seconds = loop.epoch(epoch)
+        steps = loop.steps.per_epoch
+        mean_loss = float(loss_sum) / max(1, steps)
+        accuracy = int(correct) / max(1, steps * loop.steps.batch)
+        logged = {"train/loss": round(mean_loss, 6), "train/accuracy": round(accuracy, 6), "lr": lr}
+        if epoch_metrics is not None:
+            logged.update(epoch_metrics())
+        history.append(EpochStats(epoch + 1, mean_loss, accuracy, lr, steps * loop.steps.batch, seconds, logged))
+        if log is not None and w.main:
+            log(logged)
+        if resume is not None:
+            loop.save(resume, resume_key, history)
+    return history
+
+
+def _optimizer(model: nn.Module, parameters: Iterable[nn.Parameter] | None,
+               schedule: Schedule) -> tuple[list[nn.Parameter], torch.optim.Optimizer]:
+    """The parameters that train (`parameters`, default all: the rest get no gradient at all) and their SGD."""
+    if parameters is not None:
         chosen = {id(p) for p in parameters}
         for p in model.parameters():
             p.requires_grad_(id(p) in chosen)
@@ -277,83 +302,124 @@ def fit(
         [{"params": decay, "weight_decay": schedule.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=schedule.lr, momentum=schedule.momentum, nesterov=schedule.nesterov and schedule.momentum > 0,
     )
-    n = len(data.train)
-    per_epoch = min(n, schedule.images_per_epoch or n)
-    batch = min(schedule.batch_size, per_epoch)
-    distributed.check_batch(batch, w, epoch_images=batch < schedule.batch_size)
-    local = batch // w.size  # this rank's share of each batch: images [lo, lo + local) of it
-    lo = w.rank * local
-    steps_per_epoch = per_epoch // batch
-    total = steps_per_epoch * schedule.epochs
-    lr_of = lambda epoch, step: schedule.lr_at(epoch * steps_per_epoch + step, total, steps_per_epoch)  # noqa: E731
-    rng = random.Random(seed)
-    shuffle = torch.Generator().manual_seed(seed)
-    aug = torch.Generator(device=data.device).manual_seed(seed + 1)
-    history: list[EpochStats] = []
-    # dropout draws from torch's global generator: seeded per call, like the rest, and per rank (other images)
-    torch.manual_seed(seed + 2 + 1_000_003 * w.rank)
-    state = distributed.broadcast(_load_state(resume, resume_key) if w.main else None, w)
-    if state is not None:
-        history = _restore(state, model, optimizer, rng, shuffle, aug, data.device, w)
+    return params, optimizer
+
+
+@dataclass(frozen=True)
+class _Steps:
+    """How a schedule's epochs divide into steps, and this rank's share of each step's batch."""
+
+    images: int  # training images, drawn from in a new order each epoch
+    batch: int  # images per step, every rank's together
+    local: int  # this rank's share of a batch: its images [lo, lo + local)
+    lo: int
+    per_epoch: int  # steps per epoch
+    total: int  # steps of the whole schedule
+
+    @classmethod
+    def plan(cls, images: int, schedule: Schedule, w: World) -> _Steps:
+        per_epoch = min(images, schedule.images_per_epoch or images)
+        batch = min(schedule.batch_size, per_epoch)
+        distributed.check_batch(batch, w, epoch_images=batch < schedule.batch_size)
+        local = batch // w.size
+        return cls(images, batch, local, w.rank * local, per_epoch // batch, per_epoch // batch * schedule.epochs)
+
+
+@dataclass
+class _Loop:
+    """One fit call's training: its parts, its generators (seeded from `seed`), an epoch of steps, resume states."""
+
+    model: nn.Module
+    data: DeviceData
+    schedule: Schedule
+    steps: _Steps
+    params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    sample: Callable[[random.Random], Sequence[SubnetConfig | None]]
+    soft_targets: nn.Module | None  # the teacher, when distillation is on
+    kd_ratio: float
+    reduce: str
+    desc: str
+    show: bool  # the progress bar: rank 0's only
+    world: World
+    sync_bn: bool
+    seed: int
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.seed)
+        self.shuffle = torch.Generator().manual_seed(self.seed)
+        self.aug = torch.Generator(device=self.data.device).manual_seed(self.seed + 1)
+        # dropout draws from torch's global generator: seeded per call, like the rest, and per rank (other images)
+        torch.manual_seed(self.seed + 2 + 1_000_003 * self.world.rank)
+
+    def lr(self, epoch: int, step: int) -> float:
+        return self.schedule.lr_at(epoch * self.steps.per_epoch + step, self.steps.total, self.steps.per_epoch)
+
+    def resume(self, path: Path | None, key: str, log: Callable[[dict[str, float]], None] | None) -> list[EpochStats]:
+        """The epochs a saved state under `key` had finished, put back (and replayed to `log`); none without one."""
+        w = self.world
+        state = distributed.broadcast(_load_state(path, key) if w.main else None, w)
+        if state is None:
+            return []
+        history = _restore(state, self.model, self.optimizer, self.rng, self.shuffle, self.aug, self.data.device, w)
         if w.main:
-            print(f"{desc}: resuming after epoch {len(history)}/{schedule.epochs} from {resume}", file=sys.stderr)
-        for h in history:
-            if log is not None and w.main:
-                log(h.logged)
-    soft_targets = teacher if teacher is not None and kd_ratio > 0 else None
-    show = progress and w.main  # one progress bar: rank 0's
-    model.train()
-    for epoch in range(len(history), schedule.epochs):
-        order = torch.randperm(n, generator=shuffle)[: steps_per_epoch * batch].to(data.device)
-        loss_sum = torch.zeros((), device=data.device)
-        correct = torch.zeros((), device=data.device, dtype=torch.long)
-        guard = _DivergenceGuard(desc, data.device, w)
+            print(f"{self.desc}: resuming after epoch {len(history)}/{self.schedule.epochs} from {path}",
+                  file=sys.stderr)
+            for h in history:
+                if log is not None:
+                    log(h.logged)
+        return history
+
+    def save(self, path: Path, key: str, history: list[EpochStats]) -> None:
+        _save_state(path, self.world, {
+            "key": key, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "rng": self.rng.getstate(), "shuffle": self.shuffle.get_state(), "aug": self.aug.get_state().cpu(),
+            "history": [asdict(h) for h in history],
+        }, self.data.device)
+
+    def epoch(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+        """Train one epoch: its summed step losses and first-config hits (every rank's), last lr and seconds."""
+        steps, w, device = self.steps, self.world, self.data.device
+        order = torch.randperm(steps.images, generator=self.shuffle)[: steps.per_epoch * steps.batch].to(device)
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        guard = _DivergenceGuard(self.desc, device, w)
         start = time.perf_counter()
-        bar = tqdm(range(steps_per_epoch), desc=f"{desc} {epoch + 1}/{schedule.epochs}", disable=not show,
-                   file=sys.stderr, mininterval=1.0 if sys.stderr.isatty() else 30.0, leave=True)
+        bar = tqdm(range(steps.per_epoch), desc=f"{self.desc} {epoch + 1}/{self.schedule.epochs}",
+                   disable=not self.show, file=sys.stderr, mininterval=1.0 if sys.stderr.isatty() else 30.0,
+                   leave=True)
         for step in bar:
-            lr = lr_of(epoch, step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            x, y = _batch(data, order[step * batch : (step + 1) * batch], schedule, aug, lo, local)
-            configs = list(sample(rng))
-            optimizer.zero_grad(set_to_none=True)
-            with _autocast(data.device), distributed.synced_batch_norm(sync_bn and w.active):
-                step_loss, step_correct = _backward(model, x, y, configs, soft_targets, kd_ratio,
-                                                    schedule.label_smoothing, reduce)
+            lr = self.lr(epoch, step)
+            step_loss, step_correct = self._step(order[step * steps.batch : (step + 1) * steps.batch], lr)
             correct += step_correct
             guard.record(step_loss, step)
-            distributed.average_gradients(params, w)
-            optimizer.step()
             loss_sum += step_loss
-            if step % SYNC_EVERY == 0 or step == steps_per_epoch - 1:  # the only host reads of the loop
-                guard.check(lambda s: f"epoch {epoch + 1} step {s + 1} (lr {lr_of(epoch, s):.4g})")  # noqa: B023
-            if show and (step % SYNC_EVERY == 0 or step == steps_per_epoch - 1):
-                seen = (step + 1) * batch  # this rank's loss and accuracy, every rank's images per second
-                bar.set_postfix(loss=f"{float(loss_sum) / (step + 1):.3f}",
-                                acc=f"{int(correct) / ((step + 1) * local):.3f}", lr=f"{lr:.3g}",
-                                img_s=f"{seen / (time.perf_counter() - start):.0f}", refresh=False)
+            if step % SYNC_EVERY == 0 or step == steps.per_epoch - 1:  # the only host reads of the loop
+                guard.check(lambda s: f"epoch {epoch + 1} step {s + 1} (lr {self.lr(epoch, s):.4g})")  # noqa: B023
+                if self.show:
+                    seen = (step + 1) * steps.batch  # this rank's loss and accuracy, every rank's images per second
+                    bar.set_postfix(loss=f"{float(loss_sum) / (step + 1):.3f}",
+                                    acc=f"{int(correct) / ((step + 1) * steps.local):.3f}", lr=f"{lr:.3g}",
+                                    img_s=f"{seen / (time.perf_counter() - start):.0f}", refresh=False)
         bar.close()
         if w.active:  # the epoch's figures over every rank's images; running statistics averaged
             loss_sum, correct = distributed.all_sum_(torch.stack([loss_sum.double() / w.size, correct.double()]), w)
-            distributed.average_buffers(model, w)
-        seconds = time.perf_counter() - start
-        mean_loss = float(loss_sum) / max(1, steps_per_epoch)
-        accuracy = int(correct) / max(1, steps_per_epoch * batch)
-        logged = {"train/loss": round(mean_loss, 6), "train/accuracy": round(accuracy, 6), "lr": lr}
-        if epoch_metrics is not None:
-            logged.update(epoch_metrics())
-        stats = EpochStats(epoch + 1, mean_loss, accuracy, lr, steps_per_epoch * batch, seconds, logged)
-        history.append(stats)
-        if log is not None and w.main:
-            log(logged)
-        if resume is not None:
-            _save_state(resume, w, {
-                "key": resume_key, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "rng": rng.getstate(), "shuffle": shuffle.get_state(), "aug": aug.get_state().cpu(),
-                "history": [asdict(h) for h in history],
-            }, data.device)
-    return history
+            distributed.average_buffers(self.model, w)
+        return loss_sum, correct, lr, time.perf_counter() - start
+
+    def _step(self, idx: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """One update on the batch `idx` at `lr`: its mean loss over the sampled configs and the first's hits."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        x, y = _batch(self.data, idx, self.schedule, self.aug, self.steps.lo, self.steps.local)
+        configs = list(self.sample(self.rng))
+        self.optimizer.zero_grad(set_to_none=True)
+        with _autocast(self.data.device), distributed.synced_batch_norm(self.sync_bn and self.world.active):
+            step_loss, correct = _backward(self.model, x, y, configs, self.soft_targets, self.kd_ratio,
+                                           self.schedule.label_smoothing, self.reduce)
+        distributed.average_gradients(self.params, self.world)
+        self.optimizer.step()
+        return step_loss, correct
 
 
 def _batch(data: DeviceData, idx: torch.Tensor, schedule: Schedule, aug: torch.Generator, lo: int,
