@@ -30,8 +30,8 @@ def stage(name: str, cwd: Path, check: bool = True) -> subprocess.CompletedProce
     return result
 
 
-def stages_in_one_process(names: list[str], cwd: Path) -> None:
-    """Run stage scripts one after another in one Python process (one torch import, not one per stage)."""
+def stages_in_one_process(names: list[str], cwd: Path) -> str:
+    """Run stage scripts one after another in one Python process (one torch import, not one per stage); output."""
     code = ("import runpy, sys\n"
             "for path in sys.argv[1:]:\n"
             "    try:\n"
@@ -42,6 +42,7 @@ def stages_in_one_process(names: list[str], cwd: Path) -> None:
     result = subprocess.run([sys.executable, "-c", code, *(str(ROOT / "stages" / f"{n}.py") for n in names)],
                             cwd=cwd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, f"{names}:\n{result.stdout}\n{result.stderr}"
+    return result.stdout + result.stderr
 
 
 def outputs(root: Path) -> dict[str, bytes]:
@@ -98,26 +99,27 @@ def profile() -> dict:
 
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory):
-    """The synthetic profile run twice. The first runs every stage in one process; in the second, each stage
-    is a process of its own, and train_supernet is killed after an epoch, evaluate_space after its first config
-    and specialize mid-search, each then rerun."""
+    """The synthetic profile run twice. The first runs every stage in one process; in the second,
+    train_supernet is killed after an epoch, evaluate_space after its first config and specialize mid-search,
+    each then rerun in a new process (the shrink stages follow train_supernet's rerun in its process)."""
+    assert STAGES == ["download", "train_supernet", "shrink_kernel", "shrink_depth", "shrink_width",
+                      "evaluate_space", "specialize"]
     raw = profile()
     a, b = tmp_path_factory.mktemp("a"), tmp_path_factory.mktemp("b")
     for root in (a, b):
         (root / "params.yaml").write_text(yaml.safe_dump(raw))
     stages_in_one_process(STAGES, a)
     log = {}
-    for s in STAGES:
-        if s in ("train_supernet", "evaluate_space", "specialize"):
-            if s == "train_supernet":
-                log["epochs_before_kill"] = kill_after_first_epoch(b, s)
-            else:
-                kill_when(b, s, r"^\[1/\d+\] " if s == "evaluate_space" else r"^search 5/")
-            log[f"after_kill/{s}"] = _files(b)
-            result = stage(s, b)
-            log[f"resumed/{s}"] = result.stdout + result.stderr
-        else:
-            stage(s, b)
+    stage("download", b)
+    log["epochs_before_kill"] = kill_after_first_epoch(b, "train_supernet")
+    log["after_kill/train_supernet"] = _files(b)
+    log["resumed/train_supernet"] = stages_in_one_process(
+        ["train_supernet", "shrink_kernel", "shrink_depth", "shrink_width"], b)
+    for s, printed in (("evaluate_space", r"^\[1/\d+\] "), ("specialize", r"^search 5/")):
+        kill_when(b, s, printed)
+        log[f"after_kill/{s}"] = _files(b)
+        result = stage(s, b)
+        log[f"resumed/{s}"] = result.stdout + result.stderr
     return [(a, {}), (b, log)]
 
 
