@@ -267,9 +267,10 @@ def fit(
     if reduce not in REDUCE:
         raise ValueError(f"reduce {reduce!r} is not allowed ({' or '.join(REDUCE)})")
     params, optimizer = _optimizer(model, parameters, schedule)
-    loop = _Loop(model, data, schedule, _Steps.plan(len(data.train), schedule, w), params, optimizer, sample,
-                 teacher if teacher is not None and kd_ratio > 0 else None, kd_ratio, reduce, desc,
-                 progress and w.main, w, sync_bn, seed)
+    loop = _Loop(model=model, data=data, schedule=schedule, steps=_Steps.plan(len(data.train), schedule, w),
+                 params=params, optimizer=optimizer, sample=sample,
+                 soft_targets=teacher if teacher is not None and kd_ratio > 0 else None, kd_ratio=kd_ratio,
+                 reduce=reduce, desc=desc, show=progress and w.main, world=w, sync_bn=sync_bn, seed=seed)
     history = loop.resume(resume, resume_key, log)
     model.train()
     for epoch in range(len(history), schedule.epochs):
