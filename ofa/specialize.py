@@ -96,6 +96,7 @@ def specialize(params: Params, root: Path = Path("."), progress: bool = True) ->
         scored.extend(cfgs)
         return distributed.lead(subnets.val_accuracy, cfgs, w)
 
+    search_start = time.perf_counter()
     candidates = search.search(
         net.space, net.num_units, subnets.val_accuracy, lambda cfg: net.macs(cfg, shape),
         trials=params.specialize.trials, population=params.search_population(), seed=params.seed,
@@ -104,7 +105,7 @@ def specialize(params: Params, root: Path = Path("."), progress: bool = True) ->
         batch=w.size, evaluate_many=score,
     )
     distributed.dismiss(w)  # (were the search to fail, rank 0's exit would make the launcher stop the others)
-    search_s = time.perf_counter() - start
+    search_s = time.perf_counter() - search_start  # the search alone: no setup, no export
     mean, std = data.mean.flatten().tolist(), data.std.flatten().tolist()
     picks = export_picks(candidates, budgets, subnets, root / SPECIALIZED, shape, mean, std,
                          check_inputs=data.val.images[:16].float().cpu(), progress=progress)
