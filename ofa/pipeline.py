@@ -15,7 +15,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
@@ -23,13 +23,14 @@ from typing import Any, NoReturn
 
 import torch
 
+from . import cost
 from . import data as data_mod
 from . import distributed
 from .config import Params, ParamsError, PhaseParams
 from .flops import count_macs, count_params
 from .io import atomic_write, load_tensors, replaced_dir, write_json
 from .space import SubnetConfig
-from .supernet import OFANet
+from .supernet import OFANet, architecture
 from .train import DeviceData, Schedule, calibrate_bn, evaluate, fit, select_device
 
 PREPARED, RAW, MODELS, METRICS = Path("data/prepared"), Path("data/raw"), Path("models"), Path("metrics")
@@ -90,11 +91,19 @@ def _names(classes: list[str] | None, shown: int = 4) -> str:
 
 def build_net(params: Params, input_shape: tuple[int, ...], classes: list[str]) -> OFANet:
     """The supernet of params.space / params.net for inputs of (C, H, W), one output per class."""
+    return OFANet(params.space.build(), **_net_arguments(params, input_shape, classes), init=params.net.init)
+
+
+def build_arch(params: Params, input_shape: tuple[int, ...], classes: list[str]) -> dict[str, Any]:
+    """``build_net(...).arch`` without building the network (what pricing a config needs)."""
+    return architecture(params.space.build(), **_net_arguments(params, input_shape, classes))
+
+
+def _net_arguments(params: Params, input_shape: tuple[int, ...], classes: list[str]) -> dict[str, Any]:
     n = params.net
-    return OFANet(params.space.build(), in_channels=input_shape[0], num_classes=len(classes),
-                  units=n.unit_specs(), stem_channels=n.stem_channels, stem_stride=n.stem_stride,
-                  final_channels=n.final_channels, classes=classes, feature_mix_channels=n.feature_mix_channels,
-                  dropout=n.dropout, init=n.init)
+    return dict(in_channels=input_shape[0], num_classes=len(classes), units=n.unit_specs(),
+                stem_channels=n.stem_channels, stem_stride=n.stem_stride, final_channels=n.final_channels,
+                classes=classes, feature_mix_channels=n.feature_mix_channels, dropout=n.dropout)
 
 
 def load_classes(root: Path) -> list[str]:
@@ -139,8 +148,7 @@ def download(params: Params, root: Path = Path(".")) -> dict[str, Any]:
     else:
         train, val = data_mod.hold_out(train, d.val_images, seed=params.seed)
     shape = tuple(train.images.shape[1:])
-    with torch.device("meta"):  # the architecture only: no weights are allocated or initialised
-        check_budgets(params, build_net(params, shape, list(ds.classes)), shape)
+    check_budgets(params, build_arch(params, shape, list(ds.classes)), shape)
     with replaced_dir(root / PREPARED) as staging:  # the splits and classes of one run, never a mix of two
         for name, split in (("train", train), ("val", val), ("test", test)):
             data_mod.save_split(split, staging / f"{name}.pt")
@@ -157,15 +165,15 @@ def subnet_accuracy(net: OFANet, cfg: SubnetConfig, data: DeviceData, calibratio
     return evaluate(sub, data, batch_size=batch_size, split=split)
 
 
-def check_budgets(params: Params, net: OFANet, input_shape: tuple[int, ...]) -> None:
+def check_budgets(params: Params, arch: Mapping[str, Any], input_shape: tuple[int, ...]) -> None:
     """ParamsError naming the first of specialize.budgets below the smallest subnet's MACs.
 
     Every stage checks it as soon as it knows the input (download once the data is read, the others before
     they train), so a budget that cannot be met stops a fresh ``dvc repro`` before any training, not at its
     last stage.
     """
-    smallest_config = net.min_config()
-    smallest = net.macs(smallest_config, input_shape)
+    smallest_config = params.space.build().min_config(len(arch["units"]))
+    smallest = cost.macs(arch, smallest_config, input_shape)
     for i, b in enumerate(params.specialize.macs_budgets()):
         if b < smallest:
             raise ParamsError(f"specialize.budgets[{i}]: {b} MACs is below the smallest subnet ({smallest_config}: "
@@ -187,7 +195,7 @@ def stage_setup(params: Params, root: Path, stage_index: int) -> tuple[DeviceDat
                         "lower data.image_size or data.train_limit")
     data = DeviceData.load(root / PREPARED, device)
     net = build_net(params, data.input_shape, classes)
-    check_budgets(params, net, data.input_shape)
+    check_budgets(params, net.arch, data.input_shape)
     net = net.to(device, memory_format=torch.channels_last)
     calibration = data.calibration_batches(params.evaluate.bn_calibration_images, params.train.eval_batch_size,
                                            seed=params.seed + stage_index)

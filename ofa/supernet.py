@@ -7,6 +7,7 @@ import json
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -49,6 +50,48 @@ CIFAR_UNITS: tuple[UnitSpec, ...] = (
 )
 
 
+def architecture(
+    space: ConfigSpace,
+    in_channels: int = 3,
+    num_classes: int = 10,
+    units: Sequence[UnitSpec | Mapping] | None = None,
+    stem_channels: int = 16,
+    stem_stride: int = 1,
+    final_channels: int = 640,
+    classes: Sequence[str] | None = None,
+    feature_mix_channels: int | None = None,
+    dropout: float = 0.0,
+) -> dict[str, Any]:
+    """The supernet's architecture as plain JSON values (``OFANet.arch``), checked; no layer is built.
+
+    What checkpoints, saved subnets and exports record, and all that ``cost.macs`` and ``cost.num_params``
+    need: a stage can price a config (e.g. check budgets) without building or initialising a network.
+    """
+    if feature_mix_channels is not None and (isinstance(feature_mix_channels, bool) or not isinstance(
+            feature_mix_channels, int) or feature_mix_channels < 1):
+        raise ValueError(f"feature_mix_channels {feature_mix_channels!r} is not allowed (a positive integer or None)")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"dropout {dropout!r} is not allowed (0 <= dropout < 1)")
+    if classes is not None and len(classes) != num_classes:
+        raise ValueError(f"classes: {len(classes)} names for num_classes {num_classes} (one name per class)")
+    for name, value in (("in_channels", in_channels), ("num_classes", num_classes),
+                        ("stem_channels", stem_channels), ("final_channels", final_channels)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} {value!r} is not allowed (a positive integer)")
+    if stem_stride not in (1, 2):
+        raise ValueError(f"stem_stride {stem_stride!r} is not allowed (1 or 2)")
+    specs = tuple(u if isinstance(u, UnitSpec) else UnitSpec(**u) for u in (CIFAR_UNITS if units is None else units))
+    if not specs:
+        raise ValueError("units: empty (at least one unit)")
+    return json.loads(json.dumps({  # plain JSON values: saved with checkpoints and subnets
+        "space": asdict(space), "in_channels": in_channels, "num_classes": num_classes,
+        "units": [asdict(u) for u in specs], "stem_channels": stem_channels,
+        "stem_stride": stem_stride, "final_channels": final_channels,
+        "classes": None if classes is None else [str(c) for c in classes],
+        "feature_mix_channels": feature_mix_channels, "dropout": float(dropout),
+    }))
+
+
 class OFANet(nn.Module):
     """The supernet: every subnet of `space` is ``net(x, cfg)``, and ``net.extract(cfg)`` cuts it out exactly.
 
@@ -71,33 +114,15 @@ class OFANet(nn.Module):
         dropout: float = 0.0,
         init: str = "he_fout",
     ) -> None:
+        """The arguments of ``architecture`` (checked there), and the weights' init (one of INITS)."""
         super().__init__()
-        if feature_mix_channels is not None and (isinstance(feature_mix_channels, bool) or not isinstance(
-                feature_mix_channels, int) or feature_mix_channels < 1):
-            raise ValueError(f"feature_mix_channels {feature_mix_channels!r} is not allowed (a positive integer or None)")
-        if not 0 <= dropout < 1:
-            raise ValueError(f"dropout {dropout!r} is not allowed (0 <= dropout < 1)")
         if init not in INITS:
             raise ValueError(f"init {init!r} is not allowed ({' or '.join(INITS)})")
-        if classes is not None and len(classes) != num_classes:
-            raise ValueError(f"classes: {len(classes)} names for num_classes {num_classes} (one name per class)")
-        for name, value in (("in_channels", in_channels), ("num_classes", num_classes),
-                            ("stem_channels", stem_channels), ("final_channels", final_channels)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} {value!r} is not allowed (a positive integer)")
-        if stem_stride not in (1, 2):
-            raise ValueError(f"stem_stride {stem_stride!r} is not allowed (1 or 2)")
-        specs = tuple(u if isinstance(u, UnitSpec) else UnitSpec(**u) for u in (CIFAR_UNITS if units is None else units))
-        if not specs:
-            raise ValueError("units: empty (at least one unit)")
         self.space = space
-        self.arch = json.loads(json.dumps({  # plain JSON values: saved with checkpoints and subnets
-            "space": asdict(space), "in_channels": in_channels, "num_classes": num_classes,
-            "units": [asdict(u) for u in specs], "stem_channels": stem_channels,
-            "stem_stride": stem_stride, "final_channels": final_channels,
-            "classes": None if classes is None else [str(c) for c in classes],
-            "feature_mix_channels": feature_mix_channels, "dropout": float(dropout),
-        }))
+        self.arch = arch = architecture(space, in_channels, num_classes, units, stem_channels, stem_stride,
+                                        final_channels, classes, feature_mix_channels, dropout)
+        specs = [UnitSpec(**u) for u in arch["units"]]
+        in_channels, stem_channels, stem_stride = arch["in_channels"], arch["stem_channels"], arch["stem_stride"]
         self.stem = conv_bn_act(in_channels, stem_channels, 3, stem_stride, specs[0].activation)
         blocks_in = stem_channels
         units_ = []
@@ -111,8 +136,9 @@ class OFANet(nn.Module):
                 blocks_in = spec.channels
             units_.append(ElasticUnit(blocks))
         self.units = nn.ModuleList(units_)
-        self.final = conv_bn_act(blocks_in, final_channels, 1, 1, specs[-1].activation)
-        self.mix, self.dropout, self.classifier = head_layers(final_channels, num_classes, feature_mix_channels, dropout)
+        self.final = conv_bn_act(blocks_in, arch["final_channels"], 1, 1, specs[-1].activation)
+        self.mix, self.dropout, self.classifier = head_layers(arch["final_channels"], arch["num_classes"],
+                                                              arch["feature_mix_channels"], arch["dropout"])
         self._init_head(init)
 
     def _init_head(self, init: str) -> None:
