@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import os
 import random
 import re
 import shutil
@@ -541,6 +542,16 @@ def _exit(code: int) -> NoReturn:
     """Exit a stage script. Its outputs are written and closed by now; freezing the objects first keeps the
     garbage collections of the interpreter's shutdown off the ~300,000 objects that torch and torch._dynamo
     (which the optimizer imports) create: about 0.8 s of every stage process on a 2-core CPU
-    (benchmarks/stage_exit.py)."""
+    (benchmarks/stage_exit.py).
+
+    A rank that failed inside its job leaves at once, without the interpreter's shutdown: its process group
+    is still up (its peers may be inside a collective, which tearing it down would wait for), and gloo's
+    threads destroyed by that shutdown end the process now and then with SIGABRT ("terminate called without
+    an active exception") after its error was reported, which would turn exit status 2 into a crash.
+    """
+    if distributed.world().active:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     gc.freeze()
     sys.exit(code)
