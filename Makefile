@@ -1,5 +1,5 @@
 # make setup: the virtual environment in .venv (CPU PyTorch unless a CUDA one is already there)
-# make test:  the test suite (CPU, a few minutes)
+# make test:  the test suite (CPU, about 5 minutes: 2 pytest-xdist workers, whole test files each)
 # make quick: the whole pipeline on Fashion-MNIST on the CPU, as a DVC experiment (about 15 minutes)
 # make bench: speed benchmarks (print figures)
 VENV ?= .venv
@@ -34,7 +34,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 quick: setup
 	$(RUN) dvc exp run $(addprefix -S ,$(QUICK_PARAMS))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,21 @@ def synthetic() -> DeviceData:
                       torch.device("cpu"))
 
 
+# `make test` runs the suite as 2 pytest-xdist workers (--dist loadfile): each worker, and every stage process it
+# starts, gets its share of the cores, so two workers never fight over threads.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1))
+THREADS = max(1, (os.cpu_count() or 1) // WORKERS) if WORKERS > 1 else 2
+if WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = str(THREADS)
+# The modules whose stage processes take most of the suite's time, longest first: a worker that starts one
+# of them early leaves the short modules to fill in around it (with --no-loadscope-reorder).
+LONGEST = ("test_distributed.py", "test_pipeline.py", "test_reliability.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: LONGEST.index(item.path.name) if item.path.name in LONGEST else len(LONGEST))
+
+
 @pytest.fixture(autouse=True)
 def _threads():
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
