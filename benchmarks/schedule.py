@@ -84,7 +84,8 @@ def measure_training(params: Params, net: OFANet, data: DeviceData, steps: int, 
         if stage == "shrink_kernel" and params.shrink.kernel.transforms_only:
             parameters = [p for name, p in net.named_parameters() if ".transforms." in name]
         for phase in recipe.phases(params, stage, net.space):
-            rate = _images_per_s(net, data, schedule(params, phase.schedule), steps, sample=phase.sampler(net, stage),
+            plan = schedule(params, phase.schedule, warmup_epochs=phase.warmup_epochs)
+            rate = _images_per_s(net, data, plan, steps, sample=phase.sampler(net, stage),
                                  parameters=parameters, teacher=teacher, reduce=params.shrink.reduce,
                                  kd_ratio=params.shrink.kd_ratio if teacher is not None else 0.0)
             rows.append({"stage": stage, "phase": phase.suffix.lstrip(".") or "-", "epochs": phase.schedule.epochs,

@@ -28,9 +28,8 @@ ACTIVATIONS = tuple(subnet.ACTIVATIONS)
 MAX_KERNEL = 9  # a depthwise kernel wider than the late feature maps (4x4 to 8x8) only adds padding
 
 
-# keys that moved: the hint their old place gets
-MOVED = {"shrink.subnets_per_step": "now one per stage: shrink.kernel.subnets_per_step, shrink.depth.subnets_per_step, "
-                                    "shrink.width.subnets_per_step"}
+# sampled subnets per step of each shrink stage when neither the stage nor shrink.subnets_per_step sets it
+OFFICIAL_SUBNETS_PER_STEP = {"kernel": 1, "depth": 2, "width": 4}
 
 
 class ParamsError(ValueError):
@@ -110,7 +109,7 @@ class PhaseParams:
 
 @dataclass(frozen=True)
 class KernelPhaseParams(PhaseParams):
-    subnets_per_step: int = _rule(min=1, default=1)  # sampled subnets whose gradients each step accumulates
+    subnets_per_step: int | None = _rule(min=1, default=None)  # null: ShrinkParams.subnets("kernel")
     transforms_only: bool = False  # the source's variant: train only the kernel transform matrices
 
 
@@ -118,11 +117,12 @@ class KernelPhaseParams(PhaseParams):
 class FirstPhaseParams:
     epochs: int = _rule(min=0, default=25)  # 0: no first phase
     lr: float = _rule(gt=0, default=0.005)
+    warmup_epochs: float = _rule(min=0, default=0.0)  # official OFA: none (the second phase: train.warmup_epochs)
 
 
 @dataclass(frozen=True)
 class ElasticPhaseParams(PhaseParams):
-    subnets_per_step: int = _rule(min=1, default=2)
+    subnets_per_step: int | None = _rule(min=1, default=None)  # null: ShrinkParams.subnets(<dimension>)
     # with 3+ choices of the stage's dimension: a first phase on all but the smallest choice (official OFA)
     first_phase: FirstPhaseParams = field(default_factory=FirstPhaseParams)
 
@@ -140,6 +140,13 @@ class ShrinkParams:
     teacher: str = _rule(choices=TEACHERS, default="full")
     teacher_bn: str = _rule(choices=TEACHER_BN, default="train")
     reduce: str = _rule(choices=REDUCE, default="sum")
+    subnets_per_step: int | None = _rule(min=1, default=None)  # every shrink stage's, unless the stage sets its own
+
+    def subnets(self, dim: str) -> int:
+        """Sampled subnets per step of the shrink stage of `dim` (kernel | depth | width), gradients accumulated:
+        the stage's own count, else shrink.subnets_per_step, else official OFA's (1 / 2 / 4)."""
+        return (getattr(self, dim).subnets_per_step or self.subnets_per_step
+                or OFFICIAL_SUBNETS_PER_STEP[dim])
 
 
 @dataclass(frozen=True)
@@ -244,7 +251,6 @@ def _parse(cls: type, raw: Any, path: str) -> Any:
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f"did you mean {path + '.' if path else ''}{close[0]}?" if close else f"allowed: {', '.join(fields)}"
-            hint = MOVED.get(f"{path + '.' if path else ''}{key}", hint)
             raise ParamsError(f"{path + '.' if path else ''}{key}: unknown key ({hint})")
     values = {}
     for name, f in fields.items():

@@ -121,10 +121,13 @@ def load_classes(root: Path) -> list[str]:
     return classes
 
 
-def schedule(params: Params, phase: PhaseParams, images_per_epoch: int | None = None) -> Schedule:
+def schedule(params: Params, phase: PhaseParams, images_per_epoch: int | None = None,
+             warmup_epochs: float | None = None) -> Schedule:
+    """The optimiser schedule of a phase: its epochs and lr, the rest from train (warm-up unless given)."""
     t = params.train
+    warmup = t.warmup_epochs if warmup_epochs is None else warmup_epochs
     return Schedule(epochs=phase.epochs, lr=phase.lr, batch_size=t.batch_size, momentum=t.momentum,
-                    nesterov=t.nesterov, weight_decay=t.weight_decay, warmup_epochs=t.warmup_epochs,
+                    nesterov=t.nesterov, weight_decay=t.weight_decay, warmup_epochs=warmup,
                     label_smoothing=t.label_smoothing, crop_padding=t.crop_padding, flip=t.flip,
                     images_per_epoch=images_per_epoch)
 
@@ -255,8 +258,9 @@ def train_stage(params: Params, stage: str, root: Path = Path("."), progress: bo
         if stage == "shrink_width":
             net.sort_channels(phase.protect)  # before each phase: narrower widths take the most important channels
         states.append(root / RESUME / f"{stage}{phase.suffix}.pt")
+        plan = schedule(params, phase.schedule, warmup_epochs=phase.warmup_epochs)
         history += fit(
-            net, data, schedule(params, phase.schedule), sample=phase.sampler(net, stage), parameters=parameters,
+            net, data, plan, sample=phase.sampler(net, stage), parameters=parameters,
             teacher=teacher, kd_ratio=params.shrink.kd_ratio if teacher is not None else 0.0,
             reduce=params.shrink.reduce, seed=params.seed * 1000 + stage_index + (50 if phase.suffix else 0),
             desc=stage + phase.suffix, log=curves.log, resume=states[-1], resume_key=key + phase.suffix,

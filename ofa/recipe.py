@@ -1,7 +1,8 @@
 """The progressive-shrinking recipe: what each training stage trains, in which phases, against which teacher.
 
 A translation of the official OFA schedule (train_ofa_net.py, progressive_shrinking.py) with every
-difference a param: ``shrink.<stage>.subnets_per_step`` (official: 1 / 2 / 4 for kernel / depth / width),
+difference a param: ``shrink.<stage>.subnets_per_step`` or, for all three, ``shrink.subnets_per_step``
+(official: 1 / 2 / 4 for kernel / depth / width),
 ``shrink.reduce`` (official: the subnets' losses of a step are summed), a first phase on all but the smallest
 choice of the stage's dimension when it has 3+ choices (``shrink.<depth|width>.first_phase``; official: 25
 epochs at a third of the second phase's rate), the width stage's channel sort before each phase (before the
@@ -35,13 +36,15 @@ SAMPLED: dict[str, dict[str, bool]] = {
 @dataclass(frozen=True)
 class Phase:
     """One training phase of a stage: its epochs and lr, the space its subnets are drawn from, and the suffix of
-    its resume state; for the width stage, the widths whose channels the sort before it keeps in place."""
+    its resume state; for the width stage, the widths whose channels the sort before it keeps in place; its own
+    warm-up, or None for train.warmup_epochs."""
 
     schedule: PhaseParams
     space: ConfigSpace | None  # None: the max config only
     subnets_per_step: int = 1
     suffix: str = ""
     protect: tuple[float, ...] = ()
+    warmup_epochs: float | None = None
 
     def sampler(self, net: OFANet, stage: str):
         """rng -> the configs of one step."""
@@ -56,18 +59,19 @@ def phases(params: Params, stage: str, space: ConfigSpace) -> list[Phase]:
     if stage == "train_supernet":
         return [Phase(params.supernet, None)]
     if stage == "shrink_kernel":
-        k = params.shrink.kernel
-        return [Phase(k, space, k.subnets_per_step)]
+        return [Phase(params.shrink.kernel, space, params.shrink.subnets("kernel"))]
     dim = stage.removeprefix("shrink_")
     p = getattr(params.shrink, dim)
     choices = getattr(space, dim)
-    main = Phase(p, space, p.subnets_per_step)
+    n = params.shrink.subnets(dim)
+    main = Phase(p, space, n)
     if len(choices) < 3 or p.first_phase.epochs == 0:
         return [main]
     larger = dataclasses.replace(space, **{dim: choices[1:]})
-    first = Phase(PhaseParams(p.first_phase.epochs, p.first_phase.lr), larger, p.subnets_per_step, ".phase1")
+    f = p.first_phase
+    first = Phase(PhaseParams(f.epochs, f.lr), larger, n, ".phase1", warmup_epochs=f.warmup_epochs)
     if dim == "width":  # the second phase's sort keeps the first phase's widths on their channels
-        main = Phase(p, space, p.subnets_per_step, protect=tuple(choices[1:]))
+        main = Phase(p, space, n, protect=tuple(choices[1:]))
     return [first, main]
 
 
@@ -87,6 +91,7 @@ def teacher(params: Params, net: OFANet, full: Path, calibration: list[torch.Ten
         source = build_net(params, input_shape, net.arch["classes"])
         load_checkpoint(source, full)
     model = source.extract(source.max_config()).to(next(net.parameters()).device)
+    model.dropout = None  # official OFA builds its teacher with dropout_rate=0, also in train mode
     if s.teacher_bn == "eval":
         calibrate_bn(model, calibration)  # running statistics that fit the max network
     return model.requires_grad_(False).train(s.teacher_bn == "train")

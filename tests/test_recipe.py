@@ -17,6 +17,9 @@ from ofa.train import Schedule, fit
 from test_pipeline import ROOT, tiny_params
 
 
+DIMS = ("kernel", "depth", "width")
+
+
 def _params(**shrink):
     raw = tiny_params()
     for key, value in shrink.items():
@@ -36,8 +39,20 @@ def _widths(configs) -> set:
 def test_the_shipped_recipe_is_the_official_one():
     s = parse_params(yaml.safe_load((ROOT / "params.yaml").read_text())).shrink
     assert (s.reduce, s.teacher, s.teacher_bn) == ("sum", "full", "train")
-    assert (s.kernel.subnets_per_step, s.depth.subnets_per_step, s.width.subnets_per_step) == (1, 2, 4)
+    assert [s.subnets(dim) for dim in DIMS] == [1, 2, 4]
     assert (s.depth.first_phase.epochs, s.width.first_phase.epochs) == (25, 25)
+    assert (s.depth.first_phase.warmup_epochs, s.width.first_phase.warmup_epochs) == (0, 0)
+
+
+def test_shrink_subnets_per_step_sets_every_stage_and_a_stage_key_wins():
+    shared = _params(subnets_per_step=3, **{"width.subnets_per_step": None})
+    assert [shared.shrink.subnets(dim) for dim in DIMS] == [3, 3, 3]
+    assert [p.subnets_per_step for stage in ("shrink_kernel", "shrink_depth", "shrink_width")
+            for p in recipe.phases(shared, stage, PAPER_SPACE)] == [3, 3, 3, 3, 3]
+    own = _params(subnets_per_step=3)  # the tiny params set shrink.width.subnets_per_step: 2
+    assert [own.shrink.subnets(dim) for dim in DIMS] == [3, 3, 2]
+    official = _params(**{"width.subnets_per_step": None})
+    assert [official.shrink.subnets(dim) for dim in DIMS] == [1, 2, 4]
 
 
 def test_summed_losses_step_as_far_as_their_count_times_the_mean(synthetic):
@@ -68,6 +83,9 @@ def test_each_stage_samples_its_own_number_of_subnets_from_its_own_space():
     assert {d for c in drawn for d in c.depth} == {3, 4}  # the first phase: all depths but the smallest
     assert _widths(drawn) == {6}  # width not sampled yet
     assert (first.schedule.epochs, first.schedule.lr, first.suffix) == (25, 0.005, ".phase1")
+    from ofa.pipeline import schedule
+    warmups = [schedule(params, p.schedule, warmup_epochs=p.warmup_epochs).warmup_epochs for p in (first, second)]
+    assert warmups == [0, params.train.warmup_epochs] and params.train.warmup_epochs > 0  # official: none, then 5
     drawn = [c for _ in range(200) for c in second.sampler(net, "shrink_depth")(rng)]
     assert {d for c in drawn for d in c.depth} == {2, 3, 4} and second.suffix == ""
     first, second = recipe.phases(params, "shrink_width", net.space)
@@ -101,6 +119,21 @@ def test_the_teacher_is_the_chosen_network_in_the_chosen_bn_mode(which, bn, tmp_
     calibrated = not torch.equal(got["final.1.running_mean"], expected["final.1.running_mean"])
     assert calibrated == (bn == "eval")  # running statistics re-estimated only where they are used
     assert recipe.teacher(_params(kd_ratio=0.0), previous, tmp_path / "x.pt", calibration, (3, 16, 16)) is None
+
+
+def test_the_teacher_runs_without_dropout_as_official_ofa_builds_it(tmp_path):
+    from ofa.pipeline import build_net, save_checkpoint
+
+    raw = tiny_params()
+    raw["net"]["dropout"] = 0.5
+    params = parse_params(raw)
+    net = perturb(build_net(params, (3, 16, 16), [str(i) for i in range(10)]), seed=1)
+    save_checkpoint(net, tmp_path / "train_supernet.pt")
+    teacher = recipe.teacher(params, net, tmp_path / "train_supernet.pt", [], (3, 16, 16))
+    x = torch.randn(8, 3, 16, 16)
+    assert teacher.training and torch.equal(teacher(x), teacher(x))  # batch statistics, no dropout
+    student = net.extract(net.max_config()).train()
+    assert student.dropout.p == 0.5 and not torch.equal(student(x), student(x))
 
 
 def test_the_official_head_is_counted_extracted_and_saved_exactly(tmp_path):
