@@ -12,6 +12,7 @@ pickle: splits are saved as plain tensors and loaded with ``torch.load(weights_o
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import http.client
@@ -60,6 +61,7 @@ __all__ = [
     "hold_out",
     "load_split",
     "prepare",
+    "Preview",
     "resize_split",
     "save_split",
     "synthetic",
@@ -68,6 +70,9 @@ __all__ = [
 DATASETS = ("cifar10", "cifar100", "fashion_mnist", "folder", "synthetic")
 # size of each official training split; a folder dataset's size is known only once it is read
 TRAIN_IMAGES = {"cifar10": 50000, "cifar100": 50000, "fashion_mnist": 60000, "synthetic": 512}
+# (C, H, W) of each published dataset's images and its number of classes, known before anything is read
+NATIVE = {"cifar10": ((3, 32, 32), 10), "cifar100": ((3, 32, 32), 100), "fashion_mnist": ((1, 28, 28), 10),
+          "synthetic": ((3, 16, 16), 10)}
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian package dataset-fashion-mnist
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 FASHION_MNIST_CLASSES = (
@@ -219,6 +224,21 @@ class Dataset:
     def num_classes(self) -> int:
         """len(classes)."""
         return len(self.classes)
+
+
+@dataclass(frozen=True)
+class Preview:
+    """What `prepare` will produce, known before it fetches, parses or decodes any image (for checks of params
+    that depend on the data, so they fail before the expensive work)."""
+
+    shape: tuple[int, int, int]  # (C, H, W) of every prepared image
+    num_classes: int
+    train_images: int  # after the train limit
+    has_val: bool  # the dataset brings its own validation split
+
+
+def _limited(split: Split, limit: int | None) -> Split:
+    return split if limit is None or limit >= len(split) else Split(split.images[:limit], split.labels[:limit])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -692,16 +712,24 @@ def _run_ordered(fn: Callable[[int], object], n: int, desc: str, progress: bool)
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _read_folder(source: Path, size: int, *, progress: bool) -> Dataset:
-    """Decode a folder dataset into size x size uint8 splits: RGB, or one channel when every image is grey."""
+def _read_folder(source: Path, size: int, limits: dict[str, int | None], check: Callable[[Preview], None] | None,
+                 progress: bool) -> Dataset:
+    """Decode a folder dataset into size x size uint8 splits: RGB, or one channel when every image is grey.
+
+    Only the images within `limits` (split -> first N, None = all) are read; `check` sees the Preview once the
+    folders are listed and the headers read, before anything is decoded.
+    """
     classes, listing = _list_folder(source)
+    listing = {split: pairs[: limits.get(split)] for split, pairs in listing.items()}
     items = [(split, path, label) for split, pairs in listing.items() for path, label in pairs]
     gray = all(_run_ordered(lambda i: _is_gray(items[i][1]), len(items), f"reading headers of {source}", progress))
     channels = 1 if gray else 3
+    if check is not None:
+        check(Preview((channels, size, size), len(classes), len(listing["train"]), "val" in listing))
     # twice the decoded bytes: holding val out of train and saving the splits copy them once more at most
     check_fits(2 * len(items) * channels * size * size, torch.device("cpu"),
                f"decoding the {len(items)} images of {source} at data.image_size {size} (and copying them once)",
-               hint="lower data.image_size or use fewer images")
+               hint="lower data.image_size, data.train_limit or data.test_limit")
     images = torch.empty((len(items), channels, size, size), dtype=torch.uint8)
     hwc = images.permute(0, 2, 3, 1)  # a view: each image's (H, W, C) bytes land in its (C, H, W) slot
 
@@ -808,6 +836,9 @@ def prepare(
     seed: int = 0,
     files: Sequence[RemoteFile] | None = None,
     image_size: int | None = None,
+    train_limit: int | None = None,
+    test_limit: int | None = None,
+    check: Callable[[Preview], None] | None = None,
     progress: bool = True,
 ) -> Dataset:
     """The Dataset (uint8 splits and class names) of `dataset`.
@@ -816,25 +847,38 @@ def prepare(
     overrides the default RemoteFiles, for tests and mirrors); folder is decoded from source_dir
     (image_size required); synthetic is generated from seed.  image_size, when given, makes every image
     image_size x image_size (shorter side resized, centre crop); None keeps the dataset's own size.
+    train_limit / test_limit keep the first N images of a split (a folder's others are never decoded, nor
+    any archive's resized). `check`, when given, is called with the Preview before the expensive work: before
+    fetching a published dataset, before decoding a folder's images (after listing them and reading headers).
     """
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; allowed: {', '.join(DATASETS)}")
     if dataset == "folder" and source_dir is None:
         raise DataError(f"data.source_dir: required for data.dataset folder (a folder holding {_FOLDER_LAYOUT})")
     _check_image_size(image_size, dataset)
+    limits = {"train": train_limit, "test": test_limit}
+    if dataset == "folder":
+        return _read_folder(Path(source_dir), image_size, limits, check, progress)
+    (channels, *native), num_classes = NATIVE[dataset]
+    expected = Preview((channels, image_size, image_size) if image_size else (channels, *native), num_classes,
+                       min(TRAIN_IMAGES[dataset], train_limit or TRAIN_IMAGES[dataset]), False)
+    if check is not None:
+        check(expected)
     if dataset == "synthetic":
         train, test = synthetic(seed=seed) if image_size is None else synthetic(seed=seed, size=image_size)
-        return Dataset(train, test, SYNTHETIC_CLASSES)
-    if dataset == "folder":
-        return _read_folder(Path(source_dir), image_size, progress=progress)
+        return Dataset(_limited(train, train_limit), _limited(test, test_limit), SYNTHETIC_CLASSES)
     sources = [Path(source_dir)] if source_dir is not None else []
     ds = _fetch_and_parse(dataset, Path(raw_dir), sources, files, progress)
+    ds = Dataset(_limited(ds.train, train_limit), _limited(ds.test, test_limit), ds.classes)
+    actual = dataclasses.replace(expected, num_classes=ds.num_classes, train_images=len(ds.train))
+    if check is not None and actual != expected:  # files from elsewhere (a mirror's, a test's): check what came
+        check(actual)
     if image_size is None or ds.image_shape[1:] == (image_size, image_size):
         return ds
     images = sum(len(s) for s in ds.splits().values())
     check_fits(2 * images * ds.channels * image_size * image_size, torch.device("cpu"),  # as a folder's: 2x
                f"resizing the {images} images of {dataset} to data.image_size {image_size} (and copying them once)",
-               hint="lower data.image_size")
+               hint="lower data.image_size or data.train_limit")
     resized = {name: resize_split(split, image_size) for name, split in ds.splits().items()}
     return Dataset(resized["train"], resized["test"], ds.classes, resized.get("val"))
 

@@ -140,19 +140,19 @@ def download(params: Params, root: Path = Path(".")) -> dict[str, Any]:
     """
     d = params.data
     source = Path(d.source_dir) if d.source_dir else None
+
+    def check(preview: data_mod.Preview) -> None:  # before any image is fetched or decoded
+        if not preview.has_val and d.val_images >= preview.train_images:
+            raise data_mod.DataError(f"data.val_images: {d.val_images} is not smaller than the {preview.train_images} "
+                                     "training images (fewer, to leave images to train on)")
+        classes = [str(k) for k in range(preview.num_classes)]  # their names do not change any subnet's cost
+        check_budgets(params, build_arch(params, preview.shape, classes), preview.shape)
+
     ds = data_mod.prepare(d.dataset, root / RAW / d.dataset, source_dir=source, seed=params.seed,
-                          image_size=d.image_size)
-    limit = lambda s, n: s if n is None else data_mod.Split(s.images[:n], s.labels[:n])  # noqa: E731
-    train, test = limit(ds.train, d.train_limit), limit(ds.test, d.test_limit)
-    if ds.val is not None:  # the dataset's own validation split (a folder dataset's val/)
-        val = ds.val
-    elif d.val_images >= len(train):
-        raise data_mod.DataError(f"data.val_images: {d.val_images} is not smaller than the {len(train)} training "
-                                 "images (fewer, to leave images to train on)")
-    else:
+                          image_size=d.image_size, train_limit=d.train_limit, test_limit=d.test_limit, check=check)
+    train, test, val = ds.train, ds.test, ds.val  # val: the dataset's own validation split (a folder's val/)
+    if val is None:
         train, val = data_mod.hold_out(train, d.val_images, seed=params.seed)
-    shape = tuple(train.images.shape[1:])
-    check_budgets(params, build_arch(params, shape, list(ds.classes)), shape)
     with replaced_dir(root / PREPARED) as staging:  # the splits and classes of one run, never a mix of two
         for name, split in (("train", train), ("val", val), ("test", test)):
             data_mod.save_split(split, staging / f"{name}.pt")
@@ -172,9 +172,9 @@ def subnet_accuracy(net: OFANet, cfg: SubnetConfig, data: DeviceData, calibratio
 def check_budgets(params: Params, arch: Mapping[str, Any], input_shape: tuple[int, ...]) -> None:
     """ParamsError naming the first of specialize.budgets below the smallest subnet's MACs.
 
-    Every stage checks it as soon as it knows the input (download once the data is read, the others before
-    they train), so a budget that cannot be met stops a fresh ``dvc repro`` before any training, not at its
-    last stage.
+    Every stage checks it as soon as it knows the input (download before it fetches or decodes any image, the
+    others before they train), so a budget that cannot be met stops a fresh ``dvc repro`` at its first stage,
+    not at its last.
     """
     smallest_config = params.space.build().min_config(len(arch["units"]))
     smallest = cost.macs(arch, smallest_config, input_shape)

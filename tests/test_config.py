@@ -188,3 +188,14 @@ def test_budget_below_the_smallest_subnet_fails_before_any_training(tmp_path):
                        r"\(k5-d2-w2: (\d+) MACs\); at least \1$"):
         pipeline.stage_setup(parse_params(raw), tmp_path, 0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "params.yaml"]
+
+def test_download_checks_budgets_before_fetching_anything(tmp_path):
+    from ofa import pipeline
+    from test_pipeline import tiny_params
+
+    raw = tiny_params(dataset="cifar10", source_dir=str(tmp_path / "empty"))  # no archive anywhere, no network
+    raw["specialize"]["budgets"] = [1000]
+    with pytest.raises(ParamsError, match=r"^specialize\.budgets\[0\]: 1000 MACs is below the smallest subnet "
+                                          r"\(k5-d2-w2: \d+ MACs\)"):
+        pipeline.download(parse_params(raw), tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -187,6 +187,33 @@ def test_constants() -> None:
     assert all(f.content_md5 is not None for f in data.FASHION_MNIST_FILES)
 
 
+class _Stop(Exception):
+    pass
+
+
+def test_check_sees_the_preview_before_anything_is_fetched(server: str, tmp_path: Path) -> None:
+    """prepare's check runs before the archive is fetched, and again with what came when that differs."""
+    seen: list[data.Preview] = []
+
+    def stop(preview: data.Preview) -> None:
+        seen.append(preview)
+        raise _Stop
+
+    with pytest.raises(_Stop):  # an unreachable URL: the check stops it before any request
+        data.prepare("cifar10", tmp_path / "raw", files=[cifar_file(unused_url())], image_size=16, check=stop)
+    assert seen == [data.Preview((3, 16, 16), 10, 50000, False)] and not (tmp_path / "raw").exists()
+    seen.clear()
+    ds = data.prepare("cifar10", tmp_path / "raw", files=[cifar_file(f"{server}/good/{CIFAR_NAME}")], train_limit=7,
+                      test_limit=1, check=seen.append, progress=False)
+    assert (len(ds.train), len(ds.test)) == (7, 1)  # the first images of each split
+    assert torch.equal(ds.train.images, torch.cat([cifar_record_images(i)[0] for i in range(5)])[:7])
+    assert seen == [data.Preview((3, 32, 32), 10, 7, False)]  # the archive has 10 training images: 7 of them
+    seen.clear()
+    data.prepare("cifar10", tmp_path / "raw", files=[cifar_file(f"{server}/good/{CIFAR_NAME}")], check=seen.append,
+                 progress=False)
+    assert seen == [data.Preview((3, 32, 32), 10, 50000, False), data.Preview((3, 32, 32), 10, 10, False)]
+
+
 def test_cifar10_download_and_parse(server: str, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     raw = tmp_path / "raw"
     files = [cifar_file(f"{server}/good/{CIFAR_NAME}")]
@@ -415,7 +442,8 @@ def test_cifar10_image_size_resizes_every_split(tmp_path: Path, monkeypatch: pyt
         native.train.images)  # already 32 x 32: untouched
     monkeypatch.setattr(data, "available_memory", lambda device: 2 * 12 * 3 * 40 * 40 - 1)  # one byte short
     with pytest.raises(DataError, match=r"^resizing the 12 images of cifar10 to data\.image_size 40 \(and copying them "
-                                        r"once\) needs 115200 bytes but cpu has 115199 bytes available; lower data\.image_size$"):
+                                        r"once\) needs 115200 bytes but cpu has 115199 bytes available; lower "
+                                        r"data\.image_size or data\.train_limit$"):
         data.prepare("cifar10", tmp_path / "raw", files=files, image_size=40, progress=False)
 
 

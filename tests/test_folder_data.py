@@ -286,6 +286,27 @@ def test_check_fits(monkeypatch: pytest.MonkeyPatch) -> None:
     assert str(info.value) == "a batch needs 1048576 bytes but cuda:0 has 1048575 bytes available; free some"
 
 
+def test_limits_keep_the_first_images_and_the_check_comes_before_decoding(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    source = write(tmp_path / "images", rgb_files())
+    beyond = source / "train" / "cat" / "z.png"  # the 7th training image in turn: beyond a limit of 6
+    beyond.write_bytes(b"not a PNG")
+    assert error(source).startswith(f"cannot read image {beyond}: ")
+    ds = prepare(source, train_limit=6, test_limit=2)  # the images past the limits are never opened
+    assert (len(ds.train), len(ds.test)) == (6, 2) and ds.train.labels.tolist() == [0, 1, 2, 0, 1, 2]
+    seen: list[data.Preview] = []
+    decoded: list[Path] = []
+    monkeypatch.setattr(data, "_decode", lambda path, size, gray: decoded.append(path))
+
+    def stop(preview: data.Preview) -> None:
+        seen.append(preview)
+        raise DataError("stop")
+
+    with pytest.raises(DataError, match="^stop$"):
+        prepare(source, train_limit=6, check=stop)
+    assert seen == [data.Preview((3, S, S), 3, 6, False)] and decoded == []
+
+
 def test_folder_checks_memory_before_decoding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     source = write(tmp_path / "images", rgb_files())
     seen: list[torch.device] = []
@@ -294,7 +315,8 @@ def test_folder_checks_memory_before_decoding(tmp_path: Path, monkeypatch: pytes
     monkeypatch.setattr(data, "_decode", lambda path, size, gray: decoded.append(path))
     # twice 9 x 3 x 8 x 8 bytes: the decoded images and the copy that holding out val or saving makes
     assert error(source) == (f"decoding the 9 images of {source} at data.image_size 8 (and copying them once) needs "
-                             "3.4 KiB but cpu has 100 bytes available; lower data.image_size or use fewer images")
+                             "3.4 KiB but cpu has 100 bytes available; lower data.image_size, data.train_limit or "
+                             "data.test_limit")
     assert seen == [torch.device("cpu")] and decoded == []
 
 
