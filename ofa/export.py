@@ -136,6 +136,17 @@ def export_onnx(
     return diff
 
 
+def _input_contract(input_shape: tuple[int, ...], raw: bool) -> str:
+    """The input the model takes, in words (its metadata's ofa.input)."""
+    c, h, w = input_shape
+    shape = f"float32 (N, {c}, {h}, {w})"
+    if not raw:
+        return f"normalised input, {shape}"
+    colour = "RGB" if c == 3 else "grey" if c == 1 else f"{c} channels"
+    return (f"raw pixel values 0..255, {colour}, {shape}; an image of another size: its shorter side resized to "
+            f"{min(h, w)} (bicubic), then the centre {h}x{w}, as the training images were")
+
+
 def _metadata(sub: Subnet, input_shape: tuple[int, ...], mean: Sequence[float] | None,
               std: Sequence[float] | None) -> dict[str, str]:
     """What the ONNX file says about itself: config, architecture, input contract, classes, normalisation."""
@@ -143,8 +154,7 @@ def _metadata(sub: Subnet, input_shape: tuple[int, ...], mean: Sequence[float] |
         "ofa.config": sub.config.to_json(),
         "ofa.subnet": str(sub.config),
         "ofa.arch": json.dumps(sub.arch, separators=(",", ":")),
-        "ofa.input": ("raw pixel values 0..255" if mean is not None else "normalised input")
-        + f", float32 (N, {', '.join(map(str, input_shape))})",
+        "ofa.input": _input_contract(input_shape, raw=mean is not None),
     }
     if sub.classes is not None:
         meta["ofa.classes"] = json.dumps(sub.classes)  # output i is class sub.classes[i]

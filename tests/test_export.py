@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import re
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -12,7 +14,9 @@ import torch
 
 import ofa
 from ofa.export import ExportError
-from conftest import SEED_SPACE, perturb, tiny_net
+from conftest import SEED_SPACE, TINY_UNITS, perturb, tiny_net
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +67,8 @@ def test_onnx_takes_raw_pixels_and_equals_pytorch(subnet, tmp_path):
         np.testing.assert_allclose(got, expected[:batch], rtol=0, atol=1e-4)
     props = {p.key: p.value for p in onnx.load(str(tmp_path / "s.onnx")).metadata_props}
     assert ofa.SubnetConfig.from_json(props["ofa.config"]) == subnet.config
-    assert props["ofa.input"].startswith("raw pixel values 0..255") and props["ofa.mean"] == "[125.0, 120.0, 110.0]"
+    assert props["ofa.input"].startswith("raw pixel values 0..255, RGB, float32 (N, 3, 16, 16); an image of another "
+                                         "size: its shorter side resized to 16 (bicubic), then the centre 16x16") and props["ofa.mean"] == "[125.0, 120.0, 110.0]"
 
 
 def test_onnx_without_normalisation_takes_the_subnets_own_input(subnet, tmp_path):
@@ -129,3 +134,25 @@ def test_a_failed_export_leaves_no_partial_models_folder(tmp_path, monkeypatch):
     files = {p.name: p.read_bytes() for p in out.iterdir()}
     assert files["macs-2M.onnx"] == files["macs-0.9M.onnx"] == str(best.config).encode()
     assert files["macs-2M.pt"] == files["macs-0.9M.pt"] and picks["macs-2M"]["onnx_max_abs_diff"] == 1e-6
+
+
+def test_the_readme_runs_an_exported_model_on_one_image(tmp_path, monkeypatch, capsys):
+    """The README's onnxruntime snippet, run as written, names the class PyTorch's subnet picks."""
+    from PIL import Image
+
+    (snippet,) = re.findall(r"```python\n(import json\n.*?)```", (ROOT / "README.md").read_text(), re.S)
+    classes = [f"class-{k}" for k in range(10)]
+    net = perturb(ofa.OFANet(SEED_SPACE, 3, 10, units=TINY_UNITS, stem_channels=8, final_channels=32,
+                             classes=classes)).eval()
+    sub = net.extract(net.sample_config(random.Random(4)))
+    mean, std = (125.0, 120.0, 110.0), (60.0, 62.0, 64.0)
+    (tmp_path / "models" / "specialized").mkdir(parents=True)
+    ofa.export_onnx(sub, tmp_path / "models" / "specialized" / "macs-40M.onnx", (3, 16, 16), mean=mean, std=std)
+    colour = (200, 40, 90)
+    Image.new("RGB", (40, 24), colour).save(tmp_path / "image.png")  # another size: resized, then cropped
+    pixels = torch.tensor(colour, dtype=torch.float32).view(1, 3, 1, 1).expand(1, 3, 16, 16)
+    with torch.no_grad():
+        logits = sub((pixels - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1))
+    monkeypatch.chdir(tmp_path)
+    exec(compile(snippet, "README.md", "exec"), {})
+    assert capsys.readouterr().out == f"{classes[int(logits.argmax())]}\n"
