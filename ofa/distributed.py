@@ -154,8 +154,10 @@ def report_error(message: str) -> None:
     """A worker's one-line error: to the launcher's folder when there is one, else to stderr (rank-prefixed)."""
     rank = int(os.environ.get("RANK", 0)) if launched() else 0
     folder = os.environ.get(ERRORS_ENV)
-    if folder and Path(folder).is_dir():
-        (Path(folder) / f"rank{rank}.json").write_text(json.dumps({"message": message}))
+    if folder and Path(folder).is_dir():  # renamed into place: the launcher never reads half a file
+        part = Path(folder) / f"rank{rank}.json.part"
+        part.write_text(json.dumps({"message": message}))
+        os.replace(part, part.with_suffix(""))
     else:
         print(f"error: {message}" if rank == 0 else f"error (rank {rank}): {message}", file=sys.stderr)
 
@@ -253,22 +255,22 @@ def unflatten(flat: torch.Tensor, like: Sequence[torch.Tensor]) -> Iterator[torc
 def average_gradients(params: Sequence[nn.Parameter], w: World) -> None:
     """Average every parameter's gradient across ranks, in one all-reduce; each rank's missing gradient counts as 0.
 
-    A parameter the step's subnets did not use has no gradient (.grad is None) on every rank, since every
-    rank samples the same configs. Its slot in the buffer goes across as zeros with a 0 "used" flag, so the
+    A parameter the step's subnets did not use has no gradient (.grad is None), and the same one on every
+    rank, since every rank samples the same configs. Its slot in the buffer goes across as zeros, so the
     all-reduce is always the same size on every rank (nothing to hang on), and it comes back without a
     gradient, so the optimizer skips it exactly as a single process does (no weight decay, no momentum).
     This is what DistributedDataParallel's find_unused_parameters does too (zeros for unused parameters),
-    without its search of the autograd graph.
+    without its search of the autograd graph. Which parameters were used is known on the host, so nothing is
+    read back from the device: the step does not wait for the all-reduce to finish.
     """
     if not w.active or not params:
         return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    used = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=params[0].device)
-    flat = torch.cat([flatten(grads), used])
+    used = [p.grad is not None for p in params]
+    grads = [p.grad if u else torch.zeros_like(p) for p, u in zip(params, used)]
+    flat = flatten(grads)
     dist.all_reduce(flat)
-    summed, used = flat[: -len(params)], flat[-len(params) :].tolist()
-    for p, g, u in zip(params, unflatten(summed, grads), used):
-        if u == 0:
+    for p, g, u in zip(params, unflatten(flat, grads), used):
+        if not u:
             p.grad = None
         elif p.grad is None:
             p.grad = g.div_(w.size)

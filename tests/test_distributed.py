@@ -192,10 +192,13 @@ def _hash_rank(rank: int, out: Path) -> None:
         hashes.append(_digest(net.parameters()))
         return [net.sample_config(rng) for _ in range(2)]
 
+    inputs = []  # (images, digest) of each training forward: the rank's share of the batch
+    net.register_forward_pre_hook(lambda m, args: inputs.append((args[0].shape[0], _digest([args[0]])))
+                                  if m.training else None)
     fit(net, _data(), SCHEDULE, sample=sample, progress=False)
     hashes.append(_digest(net.parameters()))
     buffers = _digest(b for n, b in net.named_buffers() if "running" in n)
-    torch.save({"steps": hashes, "buffers": buffers}, out / f"hashes{rank}.pt")
+    torch.save({"steps": hashes, "buffers": buffers, "inputs": inputs}, out / f"hashes{rank}.pt")
 
 
 def test_weights_are_identical_on_every_rank_after_every_step(ranks):
@@ -203,6 +206,16 @@ def test_weights_are_identical_on_every_rank_after_every_step(ranks):
     r0, r1 = (torch.load(tmp_path / f"hashes{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["steps"] == r1["steps"] and len(r0["steps"]) == 5 and len(set(r0["steps"])) == 5  # all moved
     assert r0["buffers"] == r1["buffers"]  # running statistics averaged at the epoch's end
+
+
+def test_each_rank_trains_on_its_own_half_of_every_batch(ranks):
+    """Global batch 64 over 2 ranks: each forward of each rank sees 32 images, and not the other rank's."""
+    tmp_path = ranks / "_hash_rank"
+    r0, r1 = (torch.load(tmp_path / f"hashes{r}.pt", weights_only=True)["inputs"] for r in (0, 1))
+    assert len(r0) == len(r1) == 4 * 2  # 4 steps of 2 subnets
+    assert {n for n, _ in r0 + r1} == {SCHEDULE.batch_size // 2}
+    assert all(a != b for (_, a), (_, b) in zip(r0, r1))  # the two halves differ at every forward
+    assert r0[0][1] == r0[1][1] != r0[2][1]  # both subnets of a step see the same half; the next step, the next
 
 
 def _evaluated_subnet():
