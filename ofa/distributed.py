@@ -180,9 +180,10 @@ def process_group(device: str) -> Iterator[World]:
     local_rank, local_size = int(os.environ.get("LOCAL_RANK", 0)), local_processes()
     cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if cuda:
-        if local_size > torch.cuda.device_count():
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if local_size > gpus:
             raise ValueError(f"train.processes: {local_size} processes on this machine but "
-                             f"{torch.cuda.device_count()} CUDA devices (at most one process per GPU)")
+                             f"{f'{gpus} CUDA devices' if gpus else 'no CUDA device'} (at most one process per GPU)")
         torch.cuda.set_device(local_rank)
     else:
         threads, note = cpu_share(local_size)

@@ -618,3 +618,38 @@ def test_the_ranks_of_a_machine_each_hold_the_dataset_in_its_memory(downloaded, 
                                                  r"but cpu has 1\.0 KiB available; lower data\.image_size, "
                                                  r"data\.train_limit or train\.processes$"):
         pipeline.stage_setup(params, downloaded, 0)
+
+
+def test_a_cuda_rank_joins_with_nccl_on_the_gpu_of_its_local_rank(monkeypatch):
+    """The CUDA branch of process_group, with torch.cuda and the process group stood in for (no GPU here)."""
+    calls = []
+    env = {"RANK": "3", "WORLD_SIZE": "4", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1", "LOCAL_RANK": "1",
+           "LOCAL_WORLD_SIZE": "2"}  # the second process of the second machine
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv(distributed.ERRORS_ENV, raising=False)
+    gpus = {"count": 2}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus["count"] > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus["count"])
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.append(("set_device", i)))
+    monkeypatch.setattr(dist, "init_process_group",
+                        lambda backend, **kw: calls.append(("init", backend, kw.get("device_id"), kw.get("timeout"))))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: calls.append(("destroy",)))
+    threads = torch.get_num_threads()
+    try:
+        with distributed.process_group("auto"):
+            pass
+        assert calls == [("set_device", 1), ("init", "nccl", torch.device("cuda", 1), distributed.TIMEOUT),
+                         ("destroy",)]
+        calls.clear()
+        with distributed.process_group("cpu"):  # train.device cpu: gloo, whatever GPUs there are
+            pass
+        assert calls == [("init", "gloo", None, distributed.TIMEOUT), ("destroy",)]
+        for count, what in ((1, "1 CUDA devices"), (0, "no CUDA device")):
+            gpus["count"] = count
+            with pytest.raises(ValueError, match=rf"^train\.processes: 2 processes on this machine but {what} "
+                                                 r"\(at most one process per GPU\)$"):
+                with distributed.process_group("cuda"):
+                    pass
+    finally:
+        torch.set_num_threads(threads)
