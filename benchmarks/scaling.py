@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -90,17 +91,18 @@ def worker(args: argparse.Namespace) -> None:
             }))
 
 
-def run(processes: int, args: argparse.Namespace, ddp: bool = False) -> dict:
+def run(processes: int, args: argparse.Namespace, ddp: bool = False) -> dict | None:
+    """One measurement in fresh processes (this one holds no device memory); None if it failed."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         flags = ["--worker", "--json", str(out), "--net", args.net, "--device", args.device, "--steps",
                  str(args.steps), "--batch-size", str(args.batch_size), "--subnets", str(args.subnets)]
         flags += ["--ddp"] if ddp else []
-        if processes == 1:
-            worker(argparse.Namespace(**{**vars(args), "json": str(out), "ddp": False}))
-        elif distributed.launch(processes, __file__, flags) != 0:
-            sys.exit(f"the run with {processes} processes failed")
-        return json.loads(out.read_text())
+        if processes == 1:  # no launcher: the single-process path, as train.processes 1 runs it
+            code = subprocess.run([sys.executable, __file__, *flags]).returncode
+        else:
+            code = distributed.launch(processes, __file__, flags)
+        return json.loads(out.read_text()) if code == 0 and out.is_file() else None
 
 
 def main() -> None:
@@ -121,21 +123,24 @@ def main() -> None:
     for p in args.processes:
         if args.batch_size % p:
             parser.error(f"--batch-size {args.batch_size} does not split evenly across {p} processes")
-    results = []
-    for p in args.processes:
-        results.append(run(p, args))
-        if args.ddp and p > 1:
-            results.append(run(p, args, ddp=True))
-    base = results[0]["images_per_s"] / results[0]["processes"]
-    print(f"net {args.net}, batch {args.batch_size}, {args.subnets} subnets per step, device {results[0]['device']}")
+    print(f"net {args.net}, batch {args.batch_size}, {args.subnets} subnets per step, device {args.device}")
     print(f"{'processes':>9} {'reduce':>6} {'images/s':>9} {'speed-up':>8} {'step ms':>8} {'all-reduce ms':>13} "
-          f"{'MB':>6} {'unused':>6}")
+          f"{'MB':>6} {'unused':>6}", flush=True)
     num = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
-    for r in results:
-        reduce = "ddp" if r["ddp"] else "ours"
+    base, failed = None, []
+    for p, ddp in [(p, ddp) for p in args.processes for ddp in (False, True) if not ddp or (args.ddp and p > 1)]:
+        r = run(p, args, ddp)  # each row printed as it comes: a later failure loses nothing
+        reduce = "ddp" if ddp else "ours"
+        if r is None:
+            failed.append(p)
+            print(f"{p:>9} {reduce:>6}  failed (its error is above)", flush=True)
+            continue
+        base = base or r["images_per_s"] / r["processes"]  # per process, of the first count measured
         print(f"{r['processes']:>9} {reduce:>6} {r['images_per_s']:>9.1f} {r['images_per_s'] / base:>8.2f} "
               f"{r['step_ms']:>8.1f} {num(r['allreduce_ms'], '.2f'):>13} {num(r['allreduce_mb'], '.2f'):>6} "
-              f"{num(r['unused_share'], '.1%'):>6}")
+              f"{num(r['unused_share'], '.1%'):>6}  ({r['device']})", flush=True)
+    if failed:
+        sys.exit(f"failed: {', '.join(f'{p} processes' for p in failed)}")
 
 
 if __name__ == "__main__":

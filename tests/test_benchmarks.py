@@ -1,9 +1,13 @@
-"""benchmarks/schedule.py: the projection is the schedule times the measured speeds; it runs every phase."""
+"""The benchmarks run: schedule.py's projection is the schedule times the measured speeds and it runs every
+phase; scaling.py and elastic_overhead.py print their tables on tiny settings (the figures are theirs to give)."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -69,3 +73,32 @@ def test_the_schedule_benchmark_refuses_a_bad_override_in_one_line(schedule_benc
         schedule_bench.main(["-S", "supernet.epochs=many"])
     assert info.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1].endswith(": error: supernet.epochs: got 'many' (an integer)")
+
+
+def _bench(script: str, *args: str) -> list[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True,
+                            text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.splitlines()
+
+
+def test_the_scaling_benchmark_measures_one_and_two_processes():
+    out = _bench("scaling.py", "--processes", "1", "2", "--steps", "2", "--batch-size", "16", "--subnets", "1",
+                 "--device", "cpu")
+    assert out[0] == "net quick, batch 16, 1 subnets per step, device cpu"
+    one, two = out[2:]
+    assert re.match(r"^ +1 +ours +\d+\.\d +1\.00 +\d+\.\d +- +- +-  \(cpu\)$", one), one
+    assert re.match(r"^ +2 +ours +\d+\.\d +\d\.\d\d +\d+\.\d +\d+\.\d\d +\d+\.\d\d +\d+\.\d%  \(cpu\)$", two), two
+
+
+def test_the_overhead_benchmark_times_and_profiles_three_configs():
+    out = _bench("elastic_overhead.py", "--pairs", "2", "--warmup", "0", "--batch", "2", "--threads", "1",
+                 "--formats", "channels_last")
+    assert [line.split()[:3] for line in out[2:]] == [["channels_last", "min", "k3-d2-w3"],
+                                                      ["channels_last", "middle", "k5-d3-w4"],
+                                                      ["channels_last", "max", "k7-d4-w6"]]
+    out = _bench("elastic_overhead.py", "--profile", "min", "--steps", "1", "--rounds", "1", "--warmup", "0",
+                 "--batch", "2", "--threads", "1", "--rows", "3")
+    assert out[0].startswith("k3-d2-w3 (channels_last), 1 profiled steps each: supernet ")
+    assert len(out) == 2 + 3 + 1 and out[-1].startswith("total self CPU")
