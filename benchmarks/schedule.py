@@ -39,8 +39,6 @@ from ofa.supernet import OFANet
 from ofa.train import DeviceData, calibrate_bn, evaluate, fit, select_device
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAPES = {"cifar10": (3, 32, 32), "cifar100": (3, 32, 32), "fashion_mnist": (1, 28, 28), "synthetic": (3, 16, 16)}
-CLASSES = {"cifar100": 100}  # others: 10
 TEST_IMAGES = {"cifar10": 10000, "cifar100": 10000, "fashion_mnist": 10000, "synthetic": 256}
 
 
@@ -191,11 +189,13 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--steps {args.steps}: at least 1")
     params = read_params(parser, args.params, args.set)
     d = params.data
-    shape = tuple(args.shape) if args.shape else SHAPES.get(d.dataset)
+    native_shape, native_classes = data_mod.NATIVE.get(d.dataset, (None, None))  # a folder's: unknown here
+    shape = tuple(args.shape) if args.shape else native_shape
+    classes = args.classes or native_classes
     train_all = args.train_images or data_mod.TRAIN_IMAGES.get(d.dataset)
     test_all = args.test_images or TEST_IMAGES.get(d.dataset)
-    if shape is None or train_all is None or test_all is None:
-        parser.error(f"data.dataset {d.dataset}: give --shape, --train-images and --test-images")
+    if shape is None or classes is None or train_all is None or test_all is None:
+        parser.error(f"data.dataset {d.dataset}: give --shape, --classes, --train-images and --test-images")
     if d.image_size and not args.shape:
         shape = (shape[0], d.image_size, d.image_size)
     n_train = min(train_all, d.train_limit or train_all) - d.val_images
@@ -206,7 +206,6 @@ def main(argv: list[str] | None = None) -> None:
         device = select_device(args.device or params.train.device)
     except ValueError as e:
         parser.error(str(e))
-    classes = args.classes or CLASSES.get(d.dataset, 10)
     torch.manual_seed(0)
     net = build_net(params, shape, [str(k) for k in range(classes)]).to(device, memory_format=torch.channels_last)
     images = max(args.steps * params.train.batch_size, params.evaluate.bn_calibration_images, 256)
