@@ -156,13 +156,20 @@ def test_the_official_head_is_counted_extracted_and_saved_exactly(tmp_path):
     assert not torch.equal(net(x, cfg), net(x, cfg))  # dropout is active in training
 
 
-def test_he_fout_init_of_stem_final_and_classifier():
+def test_he_fout_init_of_every_conv_and_the_classifier():
+    from ofa.elastic import ElasticConv2d
+
     torch.manual_seed(0)
-    net = ofa.OFANet(SEED_SPACE, 3, 10)  # default macro structure, default init he_fout
+    net = ofa.OFANet(SEED_SPACE, 3, 10, feature_mix_channels=1280)  # default macro structure and init he_fout
     stem, final = net.stem[0].weight, net.final[0].weight
     assert stem.std().item() == pytest.approx((2 / (9 * 16)) ** 0.5, rel=0.1)
     assert final.std().item() == pytest.approx((2 / 640) ** 0.5, rel=0.1)
-    bound = 1 / 640 ** 0.5
+    convs = {name: m.weight for name, m in net.named_modules() if isinstance(m, (torch.nn.Conv2d, ElasticConv2d))}
+    assert {"mix.0", "units.4.blocks.0.depthwise", "units.4.blocks.0.se.reduce"} <= set(convs)
+    for name, w in convs.items():  # N(0, 2 / (k k out)); the ones with enough weights to tell
+        if w.numel() >= 2000:
+            assert w.std().item() == pytest.approx((2 / (w.shape[0] * w.shape[2] * w.shape[3])) ** 0.5, rel=0.1), name
+    bound = 1 / 1280 ** 0.5
     assert bound * 0.95 < net.classifier.weight.abs().max().item() <= bound
     torch.manual_seed(0)
     legacy = ofa.OFANet(SEED_SPACE, 3, 10, init="torch")
