@@ -16,6 +16,7 @@ import shutil
 import signal
 import sys
 import time
+import traceback
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -512,6 +513,9 @@ def main(stage: Callable[[Params], Any], parallel: bool = True) -> None:
         _exit(128 + signal.SIGINT)
     except Exception as e:
         failure = _failure(e)
+        if failure is None and distributed.world().active:  # a bug on a rank: its traceback, then leave at once
+            traceback.print_exc()
+            _exit(1)
         if failure is None:
             raise
         distributed.report_error(failure[0])
