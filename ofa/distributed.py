@@ -137,9 +137,14 @@ def _reported(errors: Path, rank: int) -> bool:
 
 
 def _cause(errors: Path, failures: dict[int, Any]) -> int:
-    """The failed rank to report: the lowest that reported its own error, else the lowest that died otherwise
-    than by the SIGTERM with which the launcher ends the survivors."""
-    return min(failures, key=lambda r: (not _reported(errors, r), failures[r].exitcode == -signal.SIGTERM, r))
+    """The failed rank to report: the lowest that reported its own error; else the lowest killed by a signal
+    other than the SIGTERM with which the launcher ends the survivors (a rank killed outright is the cause, a
+    peer that then exited on its broken connection the consequence); else the lowest that exited on its own."""
+    def order(r: int) -> tuple[bool, bool, bool, int]:
+        code = failures[r].exitcode
+        return not _reported(errors, r), code == -signal.SIGTERM, code > 0, r
+
+    return min(failures, key=order)
 
 
 def failure_message(errors: Path, rank: int, exitcode: int, processes: int) -> str:

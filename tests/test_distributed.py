@@ -653,3 +653,18 @@ def test_a_cuda_rank_joins_with_nccl_on_the_gpu_of_its_local_rank(monkeypatch):
                     pass
     finally:
         torch.set_num_threads(threads)
+
+
+def test_the_launcher_names_the_rank_that_caused_the_failure(tmp_path):
+    """When several ranks fail at once, the one reported is the cause, not a peer that failed because of it."""
+    from types import SimpleNamespace as Failure
+
+    killed, exited, stopped = Failure(exitcode=-signal.SIGKILL), Failure(exitcode=1), Failure(exitcode=-signal.SIGTERM)
+    assert distributed._cause(tmp_path, {0: exited, 1: killed}) == 1  # rank 0 exited on its broken connection
+    assert distributed._cause(tmp_path, {0: stopped, 1: exited}) == 1  # rank 0 was stopped by the launcher
+    assert distributed._cause(tmp_path, {0: exited, 1: exited}) == 0
+    (tmp_path / "rank1.json").write_text(json.dumps({"message": "train_supernet: loss is nan"}))
+    assert distributed._cause(tmp_path, {0: killed, 1: exited}) == 1  # its own one-line error comes first
+    assert distributed.failure_message(tmp_path, 1, 2, 2) == "train_supernet: loss is nan"
+    assert distributed.failure_message(tmp_path, 0, -signal.SIGKILL, 2) == (
+        "rank 0 of 2 was killed by SIGKILL; the other ranks were stopped (rerun the stage to resume it)")
