@@ -220,13 +220,15 @@ def prepared_files(root: Path) -> list[Path]:
     return [*(root / PREPARED / f"{name}.pt" for name in ("train", "val", "test")), root / CLASSES]
 
 
-def resume_key(params: Params, stage: str, inputs: list[Path]) -> str:
-    """Identifies a stage run: all params, the stage, the job's process count and the content of its input files.
+def resume_key(params: Params | Mapping[str, Any], stage: str, inputs: list[Path]) -> str:
+    """Identifies a stage run: its params (all of them, or the mapping of those that matter), the stage, the job's
+    process count and the content of its input files.
 
     The process count is the job's own (torchrun's, which may differ from train.processes): a state saved by
     another number of processes holds other per-rank states and is not resumed.
     """
-    run = {"stage": stage, "params": asdict(params), "processes": distributed.world().size}
+    values = dict(params) if isinstance(params, Mapping) else asdict(params)
+    run = {"stage": stage, "params": values, "processes": distributed.world().size}
     h = hashlib.sha256(json.dumps(run, sort_keys=True).encode())
     for path in inputs:
         h.update(_md5(path).encode())

@@ -5,8 +5,8 @@ norm; its cost is ``OFANet.macs`` (exact, no tracing). For each budget the pick 
 evaluated config within it, and beside it the best uniform config within the same budget (the search
 evaluates every uniform config first, so the pick is never worse on val). Only the picks are evaluated on
 test. Each pick is exported as ONNX (raw pixels in, normalisation inside) and as a saved subnet. The
-search's trials stay in .resume/specialize.db under ``search_key``: a rerun with other budgets or another
-number of trials reuses them.
+search's trials stay in .resume/specialize.db under ``search_key``: a rerun with other budgets, another
+number of trials or other params of other stages that leave the checkpoint as it was reuses them.
 
 With several processes the search asks as many trials at a time as there are ranks and each rank scores
 one of their configs alone (``distributed.lead`` / ``serve``); rank 0 keeps the search state, picks, tests
@@ -18,7 +18,7 @@ from __future__ import annotations
 import shutil
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -129,10 +129,18 @@ def specialize(params: Params, root: Path = Path("."), progress: bool = True) ->
 
 
 def search_key(params: Params, inputs: list[Path]) -> str:
-    """The stored search's key: every param but specialize.budgets and .trials (neither changes a trial), and
-    the content of the stage's inputs."""
-    return resume_key(replace(params, specialize=replace(params.specialize, budgets=(), trials=1)), "specialize",
-                      inputs)
+    """The stored search's key: the params a trial's score and the sampler depend on, and the content of the
+    stage's inputs (the data and the checkpoint, which carry what the other stages' params did to them).
+
+    Not specialize.budgets or .trials (neither changes a trial), nor the params of other stages: a search
+    survives, say, a change of evaluate.finetune that leaves the checkpoint as it was.
+    """
+    t = params.train
+    scoring = {"seed": params.seed, "space": asdict(params.space), "net": asdict(params.net),
+               "device": t.device, "eval_batch_size": t.eval_batch_size,
+               "bn_calibration_images": params.evaluate.bn_calibration_images,
+               "population": params.search_population()}
+    return resume_key(scoring, "specialize", inputs)
 
 
 def export_picks(candidates: list[search.Candidate], budgets: list[int], subnets: _Subnets, out: Path,

@@ -204,3 +204,34 @@ def test_search_refuses_too_few_trials_or_a_small_population():
         search.search(SEED_SPACE, 2, _score, lambda c: 1, trials=7, population=8, progress=False)
     with pytest.raises(ValueError, match="population 4: smaller than the 8 uniform"):
         search.search(SEED_SPACE, 2, _score, lambda c: 1, trials=8, population=4, progress=False)
+
+
+def test_the_stored_search_is_keyed_by_what_scores_a_trial(tmp_path):
+    """Budgets, trials and other stages' params (whose effect on the checkpoint is in its content) keep the stored
+    search; what changes a trial's score or the sampler, or the inputs' content, starts a new one."""
+    from ofa.config import parse_params
+    from ofa.specialize import search_key
+    from test_pipeline import tiny_params
+
+    inputs = [tmp_path / "shrink_width.pt"]
+    inputs[0].write_bytes(b"weights")
+
+    def key(change: dict | None = None) -> str:
+        raw = tiny_params()
+        for path, value in (change or {}).items():
+            *parents, leaf = path.split(".")
+            node = raw
+            for part in parents:
+                node = node[part]
+            node[leaf] = value
+        return search_key(parse_params(raw), inputs)
+
+    same = key()
+    for kept in ({"specialize.budgets": [900000]}, {"specialize.trials": 30}, {"evaluate.finetune.lr": 0.5},
+                 {"shrink.width.lr": 0.5}, {"supernet.epochs": 9}, {"train.batch_size": 32}):
+        assert key(kept) == same, kept
+    for changed in ({"seed": 1}, {"specialize.population": 12}, {"evaluate.bn_calibration_images": 64},
+                    {"train.eval_batch_size": 100}, {"net.final_channels": 48}, {"space.kernel": [3, 5]}):
+        assert key(changed) != same, changed
+    inputs[0].write_bytes(b"other weights")
+    assert key() != same
