@@ -117,8 +117,9 @@ def load_classes(root: Path) -> list[str]:
         raise data_mod.DataError(f"{path}: not found (run the download stage first: dvc repro)") from None
     except (OSError, ValueError) as e:
         raise data_mod.DataError(f"{path}: unreadable ({type(e).__name__}; rerun the download stage)") from None
-    if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) for c in classes):
-        raise data_mod.DataError(f"{path}: not a list of at least 2 class names (rerun the download stage)")
+    if (not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) for c in classes)
+            or len(set(classes)) != len(classes)):
+        raise data_mod.DataError(f"{path}: not a list of at least 2 distinct class names (rerun the download stage)")
     return classes
 
 

@@ -303,3 +303,17 @@ def test_outputs_have_the_documented_shape(repro):
     shown = json.loads(run([sys.executable, "-m", "dvc", "metrics", "show", "--json"], project))
     files = next(iter(shown.values()))["data"]
     assert {"metrics/train_supernet.json", "metrics/evaluate_space.json", "metrics/specialize.json"} <= set(files)
+
+
+def test_class_names_that_are_not_a_list_of_distinct_names_are_refused(tmp_path):
+    from ofa.data import DataError
+
+    path = tmp_path / "data" / "prepared" / "classes.json"
+    path.parent.mkdir(parents=True)
+    for bad in (["cat"], ["cat", "cat"], ["cat", 3], {"0": "cat", "1": "dog"}):
+        path.write_text(json.dumps(bad))
+        with pytest.raises(DataError, match=r"classes\.json: not a list of at least 2 distinct class names \(rerun the "
+                                            r"download stage\)$"):
+            pipeline.load_classes(tmp_path)
+    path.write_text(json.dumps(["cat", "dog"]))
+    assert pipeline.load_classes(tmp_path) == ["cat", "dog"]
