@@ -49,7 +49,11 @@ if dist.is_available():
 T = TypeVar("T")
 R = TypeVar("R")
 ERRORS_ENV = "OFA_ERRORS"  # the folder where the ranks of a launched stage leave their one-line errors
-TIMEOUT = timedelta(minutes=30)  # a collective waiting longer than this fails (a peer hung on another machine)
+TIMEOUT = timedelta(minutes=30)  # a training collective waiting longer than this fails (a peer hung)
+# The object collectives that deal out configs and gather their records wait for a whole config's work on a
+# peer (evaluate_space: a fine-tuning of hours on a CPU): they go through a gloo group of their own, this patient.
+CONTROL_TIMEOUT = timedelta(days=7)
+_control: Any = None  # that group, while this process is in a job (None: the default group)
 
 
 @dataclass(frozen=True)
@@ -197,7 +201,10 @@ def process_group(device: str) -> Iterator[World]:
             print(f"note: {note}", file=sys.stderr, flush=True)
     dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT,
                             device_id=torch.device("cuda", local_rank) if cuda else None)
+    global _control
+    _control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
     yield world()
+    _control = None
     # only after success: a rank that failed exits at once (its peers may be inside a collective, which a
     # tear-down would wait for); the launcher then stops the others
     dist.destroy_process_group()
@@ -315,7 +322,7 @@ def broadcast(obj: T, w: World) -> T:
     if not w.active:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=_control)
     return box[0]
 
 
@@ -324,13 +331,8 @@ def gather(obj: T, w: World) -> list[T]:
     if not w.active:
         return [obj]
     out: list[Any] = [None] * w.size
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=_control)
     return out
-
-
-def barrier(w: World) -> None:
-    if w.active:
-        dist.barrier()
 
 
 def map_ordered(fn: Callable[[T], R], items: Sequence[T], w: World) -> list[R]:

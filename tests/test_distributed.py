@@ -424,6 +424,32 @@ def test_a_rank_has_released_its_process_group_when_it_exits(tmp_path):
         assert threads and not [t for t in threads if "gloo" in t], threads
 
 
+_PATIENT_JOB = """
+import json, os, sys, time
+import torch
+from datetime import timedelta
+from ofa import distributed
+distributed.TIMEOUT = timedelta(seconds=4)  # the training collectives' limit, made short
+with distributed.process_group("cpu") as w:
+    def work(i):  # rank 1's item takes longer than a training collective may wait
+        time.sleep(10 if i == 1 else 0)
+        return i * 10
+    results = distributed.map_ordered(work, [0, 1, 2], w)
+    distributed.all_sum_(torch.ones(1), w)  # the training collectives still work after it
+open(os.path.join(sys.argv[1], f"results{os.environ['RANK']}.json"), "w").write(json.dumps(results))
+"""
+
+
+def test_ranks_dealt_configs_wait_for_the_slowest_longer_than_training_collectives_do(tmp_path):
+    """A rank waits in map_ordered for a peer's whole config (evaluate_space: hours of fine-tuning on a CPU);
+    the object collectives have their own group and limit, so that wait is not a hung peer."""
+    job = tmp_path / "job.py"
+    job.write_text(_PATIENT_JOB)
+    assert distributed.launch(2, str(job), [str(tmp_path)]) == 0
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"results{rank}.json").read_text()) == [0, 10, 20]
+
+
 # --- the stages with train.processes: 2 ---------------------------------------------------------------------
 
 
@@ -634,17 +660,19 @@ def test_a_cuda_rank_joins_with_nccl_on_the_gpu_of_its_local_rank(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.append(("set_device", i)))
     monkeypatch.setattr(dist, "init_process_group",
                         lambda backend, **kw: calls.append(("init", backend, kw.get("device_id"), kw.get("timeout"))))
+    monkeypatch.setattr(dist, "new_group", lambda backend, timeout: calls.append(("group", backend, timeout)))
     monkeypatch.setattr(dist, "destroy_process_group", lambda: calls.append(("destroy",)))
     threads = torch.get_num_threads()
     try:
         with distributed.process_group("auto"):
             pass
+        control = ("group", "gloo", distributed.CONTROL_TIMEOUT)  # dealing configs out, gathering records
         assert calls == [("set_device", 1), ("init", "nccl", torch.device("cuda", 1), distributed.TIMEOUT),
-                         ("destroy",)]
+                         control, ("destroy",)]
         calls.clear()
         with distributed.process_group("cpu"):  # train.device cpu: gloo, whatever GPUs there are
             pass
-        assert calls == [("init", "gloo", None, distributed.TIMEOUT), ("destroy",)]
+        assert calls == [("init", "gloo", None, distributed.TIMEOUT), control, ("destroy",)]
         for count, what in ((1, "1 CUDA devices"), (0, "no CUDA device")):
             gpus["count"] = count
             with pytest.raises(ValueError, match=rf"^train\.processes: 2 processes on this machine but {what} "
