@@ -485,18 +485,69 @@ def test_download_runs_as_one_process_whatever_train_processes_says(tmp_path):
     assert not (tmp_path / "models").exists()
 
 
+# Loaded by every Python process started with its folder on PYTHONPATH: a stage's worker (RANK in its
+# environment) logs each file it opens for writing or renames into place, as "<rank> <open|rename> <path>".
+_WRITE_LOG = """
+import builtins, io, os
+if "RANK" in os.environ and "OFA_TEST_WRITES" in os.environ:
+    _open, _replace, _rename, _log_path = builtins.open, os.replace, os.rename, os.environ["OFA_TEST_WRITES"]
+
+    def _log(how, path):
+        with _open(_log_path, "a") as f:
+            f.write(f"{os.environ['RANK']} {how} {os.path.abspath(path)}\\n")
+
+    def _logged_open(file, mode="r", *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and any(c in mode for c in "wax+"):
+            _log("open", file)
+        return _open(file, mode, *args, **kwargs)
+
+    def _logged_replace(src, dst, *args, **kwargs):
+        _log("rename", dst)
+        return _replace(src, dst, *args, **kwargs)
+
+    def _logged_rename(src, dst, *args, **kwargs):
+        _log("rename", dst)
+        return _rename(src, dst, *args, **kwargs)
+
+    builtins.open = io.open = _logged_open
+    os.replace, os.rename = _logged_replace, _logged_rename
+"""
+
+
 @pytest.fixture(scope="module")
-def two_process_repro(tmp_path_factory) -> tuple[Path, str]:
+def two_process_repro(tmp_path_factory) -> tuple[Path, str, list[tuple[str, str, str]]]:
+    """The tiny project run by `dvc repro` with train.processes 2: its folder, the output, and the workers'
+    writes (rank, open or rename, path relative to the project)."""
     raw = tiny_params()
     raw["train"]["processes"] = 2
     raw["supernet"]["epochs"] = 1
     raw["specialize"].update(trials=8, population=8, budgets=[1500000])  # the uniform grid; one export
     project = new_project(tmp_path_factory.mktemp("two_processes"), raw)
-    return project, run([sys.executable, "-m", "dvc", "repro"], project)
+    hooks = tmp_path_factory.mktemp("hooks")
+    (hooks / "sitecustomize.py").write_text(_WRITE_LOG)
+    log = hooks / "writes.log"
+    out = run([sys.executable, "-m", "dvc", "repro"], project,
+              env={"PYTHONPATH": str(hooks), "OFA_TEST_WRITES": str(log)})
+    writes = [line.split(" ", 2) for line in log.read_text().splitlines()]
+    return project, out, [(rank, how, os.path.relpath(path, project)) for rank, how, path in writes]
+
+
+def test_only_rank_0_writes_outputs_and_every_output_is_renamed_into_place(two_process_repro):
+    project, _, writes = two_process_repro
+    inside = [(rank, how, path) for rank, how, path in writes if not path.startswith("..")]
+    rank0 = {path for rank, how, path in inside if rank == "0" and how == "rename"}
+    assert {"models/train_supernet.pt", "models/shrink_width.pt", "metrics/train_supernet.json",
+            "metrics/space.json", "metrics/specialize.json", "metrics/live/train_supernet",
+            "models/specialized"} <= rank0  # the log sees the writes
+    # rank 1 writes nothing but the fine-tuning state of the configs it evaluates
+    assert {path for rank, how, path in inside if rank != "0"} <= {".resume/evaluate_space.rank1.pt"}
+    # nothing is written in place in models/ or metrics/: each file or folder is renamed there when complete
+    in_place = [path for _, how, path in inside if how == "open" and path.split("/")[0] in ("models", "metrics")]
+    assert not in_place, in_place
 
 
 def test_repro_with_two_processes_runs_every_stage_on_two_ranks(two_process_repro):
-    project, out = two_process_repro
+    project, out, _ = two_process_repro
     assert ran(out) == STAGES
     assert out.count("error") == 0 and len(re.findall(r"^\[1/9\]", out, re.M)) == 1  # rank 0 alone reports
     for stage in STAGES[1:]:
@@ -515,7 +566,7 @@ def test_repro_with_two_processes_runs_every_stage_on_two_ranks(two_process_repr
 
 def test_evaluate_space_on_two_ranks_records_what_one_process_does(two_process_repro):
     """Each config is evaluated and fine-tuned by one rank alone, with its own seed: the same records."""
-    project, _ = two_process_repro
+    project, _, _ = two_process_repro
     two = (project / "metrics" / "space.json").read_text()
     raw = yaml.safe_load((project / "params.yaml").read_text())
     raw["train"]["processes"] = 1

@@ -40,9 +40,9 @@ def tiny_params(**data) -> dict:
     return p
 
 
-def run(args: list[str], cwd: Path) -> str:
+def run(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1"}
+           "DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
     return result.stdout + result.stderr
