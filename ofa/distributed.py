@@ -335,6 +335,29 @@ def gather(obj: T, w: World) -> list[T]:
     return out
 
 
+def check_same_inputs(key: str, w: World, inputs: str) -> None:
+    """ValueError on every rank when some rank's stage inputs are not rank 0's (machines with their own copies).
+
+    `key` digests what the stage computes from (params and the content of its input files, as its resume key
+    does); the torch version goes with it (the same seed gives other initial weights in another version).
+    `inputs` names those inputs in the message.
+    """
+    if not w.active:
+        return
+    import socket
+
+    ranks = gather((key, torch.__version__, socket.gethostname()), w)
+    first_key, first_torch, first_host = ranks[0]
+    for rank, (k, version, host) in enumerate(ranks):
+        where = f"rank {rank} of {w.size} (host {host})"
+        if k != first_key:
+            raise ValueError(f"{where} has other inputs than rank 0 (host {first_host}): {inputs} must be the same "
+                             "on every machine")
+        if version != first_torch:
+            raise ValueError(f"{where} runs torch {version}, rank 0 torch {first_torch}: install the same on every "
+                             "machine")
+
+
 def map_ordered(fn: Callable[[T], R], items: Sequence[T], w: World) -> list[R]:
     """[fn(x) for x in items], the items dealt out round-robin to the ranks; every rank gets all results, in order.
 

@@ -236,6 +236,12 @@ def resume_key(params: Params | Mapping[str, Any], stage: str, inputs: list[Path
     return h.hexdigest()
 
 
+def same_inputs_on_every_rank(key: str, w: distributed.World, root: Path, inputs: list[Path]) -> None:
+    """ValueError naming a rank whose `key` (a stage's params and `inputs`, digested) is not rank 0's."""
+    upstream = [str(p.relative_to(root)) for p in inputs if p not in prepared_files(root)]
+    distributed.check_same_inputs(key, w, ", ".join(["params.yaml", f"{PREPARED}/", *upstream]))
+
+
 def train_stage(params: Params, stage: str, root: Path = Path("."), progress: bool = True) -> dict[str, Any]:
     """Run one training stage: load the previous stage's supernet, train its phases, save checkpoint, curves, metrics.
 
@@ -257,6 +263,7 @@ def train_stage(params: Params, stage: str, root: Path = Path("."), progress: bo
     eval_bs = params.train.eval_batch_size
     curves = _Curves(root, stage, w.main)
     key = resume_key(params, stage, inputs)
+    same_inputs_on_every_rank(key, w, root, inputs)
     history, states = [], []
     for phase in recipe.phases(params, stage, net.space):
         if stage == "shrink_width":
@@ -371,6 +378,7 @@ def evaluate_space(params: Params, root: Path = Path("."),
     load_checkpoint(net, checkpoint)
     configs = _space_configs(net, params)
     key = resume_key(params, "evaluate_space", [*prepared_files(root), checkpoint])
+    same_inputs_on_every_rank(key, w, root, [*prepared_files(root), checkpoint])
     done_path = root / RESUME / "evaluate_space.json"
     state = root / RESUME / ("evaluate_space.pt" if w.main else f"evaluate_space.rank{w.rank}.pt")
     records = distributed.broadcast(_finished_records(done_path, key, configs) if w.main else None, w)

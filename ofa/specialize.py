@@ -29,7 +29,8 @@ from .config import Params
 from .export import export_onnx, save_subnet
 from .io import replaced_dir, write_json
 from .pipeline import (
-    METRICS, MODELS, RESUME, TRAINING_STAGES, load_checkpoint, prepared_files, resume_key, stage_setup,
+    METRICS, MODELS, RESUME, TRAINING_STAGES, load_checkpoint, prepared_files, resume_key, same_inputs_on_every_rank,
+    stage_setup,
 )
 from .space import SubnetConfig
 from .subnet import Subnet
@@ -86,6 +87,9 @@ def specialize(params: Params, root: Path = Path("."), progress: bool = True) ->
     checkpoint = root / MODELS / "shrink_width.pt"
     load_checkpoint(net, checkpoint)
     net.eval()
+    inputs = [*prepared_files(root), checkpoint]
+    key = search_key(params, inputs)
+    same_inputs_on_every_rank(key, w, root, inputs)
     subnets = _Subnets(net, data, calibration, params.train.eval_batch_size)
     if not w.main:  # score the configs rank 0 sends, until the search ends
         distributed.serve(subnets.val_accuracy, w)
@@ -101,7 +105,7 @@ def specialize(params: Params, root: Path = Path("."), progress: bool = True) ->
         net.space, net.num_units, subnets.val_accuracy, lambda cfg: net.macs(cfg, shape),
         trials=params.specialize.trials, population=params.search_population(), seed=params.seed,
         storage=root / RESUME / "specialize.db", progress=progress,
-        key=search_key(params, [*prepared_files(root), checkpoint]),
+        key=key,
         batch=w.size, evaluate_many=score,
     )
     distributed.dismiss(w)  # (were the search to fail, rank 0's exit would make the launcher stop the others)

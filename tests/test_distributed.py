@@ -73,7 +73,7 @@ def _all_jobs(rank: int, out: Path) -> None:
         _train_rank(rank, out, "frozen", mutant)
     for bn in ("sync", "rank"):
         _train_rank(rank, out, bn, "")
-    for job in (_hash_rank, _evaluate_rank, _diverge_rank, _resume_rank, _map_rank):
+    for job in (_hash_rank, _evaluate_rank, _diverge_rank, _resume_rank, _map_rank, _inputs_rank):
         (out / job.__name__).mkdir(exist_ok=True)
         job(rank, out / job.__name__)
 
@@ -398,6 +398,33 @@ def _map_rank(rank: int, out: Path) -> None:
     else:
         distributed.serve(square, w)
     (out / f"map{rank}.json").write_text(json.dumps({"results": results, "mine": mine}))
+
+
+def _inputs_rank(rank: int, out: Path) -> None:
+    w, errors = distributed.world(), []
+    version = torch.__version__
+    for key, torch_version in (("same", version), (f"rank {rank}'s", version), ("same", f"{version}-rank{rank}")):
+        torch.__version__ = torch_version  # as if this machine had its own torch
+        try:
+            distributed.check_same_inputs(key, w, "params.yaml, data/prepared/")
+            errors.append(None)
+        except ValueError as e:
+            errors.append(str(e))
+        finally:
+            torch.__version__ = version
+    (out / f"errors{rank}.json").write_text(json.dumps(errors))
+
+
+def test_ranks_whose_inputs_or_torch_differ_from_rank_0s_stop_naming_the_rank(ranks):
+    """On several machines each reads its own copy of params.yaml, the data and the checkpoint."""
+    host = socket.gethostname()
+    for rank in (0, 1):  # every rank stops with the same line
+        assert json.loads((ranks / "_inputs_rank" / f"errors{rank}.json").read_text()) == [
+            None,
+            f"rank 1 of 2 (host {host}) has other inputs than rank 0 (host {host}): params.yaml, data/prepared/ "
+            "must be the same on every machine",
+            f"rank 1 of 2 (host {host}) runs torch {torch.__version__}-rank1, rank 0 torch {torch.__version__}-rank0: "
+            "install the same on every machine"]
 
 
 _RELEASE_JOB = """
