@@ -73,7 +73,8 @@ def _all_jobs(rank: int, out: Path) -> None:
         _train_rank(rank, out, "frozen", mutant)
     for bn in ("sync", "rank"):
         _train_rank(rank, out, bn, "")
-    for job in (_hash_rank, _evaluate_rank, _diverge_rank, _resume_rank, _map_rank, _inputs_rank):
+    for job in (_hash_rank, _evaluate_rank, _diverge_rank, _resume_rank, _map_rank, _inputs_rank,
+                _unused_rank):
         (out / job.__name__).mkdir(exist_ok=True)
         job(rank, out / job.__name__)
 
@@ -398,6 +399,25 @@ def _map_rank(rank: int, out: Path) -> None:
     else:
         distributed.serve(square, w)
     (out / f"map{rank}.json").write_text(json.dumps({"results": results, "mine": mine}))
+
+
+def _unused_rank(rank: int, out: Path) -> None:
+    used, unused = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(3))
+    used.grad = torch.full((2,), float(rank + 1))  # 1 on rank 0, 2 on rank 1
+    optimizer = torch.optim.SGD([used, unused], lr=0.1, momentum=0.9, weight_decay=0.5)
+    distributed.average_gradients([used, unused], distributed.world())
+    result = {"used_grad": used.grad.tolist(), "unused_grad": unused.grad}
+    optimizer.step()
+    result.update(unused=unused.tolist(), unused_state=sorted(optimizer.state[unused]), used=used.tolist())
+    (out / f"unused{rank}.json").write_text(json.dumps(result))
+
+
+def test_a_parameter_no_subnet_used_stays_without_gradient_and_the_step_leaves_it_alone(ranks):
+    """Its slot crosses the all-reduce as zeros but comes back as no gradient: no weight decay, no momentum."""
+    for rank in (0, 1):
+        result = json.loads((ranks / "_unused_rank" / f"unused{rank}.json").read_text())
+        assert result == {"used_grad": [1.5, 1.5], "unused_grad": None, "unused": [1.0, 1.0, 1.0],
+                          "unused_state": [], "used": [pytest.approx(1 - 0.1 * (1.5 + 0.5))] * 2}
 
 
 def _inputs_rank(rank: int, out: Path) -> None:
