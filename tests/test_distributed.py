@@ -626,6 +626,52 @@ def test_evaluate_space_on_two_ranks_records_what_one_process_does(two_process_r
         run(["git", "-C", str(project), "checkout", "params.yaml"], project)
 
 
+def _resume_space_rank(rank: int, out: Path, project: Path) -> None:
+    """evaluate_space on two ranks: whole; stopped one fine-tuning epoch into the second round; resumed."""
+    from ofa import pipeline, train
+
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    raw["evaluate"]["finetune"]["epochs"] = 2
+    params = parse_params(raw)
+    save, saves = train._save_state, []
+
+    def counted(*args):
+        save(*args)
+        saves.append(args[0].name)
+        if stop and len(saves) == 5:  # round 1: configs 1 and 2 (2 epochs each); then 1 epoch of configs 3 and 4
+            raise KeyboardInterrupt
+
+    train._save_state = counted
+    for name, stop in (("whole", False), ("stopped", True), ("stopped", False)):
+        root = out / name
+        if not root.exists() and rank == 0:
+            for d in ("data/prepared", "models"):
+                shutil.copytree(project / d, root / d)
+        dist.barrier()
+        saves.clear()
+        try:
+            pipeline.evaluate_space(params, root, progress=False)
+        except KeyboardInterrupt:
+            dist.barrier()  # both ranks stopped
+            (out / f"stopped{rank}.json").write_text(json.dumps(sorted(p.name for p in (root / ".resume").iterdir())))
+        (out / f"saves_{name}{'_stop' if stop else ''}{rank}.json").write_text(json.dumps(saves))
+
+
+def test_evaluate_space_on_two_ranks_resumes_each_ranks_fine_tuning_and_writes_what_a_whole_run_does(
+        two_process_repro, tmp_path):
+    project, _, _ = two_process_repro
+    spawn(_resume_space_rank, tmp_path, project, timeout=300)
+    # stopped inside round 2: the records of round 1, and each rank's state of the config it was fine-tuning
+    assert json.loads((tmp_path / "stopped0.json").read_text()) == [
+        "evaluate_space.json", "evaluate_space.pt", "evaluate_space.rank1.pt"]
+    for rank in (0, 1):
+        whole = json.loads((tmp_path / f"saves_whole{rank}.json").read_text())
+        resumed = json.loads((tmp_path / f"saves_stopped{rank}.json").read_text())
+        assert len(whole) == (10 if rank == 0 else 8) and len(resumed) == len(whole) - 5  # nothing trained twice
+    space = [(tmp_path / name / "metrics" / "space.json").read_bytes() for name in ("whole", "stopped")]
+    assert space[0] == space[1]
+
+
 def _workers(marker: str) -> dict[int, int]:
     """rank -> pid of the stage workers whose environment carries `marker`."""
     found = {}
