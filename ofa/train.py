@@ -425,13 +425,12 @@ class _Loop:
 
 def _batch(data: DeviceData, idx: torch.Tensor, schedule: Schedule, aug: torch.Generator, lo: int,
            local: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's inputs and labels of a batch: images [lo, lo + local) of it, augmented as the whole batch is."""
-    images = data.train.images[idx]
+    """This rank's inputs and labels of a batch: images [lo, lo + local) of it, augmented as in the whole batch."""
+    mine = idx[lo : lo + local]
+    images = data.train.images[mine]
     if schedule.crop_padding or schedule.flip:  # drawn for the whole batch: the same draws at any world size
-        images = data_mod.augment(images, aug, schedule.crop_padding, schedule.flip)
-    if local < len(idx):
-        images, idx = images[lo : lo + local], idx[lo : lo + local]
-    return data.inputs(images), data.train.labels[idx]
+        images = data_mod.augment(images, aug, schedule.crop_padding, schedule.flip, rows_of=(lo, len(idx)))
+    return data.inputs(images), data.train.labels[mine]
 
 
 def _backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, configs: Sequence[SubnetConfig | None],

@@ -663,6 +663,19 @@ def test_augment_deterministic_and_shape() -> None:
     assert a.shape == images.shape and a.dtype == images.dtype
 
 
+def test_augment_of_a_ranks_rows_is_those_rows_of_the_whole_batch_augmented() -> None:
+    """A rank augments its share of a batch only, each image as in the whole batch (same draws at any split)."""
+    images = distinct_images()
+    whole = data.augment(images, torch.Generator().manual_seed(3), padding=2)
+    for first, count in ((0, 32), (32, 32), (48, 16)):
+        share = data.augment(images[first : first + count], torch.Generator().manual_seed(3), padding=2,
+                             rows_of=(first, 64))
+        assert torch.equal(share, whole[first : first + count])
+    with pytest.raises(ValueError, match=r"^augment rows_of=\(40, 64\): 32 images do not fit in a batch of 64 "
+                                         r"from row 40$"):
+        data.augment(images[:32], torch.Generator(), rows_of=(40, 64))
+
+
 def test_augment_flip_only() -> None:
     images = distinct_images()
     out = data.augment(images, torch.Generator().manual_seed(0), padding=0)
