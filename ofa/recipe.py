@@ -90,7 +90,8 @@ def teacher(params: Params, net: OFANet, full: Path, calibration: list[torch.Ten
     if s.teacher == "full":
         source = build_net(params, input_shape, net.arch["classes"])
         load_checkpoint(source, full)
-    model = source.extract(source.max_config()).to(next(net.parameters()).device)
+    # in the memory format the stages train in: a network rebuilt from the checkpoint is not yet
+    model = source.extract(source.max_config()).to(next(net.parameters()).device, memory_format=torch.channels_last)
     model.dropout = None  # official OFA builds its teacher with dropout_rate=0, also in train mode
     if s.teacher_bn == "eval":
         calibrate_bn(model, calibration)  # running statistics that fit the max network

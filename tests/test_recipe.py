@@ -121,6 +121,21 @@ def test_the_teacher_is_the_chosen_network_in_the_chosen_bn_mode(which, bn, tmp_
     assert recipe.teacher(_params(kd_ratio=0.0), previous, tmp_path / "x.pt", calibration, (3, 16, 16)) is None
 
 
+def test_the_full_and_previous_teachers_of_the_same_weights_compute_the_same_bits(tmp_path):
+    """shrink_kernel's previous stage is train_supernet: either teacher is that network, in the memory format
+    the pipeline trains in (channels_last), whether it comes from the stage's net or from the checkpoint (one
+    input channel: the stem's weight is one whose layout the format changes)."""
+    from ofa.pipeline import build_net, save_checkpoint
+
+    net = perturb(build_net(_params(), (1, 16, 16), [str(i) for i in range(10)]), seed=1)
+    net = net.to(memory_format=torch.channels_last)
+    save_checkpoint(net, tmp_path / "train_supernet.pt")
+    x = torch.randn(16, 1, 16, 16).contiguous(memory_format=torch.channels_last)
+    out = [recipe.teacher(_params(teacher=which), net, tmp_path / "train_supernet.pt", [], (1, 16, 16))(x)
+           for which in ("full", "previous")]
+    assert torch.equal(out[0], out[1])
+
+
 def test_the_teacher_runs_without_dropout_as_official_ofa_builds_it(tmp_path):
     from ofa.pipeline import build_net, save_checkpoint
 
