@@ -84,10 +84,13 @@ def test_non_finite_loss_names_its_step_and_nothing_is_saved(synthetic, tmp_path
 def test_the_loop_reads_the_device_once_per_sync_interval(synthetic, monkeypatch):
     """Reading a CUDA tensor on the host waits for the device: the divergence guard must not do it every step."""
     reads = []
-    for name in ("__bool__", "__float__", "__int__", "item"):
+    net = tiny_net(SEED_SPACE)
+    teacher = tiny_net(SEED_SPACE).extract(net.max_config()).requires_grad_(False)
+    for name in ("__bool__", "__float__", "__int__", "__index__", "item", "tolist"):
         original = getattr(torch.Tensor, name)
         monkeypatch.setattr(torch.Tensor, name, lambda self, _o=original, _n=name: reads.append(_n) or _o(self))
-    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 10))
-    schedule = Schedule(epochs=1, lr=0.1, batch_size=8, flip=False, crop_padding=0, images_per_epoch=8 * 2 * SYNC_EVERY)
-    fit(net, synthetic, schedule, progress=False)
+    # a shrink stage's step: a supernet, two sampled subnets, augmentation, a teacher in train mode
+    schedule = Schedule(epochs=1, lr=0.01, batch_size=8, images_per_epoch=8 * 2 * SYNC_EVERY)
+    fit(net, synthetic, schedule, teacher=teacher, kd_ratio=0.5, progress=False,
+        sample=lambda rng: [net.sample_config(rng) for _ in range(2)])
     assert reads == ["__int__"] * 3 + ["__float__", "__int__"], reads  # after steps 1, 21 and 40; the epoch's means
