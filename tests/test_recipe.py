@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import random
+import shutil
 
 import pytest
 import torch
@@ -194,24 +195,62 @@ def test_he_fout_init_of_every_conv_and_the_classifier():
         ofa.OFANet(SEED_SPACE, 3, 10, init="xavier")
 
 
-def test_a_three_width_space_trains_the_width_stage_in_two_phases(tmp_path, monkeypatch):
-    from ofa import pipeline
+def test_a_three_width_space_trains_the_width_stage_in_two_phases_and_resumes_in_the_second(tmp_path, monkeypatch):
+    """The stage hands each phase the recipe (reduce, teacher, subnets per step, sort); stopped one epoch into
+    its second phase, a rerun resumes there (the sorts redone) and saves the checkpoint of an uninterrupted run."""
+    from ofa import pipeline, train
 
     raw = tiny_params()
     raw["space"] = {"kernel": [5, 7], "depth": [2, 3], "width": [2, 3, 4]}
     raw["specialize"]["population"] = raw["specialize"]["trials"] = 12
-    raw["shrink"]["width"].update(epochs=1, first_phase={"epochs": 1, "lr": 0.01}, subnets_per_step=2)
+    raw["shrink"].update(reduce="mean", teacher="previous")  # not fit's defaults: the stage must pass them
+    raw["shrink"]["width"].update(epochs=2, first_phase={"epochs": 1, "lr": 0.01}, subnets_per_step=3)
     params = parse_params(raw)
-    pipeline.download(params, tmp_path)
+    roots = {name: tmp_path / name for name in ("whole", "stopped")}
     net = pipeline.build_net(params, (3, 16, 16), [str(i) for i in range(10)])
-    for stage in ("train_supernet", "shrink_depth"):
-        pipeline.save_checkpoint(net, tmp_path / "models" / f"{stage}.pt")
-    sorts = []
+    for seed, stage in enumerate(("train_supernet", "shrink_depth")):
+        pipeline.save_checkpoint(perturb(net, seed), tmp_path / stage)
+    for root in roots.values():
+        pipeline.download(params, root)
+        for stage in ("train_supernet", "shrink_depth"):
+            (root / "models").mkdir(exist_ok=True)
+            shutil.copy(tmp_path / stage, root / "models" / f"{stage}.pt")
+    sorts, calls = [], []
     sort = ofa.OFANet.sort_channels
     monkeypatch.setattr(ofa.OFANet, "sort_channels",
                         lambda self, protect=(): sorts.append(tuple(protect)) or sort(self, protect))
-    metrics = pipeline.train_stage(params, "shrink_width", tmp_path, progress=False)
-    assert metrics["epochs"] == 2  # the first phase on widths {3, 4}, then all widths
+
+    def recorded_fit(net, data, plan, **kw):
+        rng = random.Random(0)
+        draws = [kw["sample"](rng) for _ in range(20)]
+        calls.append((kw["reduce"], kw["teacher"] is not None, {len(d) for d in draws},
+                      _widths([c for d in draws for c in d])))
+        return fit(net, data, plan, **kw)
+
+    monkeypatch.setattr(pipeline, "fit", recorded_fit)
+    metrics = pipeline.train_stage(params, "shrink_width", roots["whole"], progress=False)
+    assert metrics["epochs"] == 3  # the first phase on widths {3, 4}, then all widths
     assert sorts == [(), (3, 4)]  # before each phase; the second keeps the first phase's widths on their channels
-    lr = (tmp_path / "metrics" / "live" / "shrink_width" / "plots" / "metrics" / "lr.tsv").read_text().splitlines()
-    assert len(lr) == 3 and not list((tmp_path / ".resume").glob("*.pt"))
+    assert calls == [("mean", True, {3}, {3, 4}), ("mean", True, {3}, {2, 3, 4})]  # the phases' widths
+    lr = (roots["whole"] / "metrics" / "live" / "shrink_width" / "plots" / "metrics" / "lr.tsv").read_text()
+    assert len(lr.splitlines()) == 4 and not list((roots["whole"] / ".resume").glob("*.pt"))
+
+    save, saves = train._save_state, []
+
+    def stop_in_the_second_phase(path, *args):
+        save(path, *args)
+        saves.append(path.name)
+        if path.name == "shrink_width.pt":  # the second phase's first epoch
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "_save_state", stop_in_the_second_phase)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.train_stage(params, "shrink_width", roots["stopped"], progress=False)
+    assert saves == ["shrink_width.phase1.pt", "shrink_width.pt"]
+    monkeypatch.setattr(train, "_save_state", lambda path, *args: saves.append(path.name) or save(path, *args))
+    sorts.clear()
+    saves.clear()
+    pipeline.train_stage(params, "shrink_width", roots["stopped"], progress=False)
+    assert sorts == [(), (3, 4)] and saves == ["shrink_width.pt"]  # only the second phase's second epoch trained
+    checkpoints = [(root / "models" / "shrink_width.pt").read_bytes() for root in roots.values()]
+    assert checkpoints[0] == checkpoints[1]
