@@ -3,11 +3,13 @@
 For the min, a middle and the max uniform config of the OFA paper's space ({3,5,7} / {2,3,4} / {3,4,6}),
 times one SGD training step (forward + backward + step, momentum and weight decay as in training) of
 ``net(x, cfg)`` and of ``net.extract(cfg)`` in alternating pairs, and prints the median ratio supernet /
-subnet per config: ratio = median supernet step / median subnet step, and the median and interquartile range
-of the per-pair ratios. Two memory formats: channels_last (what the pipeline trains with: the supernet, the
-extracted subnet and the input all channels_last) and NCHW.
+subnet per config: ratio = median supernet step / median subnet step, and the median, interquartile range and
+95% bootstrap interval of the median of the per-pair ratios. ``--repeats R`` runs R rounds over the configs
+(interleaved, so a slow spell of the machine falls on all of them) and pools their pairs. Two memory formats:
+channels_last (what the pipeline trains with: the supernet, the extracted subnet and the input all
+channels_last) and NCHW.
 
-    python benchmarks/elastic_overhead.py [--pairs 25] [--threads 2] [--batch 64] [--formats channels_last nchw]
+    python benchmarks/elastic_overhead.py [--pairs 25] [--repeats 1] [--threads 2] [--batch 64] [--formats channels_last nchw]
     python benchmarks/elastic_overhead.py --profile middle   # where the time goes, per operator
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import random
 import statistics
 import time
 
@@ -52,10 +55,10 @@ def _setup(args, fmt: torch.memory_format):
     return net, x, y, configs
 
 
-def _pairs(args, net, sub, x, y, cfg) -> tuple[list[float], list[float], list[float]]:
-    opt_net, opt_sub = _optimizer(net), _optimizer(sub)
-    ratios, t_net, t_sub = [], [], []
-    for i in range(args.warmup + args.pairs):
+def _pairs(count: int, warmup: int, net, sub, opt_net, opt_sub, x, y, cfg) -> tuple[list[float], list[float]]:
+    """Step times of `count` (supernet, subnet) pairs after `warmup` untimed ones."""
+    t_net, t_sub = [], []
+    for i in range(warmup + count):
         # alternate which one goes first so drifts in machine speed cancel out
         if i % 2:
             a = _step(net, opt_net, x, y, cfg)
@@ -63,30 +66,47 @@ def _pairs(args, net, sub, x, y, cfg) -> tuple[list[float], list[float], list[fl
         else:
             b = _step(sub, opt_sub, x, y)
             a = _step(net, opt_net, x, y, cfg)
-        if i >= args.warmup:
-            ratios.append(a / b)
+        if i >= warmup:
             t_net.append(a)
             t_sub.append(b)
-    return ratios, t_net, t_sub
+    return t_net, t_sub
+
+
+def _median_interval(ratios: list[float], resamples: int = 2000) -> tuple[float, float]:
+    """95% bootstrap interval of the median of the per-pair ratios (pairs resampled with replacement)."""
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
+    return medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
 
 
 def measure(args) -> None:
-    print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}x3x32x32, "
-          f"{args.pairs} timed pairs after {args.warmup} warm-up pairs")
+    print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}x3x32x32, {args.repeats} x "
+          f"{args.pairs} timed pairs per config (rounds interleaved over the configs), {args.warmup} warm-up pairs")
     print(f"{'format':>13} {'config':>8} {'':>10} {'MMACs':>7} {'supernet s':>11} {'subnet s':>9} {'ratio':>6} "
-          f"{'pairs':>6} {'pairs IQR':>13}")
+          f"{'pairs':>6} {'pairs IQR':>13} {'pairs 95% CI':>14}" + ("  per round" if args.repeats > 1 else ""))
     for fmt_name in args.formats:
         fmt = FORMATS[fmt_name]
         net, x, y, configs = _setup(args, fmt)
+        net.train()
+        runs = {}
         for name, cfg in configs.items():
             sub = net.extract(cfg).to(memory_format=fmt).train()
-            net.train()
-            ratios, t_net, t_sub = _pairs(args, net, sub, x, y, cfg)
+            runs[name] = (cfg, sub, _optimizer(net), _optimizer(sub), [], [], [])
+        for r in range(args.repeats):
+            for name, (cfg, sub, opt_net, opt_sub, t_net, t_sub, rounds) in runs.items():
+                a, b = _pairs(args.pairs, args.warmup if r == 0 else min(args.warmup, 1), net, sub, opt_net, opt_sub, x, y, cfg)
+                t_net += a
+                t_sub += b
+                rounds.append(statistics.median(a) / statistics.median(b))
+        for name, (cfg, _, _, _, t_net, t_sub, rounds) in runs.items():
+            ratios = [a / b for a, b in zip(t_net, t_sub)]
             macs = net.macs(cfg, (3, 32, 32)) / 1e6
             q1, _, q3 = statistics.quantiles(ratios, n=4)
+            lo, hi = _median_interval(ratios)
             a, b = statistics.median(t_net), statistics.median(t_sub)
+            per_round = "  " + " ".join(f"{v:.3f}" for v in rounds) if args.repeats > 1 else ""
             print(f"{fmt_name:>13} {name:>8} {str(cfg):>10} {macs:7.1f} {a:11.3f} {b:9.3f} {a / b:6.3f} "
-                  f"{statistics.median(ratios):6.3f} {q1:6.3f}-{q3:.3f}", flush=True)
+                  f"{statistics.median(ratios):6.3f} {q1:6.3f}-{q3:.3f} {lo:6.3f}-{hi:.3f}{per_round}", flush=True)
 
 
 def _op_times(model, x, y, extra, steps: int, warmup: int) -> tuple[dict[str, tuple[float, int]], float]:
@@ -137,7 +157,8 @@ def profile(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pairs", type=int, default=25, help="timed (supernet, subnet) pairs per config")
+    parser.add_argument("--pairs", type=int, default=25, help="timed (supernet, subnet) pairs per config and round")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds over the configs, their pairs pooled")
     parser.add_argument("--warmup", type=int, default=5, help="untimed pairs (steps with --profile) per config")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=64)

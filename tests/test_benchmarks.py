@@ -93,11 +93,13 @@ def test_the_scaling_benchmark_measures_one_and_two_processes():
 
 
 def test_the_overhead_benchmark_times_and_profiles_three_configs():
-    out = _bench("elastic_overhead.py", "--pairs", "2", "--warmup", "0", "--batch", "2", "--threads", "1",
-                 "--formats", "channels_last")
+    out = _bench("elastic_overhead.py", "--pairs", "2", "--repeats", "2", "--warmup", "0", "--batch", "2",
+                 "--threads", "1", "--formats", "channels_last")
     assert [line.split()[:3] for line in out[2:]] == [["channels_last", "min", "k3-d2-w3"],
                                                       ["channels_last", "middle", "k5-d3-w4"],
                                                       ["channels_last", "max", "k7-d4-w6"]]
+    for line in out[2:]:  # ratio, pairs' median, IQR, 95% interval, then the ratio of each of the 2 rounds
+        assert re.fullmatch(r".*( +\d\.\d{3}){2}( +\d\.\d{3}-\d\.\d{3}){2}( +\d\.\d{3}){2}", line), line
     out = _bench("elastic_overhead.py", "--profile", "min", "--steps", "1", "--rounds", "1", "--warmup", "0",
                  "--batch", "2", "--threads", "1", "--rows", "3")
     assert out[0].startswith("k3-d2-w3 (channels_last), 1 profiled steps each: supernet ")
