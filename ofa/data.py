@@ -991,9 +991,9 @@ def save_split(split: Split, path: Path) -> None:
                  binary=True)
 
 
-def load_split(path: Path) -> Split:
-    """Load a Split written by save_split (torch.load with weights_only=True)."""
-    obj = load_tensors(path, {"images", "labels"}, DataError, "split file")
+def load_split(path: Path, mmap: bool = False) -> Split:
+    """Load a Split written by save_split (torch.load with weights_only=True; mmap: left in the file until read)."""
+    obj = load_tensors(path, {"images", "labels"}, DataError, "split file", mmap=mmap)
     try:
         return Split(images=obj["images"], labels=obj["labels"])
     except ValueError as e:

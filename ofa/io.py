@@ -62,15 +62,18 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2) + "\n"))
 
 
-def load_tensors(path: Path, keys: set[str], error: type[Exception], what: str) -> dict:
-    """A dict holding `keys`, read with torch.load(weights_only=True); else `error` with a one-line message."""
+def load_tensors(path: Path, keys: set[str], error: type[Exception], what: str, mmap: bool = False) -> dict:
+    """A dict holding `keys`, read with torch.load(weights_only=True); else `error` with a one-line message.
+
+    mmap: the tensors stay in the file, mapped, until read (their shapes cost nothing).
+    """
     import torch
 
     path = Path(path)
     if not path.is_file():
         raise error(f"{path}: {what} not found (run the upstream stage first: dvc repro)")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - torch.load raises many types on corrupt files
         raise error(f"{path}: unreadable {what} ({type(e).__name__})") from None
     if not isinstance(obj, dict) or not keys <= obj.keys():

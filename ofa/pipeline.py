@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -175,7 +176,7 @@ def check_budgets(params: Params, arch: Mapping[str, Any], input_shape: tuple[in
     """ParamsError naming the first of specialize.budgets below the smallest subnet's MACs.
 
     Every stage checks it as soon as it knows the input (download before it fetches or decodes any image, the
-    others before they train), so a budget that cannot be met stops a fresh ``dvc repro`` at its first stage,
+    others before they load the data), so a budget that cannot be met stops a fresh ``dvc repro`` at its first stage,
     not at its last.
     """
     smallest_config = params.space.build().min_config(len(arch["units"]))
@@ -189,23 +190,37 @@ def check_budgets(params: Params, arch: Mapping[str, Any], input_shape: tuple[in
 def stage_setup(params: Params, root: Path, stage_index: int) -> tuple[DeviceData, OFANet, list[torch.Tensor]]:
     """Seed, the prepared data on the training device, a fresh supernet, and the stage's BN calibration batches.
 
-    Checks first that the prepared data fits the device and that specialize.budgets fit the space.
+    Checks first, before loading the data, that specialize.budgets fit the space and that the data fits the
+    device.
     """
     torch.manual_seed(params.seed)
     device = distributed.device(select_device(params.train.device))  # a rank's own GPU in a job of several
     classes = load_classes(root)
-    copies = distributed.local_processes() if device.type == "cpu" else 1  # the ranks of a machine share its RAM
-    data_mod.check_fits(copies * sum(p.stat().st_size for p in prepared_files(root) if p.is_file()), device,
-                        "the prepared dataset" + (f", once per process ({copies})," if copies > 1 else ""),
-                        hint="lower data.image_size, data.train_limit or train.processes" if copies > 1 else
-                        "lower data.image_size or data.train_limit")
+    train = data_mod.load_split(root / PREPARED / "train.pt", mmap=True)  # its shape, nothing read yet
+    input_shape = tuple(train.images.shape[1:])
+    net = build_net(params, input_shape, classes)
+    check_budgets(params, net.arch, input_shape)
+    _check_memory(params, root, device, len(train), input_shape)
     data = DeviceData.load(root / PREPARED, device)
-    net = build_net(params, data.input_shape, classes)
-    check_budgets(params, net.arch, data.input_shape)
     net = net.to(device, memory_format=torch.channels_last)
     calibration = data.calibration_batches(params.evaluate.bn_calibration_images, params.train.eval_batch_size,
                                            seed=params.seed + stage_index)
     return data, net, calibration
+
+
+def _check_memory(params: Params, root: Path, device: torch.device, train_images: int,
+                  input_shape: tuple[int, ...]) -> None:
+    """DataError when the prepared dataset (uint8) and the BN calibration images (float32), which a stage keeps
+    on its device, do not fit there; on a CPU each process of the machine holds its own."""
+    calibration = min(params.evaluate.bn_calibration_images, train_images)
+    files = sum(p.stat().st_size for p in prepared_files(root) if p.is_file())
+    nbytes = files + 4 * calibration * math.prod(input_shape)
+    copies = distributed.local_processes() if device.type == "cpu" else 1  # the ranks of a machine share its RAM
+    what = f"the prepared dataset with {calibration} BN calibration images"
+    hint = "lower data.image_size, data.train_limit or evaluate.bn_calibration_images"
+    if copies > 1:
+        what, hint = f"{what}, once per process ({copies}),", f"{hint.replace(' or ', ', ')} or train.processes"
+    data_mod.check_fits(copies * nbytes, device, what, hint=hint)
 
 
 def _md5(path: Path) -> str:

@@ -783,10 +783,12 @@ def test_the_ranks_of_a_machine_each_hold_the_dataset_in_its_memory(downloaded, 
         monkeypatch.setenv(key, value)
     monkeypatch.setattr(data_mod, "available_memory", lambda device: 1000)
     params = parse_params(yaml.safe_load((downloaded / "params.yaml").read_text()))
-    size = data_mod._size_text(2 * sum(f.stat().st_size for f in pipeline.prepared_files(downloaded)))  # 2 copies
-    with pytest.raises(data_mod.DataError, match=rf"^the prepared dataset, once per process \(2\), needs {size} "
-                                                 r"but cpu has 1\.0 KiB available; lower data\.image_size, "
-                                                 r"data\.train_limit or train\.processes$"):
+    files = sum(f.stat().st_size for f in pipeline.prepared_files(downloaded))
+    size = data_mod._size_text(2 * (files + 4 * 128 * 3 * 16 * 16))  # 2 copies, each with its calibration images
+    with pytest.raises(data_mod.DataError, match=rf"^the prepared dataset with 128 BN calibration images, once per "
+                                                 rf"process \(2\), needs {size} but cpu has 1\.0 KiB available; lower "
+                                                 r"data\.image_size, data\.train_limit, "
+                                                 r"evaluate\.bn_calibration_images or train\.processes$"):
         pipeline.stage_setup(params, downloaded, 0)
 
 

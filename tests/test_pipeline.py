@@ -12,9 +12,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from conftest import FOLDER_CLASSES, write_folder
+from ofa import data as data_mod
 from ofa import pipeline
 from ofa.config import parse_params
 
@@ -207,6 +209,27 @@ def test_a_corrupt_image_is_named_before_any_training(tmp_path):
     assert not (tmp_path / "p" / "data" / "prepared").exists()
 
 
+def test_a_folders_val_is_the_validation_split_and_train_is_all_of_train(tmp_path):
+    source = write_folder(tmp_path / "images", {"train": 4, "test": 2, "val": 3})
+    raw = tiny_params(dataset="folder", source_dir=str(source), image_size=16, val_images=1000)  # unused here
+    summary = pipeline.download(parse_params(raw), tmp_path)
+    assert (summary["train_images"], summary["val_images"], summary["test_images"]) == (12, 9, 6)
+    ds = data_mod.prepare("folder", tmp_path / "unused", source_dir=source, image_size=16, progress=False)
+    for name in ("train", "val", "test"):
+        saved = data_mod.load_split(tmp_path / "data" / "prepared" / f"{name}.pt")
+        split = getattr(ds, name)
+        assert torch.equal(saved.images, split.images) and torch.equal(saved.labels, split.labels), name
+
+
+def test_val_images_must_leave_a_folder_without_val_images_to_train_on(tmp_path):
+    source = write_folder(tmp_path / "images", {"train": 4, "test": 2})
+    raw = tiny_params(dataset="folder", source_dir=str(source), image_size=16, val_images=12)
+    with pytest.raises(data_mod.DataError, match=r"^data\.val_images: 12 is not smaller than the 12 training "
+                                                 r"images \(fewer, to leave images to train on\)$"):
+        pipeline.download(parse_params(raw), tmp_path)
+    assert not (tmp_path / "data").exists()
+
+
 def test_another_dataset_refuses_the_checkpoint(repro):
     """A checkpoint trained on the folder's 3 classes is refused once the data has other classes."""
     p, _, _ = repro
@@ -230,10 +253,17 @@ def test_a_dataset_too_large_for_the_device_is_one_line_before_loading(repro, mo
     p, _, _ = repro
     params = parse_params(yaml.safe_load((p / "params.yaml").read_text()))
     monkeypatch.setattr(data_mod, "available_memory", lambda device: 1000)
-    size = sum(f.stat().st_size for f in pipeline.prepared_files(p)) / 1024  # about 60 KiB
-    with pytest.raises(data_mod.DataError, match=rf"^the prepared dataset needs {size:.1f} KiB but cpu has 1.0 KiB "
-                                                 r"available; lower data.image_size or data.train_limit$"):
+    loads = []
+    monkeypatch.setattr(pipeline.DeviceData, "load", lambda *args: loads.append(args))
+    files = sum(f.stat().st_size for f in pipeline.prepared_files(p))  # about 60 KiB
+    n = min(128, len(data_mod.load_split(p / "data" / "prepared" / "train.pt").labels))  # calibration images
+    size = data_mod._size_text(files + 4 * n * 3 * 16 * 16)  # they are kept as float32
+    with pytest.raises(data_mod.DataError, match=rf"^the prepared dataset with {n} BN calibration images needs "
+                                                 rf"{size} but cpu has 1\.0 KiB available; lower "
+                                                 r"data\.image_size, data\.train_limit or "
+                                                 r"evaluate\.bn_calibration_images$"):
         pipeline.stage_setup(params, p, 0)
+    assert not loads
 
 
 def test_fashion_mnist_subset_trains_well_above_chance(tmp_path):
