@@ -25,12 +25,13 @@ QUICK_PARAMS := \
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first, pinned: an unpinned resolve would pull the CUDA build and several GB of packages
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[test]"
+	# the dependencies' own dependencies at the versions in constraints.txt too
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[test]"
 	touch $@
 
 test: setup
