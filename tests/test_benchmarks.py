@@ -1,5 +1,6 @@
 """The benchmarks run: schedule.py's projection is the schedule times the measured speeds and it runs every
-phase; scaling.py and elastic_overhead.py print their tables on tiny settings (the figures are theirs to give)."""
+phase; scaling.py, elastic_overhead.py and cost.py print their tables on tiny settings (the figures are theirs to
+give)."""
 
 from __future__ import annotations
 
@@ -104,3 +105,11 @@ def test_the_overhead_benchmark_times_and_profiles_three_configs():
                  "--batch", "2", "--threads", "1", "--rows", "3")
     assert out[0].startswith("k3-d2-w3 (channels_last), 1 profiled steps each: supernet ")
     assert len(out) == 2 + 3 + 1 and out[-1].startswith("total self CPU")
+
+
+def test_the_cost_benchmark_checks_every_config_and_prints_both_ratios():
+    out = _bench("cost.py", "--configs", "1", "--threads", "1")
+    assert out[0].startswith("9 configs of the default CIFAR-10 network, 3x32x32, 1 threads: all equal")
+    assert [line.split()[0] for line in out[2:]] == ["macs", "num_params", "both"]
+    for line in out[2:]:  # from the config; on the extracted subnet and the ratio; with extraction and the ratio
+        assert re.fullmatch(r"\w+ +[\d.]+ us +[\d.]+ ms +\d+x +[\d.]+ ms +\d+x", line), line
