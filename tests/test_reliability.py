@@ -213,8 +213,11 @@ def test_ctrl_c_stops_a_stage_with_one_line(tmp_path):
     raw["supernet"]["epochs"] = 50  # still training when the signal comes
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     pipeline.download(parse_params(raw), tmp_path)
+    # as from a terminal: Ctrl-C's signal handled (a shell starting the tests in the background ignores it,
+    # and its children would inherit that)
     proc = subprocess.Popen([sys.executable, str(ROOT / "stages" / "train_supernet.py")], cwd=tmp_path, text=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 300
     while not (tmp_path / ".resume" / "train_supernet.pt").exists():  # an epoch finished
         assert proc.poll() is None and time.monotonic() < deadline
