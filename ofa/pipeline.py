@@ -176,8 +176,8 @@ def check_budgets(params: Params, arch: Mapping[str, Any], input_shape: tuple[in
     """ParamsError naming the first of specialize.budgets below the smallest subnet's MACs.
 
     Every stage checks it as soon as it knows the input (download before it fetches or decodes any image, the
-    others before they load the data), so a budget that cannot be met stops a fresh ``dvc repro`` at its first stage,
-    not at its last.
+    others before they load the data), so a budget that cannot be met stops a fresh ``dvc repro`` at its first
+    stage, not at its last.
     """
     smallest_config = params.space.build().min_config(len(arch["units"]))
     smallest = cost.macs(arch, smallest_config, input_shape)
@@ -392,8 +392,9 @@ def evaluate_space(params: Params, root: Path = Path("."),
     checkpoint = root / MODELS / "shrink_width.pt"
     load_checkpoint(net, checkpoint)
     configs = _space_configs(net, params)
-    key = resume_key(params, "evaluate_space", [*prepared_files(root), checkpoint])
-    same_inputs_on_every_rank(key, w, root, [*prepared_files(root), checkpoint])
+    inputs = [*prepared_files(root), checkpoint]
+    key = resume_key(params, "evaluate_space", inputs)
+    same_inputs_on_every_rank(key, w, root, inputs)
     done_path = root / RESUME / "evaluate_space.json"
     state = root / RESUME / ("evaluate_space.pt" if w.main else f"evaluate_space.rank{w.rank}.pt")
     records = distributed.broadcast(_finished_records(done_path, key, configs) if w.main else None, w)
