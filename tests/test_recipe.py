@@ -212,8 +212,8 @@ def test_a_three_width_space_trains_the_width_stage_in_two_phases_and_resumes_in
         pipeline.save_checkpoint(perturb(net, seed), tmp_path / stage)
     for root in roots.values():
         pipeline.download(params, root)
+        (root / "models").mkdir()
         for stage in ("train_supernet", "shrink_depth"):
-            (root / "models").mkdir(exist_ok=True)
             shutil.copy(tmp_path / stage, root / "models" / f"{stage}.pt")
     sorts, calls = [], []
     sort = ofa.OFANet.sort_channels
