@@ -9,6 +9,7 @@ an extracted subnet compute with identical tensors. Choices are passed explicitl
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -29,6 +30,21 @@ from .subnet import (
 def _permute_(param: torch.Tensor | None, perm: torch.Tensor, dim: int) -> None:
     if param is not None:
         param.data.copy_(param.data.index_select(dim, perm))
+
+
+@functools.lru_cache(maxsize=None)
+def _crop_columns(size: int, small: int, device: torch.device) -> torch.Tensor:
+    """Positions of the centre small x small crop in a flattened size x size kernel."""
+    start = (size - small) // 2
+    return torch.tensor([r * size + c for r in range(start, start + small) for c in range(start, start + small)],
+                        device=device)
+
+
+@functools.lru_cache(maxsize=None)
+def _crop_rows(channels: int, size: int, small: int, device: torch.device) -> torch.Tensor:
+    """Positions of the centre crops of the first `channels` kernels in a flattened (C, 1, size, size) weight."""
+    columns = _crop_columns(size, small, torch.device("cpu"))
+    return (torch.arange(channels)[:, None] * size * size + columns).reshape(-1).to(device)
 
 
 def _importance_order(weight: torch.Tensor, dim: int, bands: Sequence[int] = ()) -> torch.Tensor:
@@ -52,7 +68,9 @@ class ElasticConv2d(nn.Module):
     Channels: the first ``out_channels`` filters over the first ``in_channels`` inputs (pointwise convs,
     elastic width). Kernel (depthwise convs, elastic kernel, paper 3.2): the k x k kernel is the centre
     crop of the next larger active kernel times a learnable (k*k, k*k) transform matrix, one per
-    transition, shared by all channels and identity-initialised, so 7 -> 5 -> 3 chains two matrices.
+    transition, shared by all channels and identity-initialised, so 7 -> 5 -> 3 chains two matrices
+    (computed as one gather of the largest kernel's centre and one product with the chain's matrices
+    multiplied together: fewer operators per training step than cropping and transforming in turn).
     """
 
     def __init__(
@@ -68,6 +86,8 @@ class ElasticConv2d(nn.Module):
         kernel_sizes = tuple(sorted(set(kernel_sizes)))
         if any(k < 1 or k % 2 == 0 for k in kernel_sizes):
             raise ValueError(f"kernel_sizes {list(kernel_sizes)}: odd positive integers only")
+        if len(kernel_sizes) > 1 and not depthwise:
+            raise ValueError(f"kernel_sizes {list(kernel_sizes)}: several sizes only for a depthwise conv (elastic kernel)")
         if depthwise and in_channels != out_channels:
             raise ValueError(f"depthwise conv needs in_channels == out_channels, got {in_channels} and {out_channels}")
         self.in_channels, self.out_channels = in_channels, out_channels
@@ -91,21 +111,36 @@ class ElasticConv2d(nn.Module):
         if self.depthwise and in_channels != out_channels:
             raise ValueError(f"depthwise conv needs in == out channels, got {in_channels} and {out_channels}")
         w = self.weight
-        if out_channels < self.out_channels:
-            w = w[:out_channels]
-        if not self.depthwise and in_channels < self.in_channels:
-            w = w[:, :in_channels].contiguous()  # conv kernels are faster on a dense weight
-        size = self.kernel_sizes[-1]
+        if kernel_size < self.kernel_sizes[-1]:  # depthwise: rows and centre crop in one gather, one product
+            crop, matrix = self._kernel_transform(kernel_size)
+            w = w.reshape(-1).index_select(0, _crop_rows(out_channels, self.kernel_sizes[-1], crop, w.device))
+            w = (w.view(out_channels, crop * crop) @ matrix).view(out_channels, 1, kernel_size, kernel_size)
+        else:
+            if out_channels < self.out_channels:
+                w = w[:out_channels]
+            if not self.depthwise and in_channels < self.in_channels:
+                w = w[:, :in_channels].contiguous()  # conv kernels are faster on a dense weight
+        bias = None if self.bias is None else self.bias[:out_channels]
+        return w, bias
+
+    def _kernel_transform(self, kernel_size: int) -> tuple[int, torch.Tensor]:
+        """The chain of transforms from the largest kernel down to `kernel_size` as one matrix.
+
+        Cropping the centre of a transformed kernel selects columns of its matrix, so
+        crop(crop(W) T1) T2 = crop(W) (T1[:, centre] T2): returns the size of the first crop of the largest
+        kernel and that (first^2, k^2) product of the chain's matrices.
+        """
+        size, first, matrix = self.kernel_sizes[-1], 0, None
         for small in reversed(self.kernel_sizes[:-1]):
             if small < kernel_size:
                 break
-            start = (size - small) // 2
-            w = w[:, :, start : start + small, start : start + small]
-            matrix = self.transforms[f"{size}to{small}"]  # (small^2, small^2)
-            w = (w.reshape(-1, small * small) @ matrix).reshape(w.shape[0], w.shape[1], small, small)
+            step = self.transforms[f"{size}to{small}"]  # (small^2, small^2)
+            if matrix is None:
+                first, matrix = small, step
+            else:
+                matrix = matrix.index_select(1, _crop_columns(size, small, step.device)) @ step
             size = small
-        bias = None if self.bias is None else self.bias[:out_channels]
-        return w, bias
+        return first, matrix
 
     def forward(self, x: torch.Tensor, out_channels: int | None = None, kernel_size: int | None = None) -> torch.Tensor:
         in_channels = x.shape[1]

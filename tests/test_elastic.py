@@ -52,6 +52,29 @@ def test_depthwise_kernel_transform_chain_matches_reference(kernels):
         assert_close(static(x[:, :c]), expected)
 
 
+@pytest.mark.parametrize("kernels", [(3, 5, 7), (3, 5, 7, 9)])
+def test_kernel_transform_gradients_match_the_step_by_step_chain(kernels):
+    """One gather and one product of the chain's matrices: the same weight and gradients as cropping and
+    transforming kernel by kernel (double precision, so only the order of the sums differs)."""
+    torch.manual_seed(0)
+    conv = perturb(ElasticConv2d(6, 6, kernels, depthwise=True)).double().to(memory_format=torch.channels_last)
+    for k, c in itertools.product(kernels[:-1], (3, 6)):
+        w = conv.weight[:c]
+        for small, big in reversed(list(zip(kernels, kernels[1:]))):
+            if small < k:
+                break
+            w = (crop(w, small).reshape(c, -1) @ conv.transforms[f"{big}to{small}"]).reshape(c, 1, small, small)
+        probe = torch.randn_like(w)
+        expected = torch.autograd.grad((w * probe).sum(), list(conv.parameters()), allow_unused=True)
+        got_w, _ = conv.active_params(c, c, k)
+        got = torch.autograd.grad((got_w * probe).sum(), list(conv.parameters()), allow_unused=True)
+        assert_close(got_w, w, rtol=1e-12, atol=1e-12)
+        for g, e in zip(got, expected):
+            assert (g is None) == (e is None)
+            if e is not None:
+                assert_close(g, e, rtol=1e-12, atol=1e-12)
+
+
 def test_transforms_are_identity_initialised_so_small_kernels_start_as_centre_crops():
     conv = ElasticConv2d(4, 4, (3, 5, 7), depthwise=True)
     for name, m in conv.transforms.items():
@@ -83,6 +106,8 @@ def test_conv_rejects_bad_choices():
         ElasticConv2d(8, 4, (3,), depthwise=True)
     with pytest.raises(ValueError, match="outside"):
         ElasticConv2d(8, 4)(torch.randn(1, 8, 2, 2), 5)
+    with pytest.raises(ValueError, match="several sizes only for a depthwise conv"):
+        ElasticConv2d(8, 8, (3, 5))
 
 
 def test_batch_norm_slices_weights_and_statistics():
