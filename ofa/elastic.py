@@ -34,17 +34,23 @@ def _permute_(param: torch.Tensor | None, perm: torch.Tensor, dim: int) -> None:
 
 @functools.lru_cache(maxsize=None)
 def _crop_columns(size: int, small: int, device: torch.device) -> torch.Tensor:
-    """Positions of the centre small x small crop in a flattened size x size kernel."""
+    """Positions of the centre small x small crop in a flattened size x size kernel.
+
+    Cached, and made outside inference mode even when first asked for inside it: an inference tensor could
+    not index a later training step (index_select keeps its index for the backward pass).
+    """
     start = (size - small) // 2
-    return torch.tensor([r * size + c for r in range(start, start + small) for c in range(start, start + small)],
-                        device=device)
+    with torch.inference_mode(False):
+        return torch.tensor([r * size + c for r in range(start, start + small) for c in range(start, start + small)],
+                            device=device)
 
 
 @functools.lru_cache(maxsize=None)
 def _crop_rows(channels: int, size: int, small: int, device: torch.device) -> torch.Tensor:
     """Positions of the centre crops of the first `channels` kernels in a flattened (C, 1, size, size) weight."""
     columns = _crop_columns(size, small, torch.device("cpu"))
-    return (torch.arange(channels)[:, None] * size * size + columns).reshape(-1).to(device)
+    with torch.inference_mode(False):
+        return (torch.arange(channels)[:, None] * size * size + columns).reshape(-1).to(device)
 
 
 def _importance_order(weight: torch.Tensor, dim: int, bands: Sequence[int] = ()) -> torch.Tensor:

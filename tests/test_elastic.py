@@ -75,6 +75,15 @@ def test_kernel_transform_gradients_match_the_step_by_step_chain(kernels):
                 assert_close(g, e, rtol=1e-12, atol=1e-12)
 
 
+def test_a_small_kernel_first_run_in_inference_mode_still_trains():
+    conv = ElasticConv2d(5, 5, (3, 5, 7), depthwise=True)  # channel count and kernels no other test uses
+    x = torch.randn(1, 5, 6, 6)
+    with torch.inference_mode():
+        conv(x, kernel_size=3)
+    conv(x, kernel_size=3).sum().backward()
+    assert conv.transforms["5to3"].grad is not None
+
+
 def test_transforms_are_identity_initialised_so_small_kernels_start_as_centre_crops():
     conv = ElasticConv2d(4, 4, (3, 5, 7), depthwise=True)
     for name, m in conv.transforms.items():
