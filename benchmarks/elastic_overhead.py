@@ -11,6 +11,7 @@ channels_last) and NCHW.
 
     python benchmarks/elastic_overhead.py [--pairs 25] [--repeats 1] [--threads 2] [--batch 64] [--formats channels_last nchw]
     python benchmarks/elastic_overhead.py --profile middle   # where the time goes, per operator
+    python benchmarks/elastic_overhead.py --parts --batch 2  # the fixed cost per step: forward, backward, optimizer
 """
 
 from __future__ import annotations
@@ -109,6 +110,45 @@ def measure(args) -> None:
                   f"{statistics.median(ratios):6.3f} {q1:6.3f}-{q3:.3f} {lo:6.3f}-{hi:.3f}{per_round}", flush=True)
 
 
+def _timed_parts(model, optimizer, x, y, *args) -> tuple[float, float, float]:
+    """Seconds of one training step's forward (with the loss), backward and optimizer step."""
+    start = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(model(x, *args), y)
+    forward = time.perf_counter()
+    loss.backward()
+    backward = time.perf_counter()
+    optimizer.step()
+    return forward - start, backward - forward, time.perf_counter() - backward
+
+
+def parts(args) -> None:
+    """Per config, the medians of a step's forward, backward and optimizer step, supernet and subnet in
+    alternating order, and their differences: at a small batch (--batch 2), where the convolutions cost
+    almost nothing, the difference is the fixed cost per step of training through the supernet."""
+    fmt_name = args.formats[0]
+    fmt = FORMATS[fmt_name]
+    net, x, y, configs = _setup(args, fmt)
+    net.train()
+    steps = args.pairs * args.repeats
+    print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}x3x32x32, {fmt_name}, {steps} "
+          f"steps each after {args.warmup} warm-up steps; medians in ms")
+    print(f"{'config':>8} {'':>10} {'model':>9} {'forward':>8} {'backward':>9} {'optimizer':>10} {'step':>8}")
+    for name, cfg in configs.items():
+        sub = net.extract(cfg).to(memory_format=fmt).train()
+        runs = {"supernet": (net, _optimizer(net), (cfg,), []), "subnet": (sub, _optimizer(sub), (), [])}
+        for i in range(args.warmup + steps):
+            for model, opt, extra, times in (runs.values() if i % 2 else reversed(runs.values())):
+                t = _timed_parts(model, opt, x, y, *extra)
+                if i >= args.warmup:
+                    times.append((*t, sum(t)))
+        medians = {key: [statistics.median(col) * 1e3 for col in zip(*times)] for key, (*_, times) in runs.items()}
+        medians["difference"] = [a - b for a, b in zip(medians["supernet"], medians["subnet"])]
+        for key, row in medians.items():
+            print(f"{name:>8} {str(cfg):>10} {key:>9} " + " ".join(f"{v:{w}.2f}" for v, w in zip(row, (8, 9, 10, 8))),
+                  flush=True)
+
+
 def _op_times(model, x, y, extra, steps: int, warmup: int) -> tuple[dict[str, tuple[float, int]], float]:
     """Self CPU seconds and calls per operator over `steps` profiled training steps; the steps' wall time."""
     from torch.profiler import ProfilerActivity
@@ -164,13 +204,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--formats", nargs="+", choices=list(FORMATS), default=list(FORMATS))
     parser.add_argument("--profile", choices=["min", "middle", "max"], help="profile one config instead of timing")
+    parser.add_argument("--parts", action="store_true",
+                        help="time forward, backward and optimizer apart (pairs x repeats steps each)")
     parser.add_argument("--steps", type=int, default=3, help="profiled steps per round (with --profile)")
     parser.add_argument("--rounds", type=int, default=4, help="alternating profiled rounds (with --profile)")
     parser.add_argument("--rows", type=int, default=25, help="operators shown (with --profile)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     gc.disable()  # as timeit does: no collector pauses inside timed steps
-    (profile if args.profile else measure)(args)
+    (profile if args.profile else parts if args.parts else measure)(args)
 
 
 if __name__ == "__main__":

@@ -93,7 +93,7 @@ def test_the_scaling_benchmark_measures_one_and_two_processes():
     assert re.match(r"^ +2 +ours +\d+\.\d +\d\.\d\d +\d+\.\d +\d+\.\d\d +\d+\.\d\d +\d+\.\d%  \(cpu\)$", two), two
 
 
-def test_the_overhead_benchmark_times_and_profiles_three_configs():
+def test_the_overhead_benchmark_times_profiles_and_splits_the_step_of_three_configs():
     out = _bench("elastic_overhead.py", "--pairs", "2", "--repeats", "2", "--warmup", "0", "--batch", "2",
                  "--threads", "1", "--formats", "channels_last")
     assert [line.split()[:3] for line in out[2:]] == [["channels_last", "min", "k3-d2-w3"],
@@ -105,6 +105,13 @@ def test_the_overhead_benchmark_times_and_profiles_three_configs():
                  "--batch", "2", "--threads", "1", "--rows", "3")
     assert out[0].startswith("k3-d2-w3 (channels_last), 1 profiled steps each: supernet ")
     assert len(out) == 2 + 3 + 1 and out[-1].startswith("total self CPU")
+    out = _bench("elastic_overhead.py", "--parts", "--pairs", "2", "--warmup", "0", "--batch", "2", "--threads", "1",
+                 "--formats", "channels_last")
+    assert [line.split()[::2][:2] for line in out[2:]] == [[c, m] for c in ("min", "middle", "max")
+                                                            for m in ("supernet", "subnet", "difference")]
+    for sup, sub, diff in zip(out[2::3], out[3::3], out[4::3]):  # forward, backward, optimizer, step: a difference
+        values = [[float(v) for v in line.split()[3:]] for line in (sup, sub, diff)]
+        assert len(values[0]) == 4 and all(abs(a - b - d) < 0.016 for a, b, d in zip(*values)), (sup, sub, diff)
 
 
 def test_the_cost_benchmark_checks_every_config_and_prints_both_ratios():
