@@ -15,6 +15,8 @@ and exports.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import shutil
 import sys
 import time
@@ -81,7 +83,8 @@ def specialize(params: Params, root: Path = Path("."), progress: bool = True) ->
     """
     start = time.perf_counter()
     w = distributed.world()
-    data, net, calibration = stage_setup(params, root, len(TRAINING_STAGES) + 1)
+    # evaluate_space's calibration images: a uniform config here scores on test as in its Table 2
+    data, net, calibration = stage_setup(params, root, len(TRAINING_STAGES))
     shape = data.input_shape
     budgets = params.specialize.macs_budgets()  # each at least the smallest subnet's MACs (stage_setup checks)
     checkpoint = root / MODELS / "shrink_width.pt"
@@ -137,14 +140,28 @@ def search_key(params: Params, inputs: list[Path]) -> str:
     stage's inputs (the data and the checkpoint, which carry what the other stages' params did to them).
 
     Not specialize.budgets or .trials (neither changes a trial), nor the params of other stages: a search
-    survives, say, a change of evaluate.finetune that leaves the checkpoint as it was.
+    survives, say, a change of evaluate.finetune that leaves the checkpoint as it was. The code that scores and
+    samples is in it too (``code_version``): a changed library searches afresh instead of reporting the
+    scores its previous version stored.
     """
     t = params.train
     scoring = {"seed": params.seed, "space": asdict(params.space), "net": asdict(params.net),
                "device": t.device, "eval_batch_size": t.eval_batch_size,
                "bn_calibration_images": params.evaluate.bn_calibration_images,
-               "population": params.search_population()}
+               "population": params.search_population(), "code": code_version()}
     return resume_key(scoring, "specialize", inputs)
+
+
+@functools.cache
+def code_version() -> str:
+    """Digest of this library's sources and the torch and optuna versions: what a stored trial's score and the
+    sampler's proposals were computed with."""
+    import optuna
+
+    h = hashlib.sha256(f"torch {torch.__version__} optuna {optuna.__version__}".encode())
+    for source in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(source.name.encode() + b"\0" + source.read_bytes())
+    return h.hexdigest()
 
 
 def export_picks(candidates: list[search.Candidate], budgets: list[int], subnets: _Subnets, out: Path,

@@ -100,6 +100,7 @@ def test_specialize_picks_within_budget_beat_uniform_on_val_and_export_what_they
 
     import ofa
     from ofa.data import load_split
+    from ofa.train import DeviceData, evaluate
 
     project, _, _ = repro
     summary = json.loads((project / "metrics" / "specialize.json").read_text())
@@ -118,6 +119,8 @@ def test_specialize_picks_within_budget_beat_uniform_on_val_and_export_what_they
     plot = json.loads((project / "metrics" / "search_plot" / "pareto_front.json").read_text())
     assert [p["config"] for p in plot] == [r["config"] for r in front]
     val = load_split(project / "data" / "prepared" / "val.pt")
+    data = DeviceData.load(project / "data" / "prepared", torch.device("cpu"))
+    space = {r["config"]: r for r in json.loads((project / "metrics" / "space.json").read_text())}
     mean, std = summary["input"]["mean"], summary["input"]["std"]
     assert list(summary["budgets"]) == ["macs-0.8M", "macs-1.5M"]
     for name, pick in summary["budgets"].items():
@@ -129,6 +132,8 @@ def test_specialize_picks_within_budget_beat_uniform_on_val_and_export_what_they
         assert 0 <= pick["accuracy"] <= 1 and 0 <= uniform["accuracy"] <= 1 and pick["onnx_max_abs_diff"] <= 1e-4
         sub = ofa.load_subnet(project / "models" / "specialized" / f"{name}.pt")
         assert str(sub.config) == pick["config"] and ofa.count_macs(sub, (1, 3, 16, 16)) == pick["macs"]
+        assert evaluate(sub.to(memory_format=torch.channels_last), data, batch_size=256) == pick["accuracy"]
+        assert uniform["accuracy"] == space[uniform["config"]]["accuracy"]  # evaluate_space's calibration
         pixels = val.images[:32].float()
         with torch.no_grad():
             expected = sub((pixels - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1))
@@ -142,9 +147,13 @@ def test_curves_and_the_search_score_on_val_and_report_on_test(repro):
     accuracies on val, the reported ones on test (swapping a split anywhere changes a figure here)."""
     import csv
 
+    import torch
+
+    import ofa
     from ofa import pipeline
     from ofa.config import load_params
     from ofa.space import SubnetConfig
+    from ofa.train import calibrate_bn
 
     p, _, _ = repro
     params = load_params(p / "params.yaml")
@@ -165,8 +174,17 @@ def test_curves_and_the_search_score_on_val_and_report_on_test(repro):
     assert metrics["accuracy_max"] == test
     pick = json.loads((p / "metrics" / "specialize.json").read_text())["budgets"]["macs-1.5M"]
     record = next(r for r in json.loads((p / "metrics" / "search.json").read_text()) if r["config"] == pick["config"])
-    val, test = accuracies(len(pipeline.TRAINING_STAGES) + 1, lambda net: SubnetConfig.from_dict(record["subnet"]))
+    val, test = accuracies(len(pipeline.TRAINING_STAGES), lambda net: SubnetConfig.from_dict(record["subnet"]))
     assert record["val_accuracy"] == pick["val_accuracy"] == val and pick["accuracy"] == test
+    # the export holds the subnet that was scored: extracted, then BN-calibrated on evaluate_space's images
+    data, net, calibration = pipeline.stage_setup(params, p, len(pipeline.TRAINING_STAGES))
+    pipeline.load_checkpoint(net, p / "models" / "shrink_width.pt")
+    expected = net.extract(SubnetConfig.from_dict(record["subnet"]))
+    calibrate_bn(expected, calibration)
+    exported = ofa.load_subnet(p / "models" / "specialized" / "macs-1.5M.pt").state_dict()
+    assert exported.keys() == expected.state_dict().keys()
+    for name, tensor in expected.state_dict().items():
+        assert torch.equal(exported[name], tensor), name
     assert val != test  # on this data the two splits give the pick different accuracies: the test tells them apart
 
 

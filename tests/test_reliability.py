@@ -313,24 +313,6 @@ def test_a_resume_state_belongs_to_its_params_inputs_and_process_count(tmp_path,
     assert pipeline.resume_key(params, "shrink_width", inputs) != key
 
 
-def test_the_stored_search_belongs_to_every_param_but_budgets_and_trials(tmp_path):
-    from ofa.specialize import search_key
-
-    inputs = [tmp_path / "a.pt"]
-    inputs[0].write_bytes(b"one")
-    raw = tiny_params()
-    key = search_key(parse_params(raw), inputs)
-    raw["specialize"].update(budgets=[900000], trials=40)
-    assert search_key(parse_params(raw), inputs) == key  # the same trials: reused
-    for change in ({"population": 10}, {"seed": 1}, {"bn_calibration_images": 64}):
-        other = tiny_params()
-        section = "evaluate" if "bn_calibration_images" in change else "specialize"
-        (other if "seed" in change else other[section]).update(change)
-        assert search_key(parse_params(other), inputs) != key, change
-    inputs[0].write_bytes(b"two")
-    assert search_key(parse_params(raw), inputs) != key
-
-
 def test_garbage_checkpoint_is_refused(tmp_path):
     bad = tmp_path / "x.pt"
     bad.write_bytes(b"not a checkpoint")

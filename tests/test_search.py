@@ -235,3 +235,27 @@ def test_the_stored_search_is_keyed_by_what_scores_a_trial(tmp_path):
         assert key(changed) != same, changed
     inputs[0].write_bytes(b"other weights")
     assert key() != same
+    inputs[0].write_bytes(b"weights")
+    assert key() == same
+
+
+def test_the_stored_search_is_keyed_by_the_code_that_scored_it(tmp_path, monkeypatch):
+    """A library changed since the search (its scoring, its cost, the sampler's versions) searches afresh:
+    dvc reruns specialize on a change under ofa/, and the stored scores are not the new code's."""
+    import optuna
+    from ofa import specialize
+    from ofa.config import parse_params
+    from test_pipeline import tiny_params
+
+    inputs = [tmp_path / "shrink_width.pt"]
+    inputs[0].write_bytes(b"weights")
+    version = specialize.code_version()
+    assert version == specialize.code_version() and len(version) == 64
+    same = specialize.search_key(parse_params(tiny_params()), inputs)
+    specialize.code_version.cache_clear()
+    monkeypatch.setattr(optuna, "__version__", "0.0.1")
+    assert specialize.code_version() != version
+    specialize.code_version.cache_clear()
+    monkeypatch.undo()
+    monkeypatch.setattr(specialize, "code_version", lambda: "edited library")
+    assert specialize.search_key(parse_params(tiny_params()), inputs) != same
