@@ -12,6 +12,7 @@ import contextlib
 import copy
 import json
 import logging
+import math
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -87,6 +88,28 @@ def _quiet_exporter():
         logger.setLevel(level)
 
 
+def _check_input(subnet: Subnet, input_shape: Sequence[int], mean: Sequence[float] | None,
+                 std: Sequence[float] | None) -> tuple[int, int, int]:
+    """ValueError naming the argument unless input_shape is (C, H, W) with the subnet's C and mean / std are
+    both given, or neither, with C finite values each (std positive)."""
+    shape = tuple(int(v) for v in input_shape)
+    channels = (subnet.arch or {}).get("in_channels", shape[0] if shape else None)
+    if len(shape) != 3 or min(shape) < 1 or shape[0] != channels:
+        raise ValueError(f"export_onnx: input_shape {shape}: expected (C, H, W) with C = {channels}, the subnet's "
+                         "input channels")
+    if (mean is None) != (std is None):
+        raise ValueError("export_onnx: give both mean and std, or neither")
+    for name, values in (("mean", mean), ("std", std)):
+        if values is None:
+            continue
+        values = [float(v) for v in values]
+        if len(values) != channels or not all(math.isfinite(v) for v in values) or (
+                name == "std" and min(values) <= 0):
+            raise ValueError(f"export_onnx: {name} {values}: expected {channels} finite values, one per input channel"
+                             + (", each positive" if name == "std" else ""))
+    return shape
+
+
 def export_onnx(
     subnet: Subnet,
     path: str | Path,
@@ -104,9 +127,7 @@ def export_onnx(
     import onnx
     import onnxruntime
 
-    input_shape = tuple(int(v) for v in input_shape)
-    if (mean is None) != (std is None):
-        raise ValueError("export_onnx: give both mean and std, or neither")
+    input_shape = _check_input(subnet, input_shape, mean, std)
     sub = _cpu_copy(subnet)
     model = sub if mean is None else Normalized(sub, mean, std).eval()
     if check_inputs is None:

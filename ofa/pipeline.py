@@ -183,8 +183,9 @@ def check_budgets(params: Params, arch: Mapping[str, Any], input_shape: tuple[in
     smallest = cost.macs(arch, smallest_config, input_shape)
     for i, b in enumerate(params.specialize.macs_budgets()):
         if b < smallest:
+            shape = "x".join(map(str, input_shape))
             raise ParamsError(f"specialize.budgets[{i}]: {b} MACs is below the smallest subnet ({smallest_config}: "
-                              f"{smallest} MACs); at least {smallest}")
+                              f"{smallest} MACs on {shape} input); at least {smallest}")
 
 
 def stage_setup(params: Params, root: Path, stage_index: int) -> tuple[DeviceData, OFANet, list[torch.Tensor]]:

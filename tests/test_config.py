@@ -176,7 +176,7 @@ def test_budget_below_the_smallest_subnet_fails_before_any_training(tmp_path):
                             capture_output=True, text=True, timeout=120)  # the first stage that knows the input
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip() == ("error: specialize.budgets[1]: 600000 MACs is below the smallest subnet "
-                                     "(k5-d2-w2: 616512 MACs); at least 616512")
+                                     "(k5-d2-w2: 616512 MACs on 3x16x16 input); at least 616512")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
     # budgets that fit, then a net whose smallest subnet outgrows them: the next stage stops before training
     from ofa import pipeline
@@ -185,7 +185,7 @@ def test_budget_below_the_smallest_subnet_fails_before_any_training(tmp_path):
     pipeline.download(parse_params(raw), tmp_path)
     raw["net"]["final_channels"] = 256  # the smallest subnet: about 0.85M MACs
     with pytest.raises(ParamsError, match=r"^specialize\.budgets\[0\]: 800000 MACs is below the smallest subnet "
-                       r"\(k5-d2-w2: (\d+) MACs\); at least \1$"):
+                       r"\(k5-d2-w2: (\d+) MACs on 3x16x16 input\); at least \1$"):
         pipeline.stage_setup(parse_params(raw), tmp_path, 0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "params.yaml"]
 
@@ -196,6 +196,6 @@ def test_download_checks_budgets_before_fetching_anything(tmp_path):
     raw = tiny_params(dataset="cifar10", source_dir=str(tmp_path / "empty"))  # no archive anywhere, no network
     raw["specialize"]["budgets"] = [1000]
     with pytest.raises(ParamsError, match=r"^specialize\.budgets\[0\]: 1000 MACs is below the smallest subnet "
-                                          r"\(k5-d2-w2: \d+ MACs\)"):
+                                          r"\(k5-d2-w2: \d+ MACs on 3x32x32 input\)"):
         pipeline.download(parse_params(raw), tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -71,6 +71,20 @@ def test_onnx_takes_raw_pixels_and_equals_pytorch(subnet, tmp_path):
                                          "size: its shorter side resized to 16 (bicubic), then the centre 16x16") and props["ofa.mean"] == "[125.0, 120.0, 110.0]"
 
 
+@pytest.mark.parametrize("shape, mean, std, message", [
+    ((1, 16, 16), None, None, r"input_shape \(1, 16, 16\): expected \(C, H, W\) with C = 3"),
+    ((16, 16), None, None, r"input_shape \(16, 16\): expected \(C, H, W\)"),
+    ((3, 16, 16), [120.0], None, "give both mean and std, or neither"),
+    ((3, 16, 16), [120.0], [60.0], r"mean \[120.0\]: expected 3 finite values, one per input channel$"),
+    ((3, 16, 16), [1, 2, 3], [60, 0, 60], r"std \[60.0, 0.0, 60.0\]: expected 3 finite .*, each positive$"),
+    ((3, 16, 16), [1, float("nan"), 3], [1, 1, 1], r"mean \[1.0, nan, 3.0\]: expected 3 finite"),
+])
+def test_onnx_export_refuses_a_shape_or_normalisation_that_does_not_fit(subnet, tmp_path, shape, mean, std, message):
+    with pytest.raises(ValueError, match=r"^export_onnx: " + message):
+        ofa.export_onnx(subnet, tmp_path / "s.onnx", shape, mean=mean, std=std)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_onnx_without_normalisation_takes_the_subnets_own_input(subnet, tmp_path):
     x = torch.randn(3, 3, 16, 16)
     # checked on one image (a val split of one): the exported batch dimension is dynamic all the same
