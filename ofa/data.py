@@ -629,6 +629,7 @@ def _list_folder(source: Path) -> tuple[tuple[str, ...], dict[str, list[tuple[Pa
     if len(classes) < 2:
         raise DataError(f"{dirs['train']} has 1 class folder ({classes[0]}); a classifier needs at least 2")
     files = {split: {name: _image_files(folder / name) for name in classes} for split, folder in dirs.items()}
+    _report_skipped(source, dirs, files)
     if not any(paths for per_class in files.values() for paths in per_class.values()):
         raise DataError(f"{source} holds no images: no file in its class folders ends in {_EXTENSIONS_TEXT}")
     for split, per_class in files.items():
@@ -638,6 +639,29 @@ def _list_folder(source: Path) -> tuple[tuple[str, ...], dict[str, list[tuple[Pa
                                 "or remove that class folder from every split")
     listing = {split: _interleaved([per_class[name] for name in classes]) for split, per_class in files.items()}
     return tuple(classes), listing
+
+
+def _report_skipped(source: Path, dirs: dict[str, Path], files: dict[str, dict[str, list[Path]]]) -> None:
+    """One line on stderr counting the visible files the dataset leaves out, with the first few named: files
+    beside the class folders, subfolders of a class folder, files that are not images of a known format."""
+    skipped = []
+    for split, folder in dirs.items():
+        for entry in sorted(folder.iterdir(), key=lambda p: p.name):
+            if entry.name.startswith("."):
+                continue
+            if entry.name not in files[split]:
+                skipped.append(entry)  # a file beside the class folders
+                continue
+            kept = set(files[split][entry.name])
+            skipped += sorted((p for p in entry.iterdir() if not p.name.startswith(".") and p not in kept),
+                              key=lambda p: p.name)
+    if skipped:
+        named = ", ".join(str(p.relative_to(source)) + ("/" if p.is_dir() else "") for p in skipped[:3])
+        more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+        entries = "entry" if len(skipped) == 1 else "entries"
+        print(f"download: skipped {len(skipped)} {entries} of {source} that are no image of a class folder "
+              f"(images are files ending in {_EXTENSIONS_TEXT} directly in <split>/<class>/): {named}{more}",
+              file=sys.stderr, flush=True)
 
 
 def _interleaved(per_class: list[list[Path]]) -> list[tuple[Path, int]]:

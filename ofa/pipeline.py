@@ -142,7 +142,7 @@ def download(params: Params, root: Path = Path(".")) -> dict[str, Any]:
     set (or none), never one split of this run beside another of the last.
     """
     d = params.data
-    source = Path(d.source_dir) if d.source_dir else None
+    source = root / Path(d.source_dir).expanduser() if d.source_dir else None  # relative: to the project
 
     def check(preview: data_mod.Preview) -> None:  # before any image is fetched or decoded
         if not preview.has_val and d.val_images >= preview.train_images:

@@ -111,6 +111,24 @@ def test_rgb_folder(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     assert not (tmp_path / "raw").exists()  # nothing is copied
 
 
+
+def test_what_is_left_out_is_counted_and_named(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    source = write(tmp_path / "images", rgb_files())  # with train/cat/notes.txt and hidden files
+    prepare(source)
+    assert capfd.readouterr().err.strip() == (
+        f"download: skipped 1 entry of {source} that are no image of a class folder (images are files ending in "
+        f"{data._EXTENSIONS_TEXT} directly in <split>/<class>/): train/cat/notes.txt")
+    save(solid(ANT, (8, 8)), source / "train" / "loose.png")
+    save(solid(ANT, (8, 8)), source / "test" / "ant" / "nested" / "n.png")
+    save(solid(ANT, (8, 8)), source / "test" / "bee" / "photo.tif")
+    save(solid(ANT, (8, 8)), source / "train" / "ant" / "c.gif")
+    before = prepare(source)
+    err = capfd.readouterr().err.strip()
+    assert err.startswith(f"download: skipped 5 entries of {source} ") and err.endswith(
+        ": train/ant/c.gif, train/cat/notes.txt, train/loose.png and 2 more")
+    assert before.train.images.shape[0] == 6 and before.test.images.shape[0] == 3  # none of them read
+
+
 def test_shorter_side_resize_then_centre_crop(tmp_path: Path) -> None:
     source = write(tmp_path / "images", rgb_files())
     out = prepare(source).train.images[2].to(torch.int16)  # train/cat/bands.png

@@ -239,6 +239,16 @@ def test_a_folders_val_is_the_validation_split_and_train_is_all_of_train(tmp_pat
         assert torch.equal(saved.images, split.images) and torch.equal(saved.labels, split.labels), name
 
 
+def test_a_relative_or_home_source_dir_is_found_from_the_project(tmp_path, monkeypatch):
+    write_folder(tmp_path / "project" / "images", {"train": 4, "test": 2, "val": 3})
+    monkeypatch.setenv("HOME", str(tmp_path / "project"))
+    monkeypatch.chdir(tmp_path)  # not the project: a relative path is the project's
+    for source_dir in ("images", "~/images"):
+        raw = tiny_params(dataset="folder", source_dir=source_dir, image_size=16)
+        summary = pipeline.download(parse_params(raw), tmp_path / "project")
+        assert (summary["train_images"], summary["val_images"], summary["test_images"]) == (12, 9, 6), source_dir
+
+
 def test_val_images_must_leave_a_folder_without_val_images_to_train_on(tmp_path):
     source = write_folder(tmp_path / "images", {"train": 4, "test": 2})
     raw = tiny_params(dataset="folder", source_dir=str(source), image_size=16, val_images=12)
