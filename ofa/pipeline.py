@@ -272,14 +272,16 @@ def train_stage(params: Params, stage: str, root: Path = Path("."), progress: bo
     w = distributed.world()
     stage_index = list(TRAINING_STAGES).index(stage)
     data, net, calibration = stage_setup(params, root, stage_index)
-    inputs, teacher = _start_from_previous(params, stage, root, net, data, calibration)
+    inputs = _start_from_previous(params, stage, root, net)
+    key = resume_key(params, stage, inputs)
+    same_inputs_on_every_rank(key, w, root, inputs)  # before any collective: a rank with other inputs is named
+    teacher = None if TRAINING_STAGES[stage] is None else recipe.teacher(
+        params, net, root / MODELS / "train_supernet.pt", calibration, data.input_shape)
     parameters = None
     if stage == "shrink_kernel" and params.shrink.kernel.transforms_only:
         parameters = [p for name, p in net.named_parameters() if ".transforms." in name]
     eval_bs = params.train.eval_batch_size
     curves = _Curves(root, stage, w.main)
-    key = resume_key(params, stage, inputs)
-    same_inputs_on_every_rank(key, w, root, inputs)
     history, states = [], []
     for phase in recipe.phases(params, stage, net.space):
         if stage == "shrink_width":
@@ -314,21 +316,19 @@ def train_stage(params: Params, stage: str, root: Path = Path("."), progress: bo
     return {**metrics, **timing}
 
 
-def _start_from_previous(params: Params, stage: str, root: Path, net: OFANet, data: DeviceData,
-                         calibration: list[torch.Tensor]) -> tuple[list[Path], torch.nn.Module | None]:
-    """Load the previous stage's weights into `net`; the files the stage's result depends on, and its teacher."""
-    from . import recipe
-
+def _start_from_previous(params: Params, stage: str, root: Path, net: OFANet) -> list[Path]:
+    """Load the previous stage's weights into `net`; returns the files the stage's result depends on (the data,
+    the previous stage's weights, the teacher's)."""
     inputs = prepared_files(root)
     previous = TRAINING_STAGES[stage]
     if previous is None:
-        return inputs, None
-    full = root / MODELS / "train_supernet.pt"
+        return inputs
     inputs.append(root / MODELS / f"{previous}.pt")
     load_checkpoint(net, inputs[-1])
+    full = root / MODELS / "train_supernet.pt"
     if params.shrink.kd_ratio > 0 and params.shrink.teacher == "full" and full not in inputs:
         inputs.append(full)
-    return inputs, recipe.teacher(params, net, full, calibration, data.input_shape)
+    return inputs
 
 
 class _Curves:
