@@ -1,4 +1,4 @@
-# make setup: the virtual environment in .venv (CPU PyTorch unless a CUDA one is already there)
+# make setup: the virtual environment in .venv (TORCH_INDEX=<url>: where pip gets torch, e.g. its CPU index)
 # make test:  the test suite (CPU, about 5 minutes: 2 pytest-xdist workers, whole test files each)
 # make quick: the whole pipeline on Fashion-MNIST on the CPU, as a DVC experiment (about 11 minutes)
 # make bench: speed benchmarks (print figures)
@@ -28,8 +28,10 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# torch first, pinned: an unpinned resolve would pull the CUDA build and several GB of packages
-	$(PY) -m pip install --quiet torch==2.13.0
+	# torch first, pinned. The CPU build comes from the wheels pip is configured to find (PIP_FIND_LINKS on the
+	# development machine); where pip sees only PyPI, whose torch 2.13.0 is the CUDA build with several GB of
+	# nvidia packages, name PyTorch's CPU index: make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu
+	$(PY) -m pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) torch==2.13.0
 	# the dependencies' own dependencies at the versions in constraints.txt too
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[test]"
 	touch $@
