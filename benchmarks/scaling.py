@@ -6,8 +6,9 @@
 Each run launches its processes as the stages do (``ofa.distributed.launch``), trains the supernet as
 shrink_width does (kernel, depth and width sampled, `--subnets` subnets per step, summed) on random images
 of the net's input shape for two epochs of `--steps` steps, and reports the second epoch: images/s over all
-ranks, the speed-up over one process, and the time per step spent in the gradient all-reduce
-(``distributed.average_gradients``, synchronised on CUDA), with the share of the reduced gradient that
+ranks and the speed-up over one process (no timing inside it, so no host syncs training does not make), and
+from the first epoch (its first step left out) the median time per step spent in the gradient all-reduce
+(``distributed.average_gradients``, synchronised on CUDA around it), with the share of the reduced gradient that
 belongs to parameters the step's subnets did not use (sent as zeros). The global batch is `--batch-size`
 at every process count, as in training. `--ddp` adds, for each process count above 1, the same training
 through DistributedDataParallel with find_unused_parameters=True instead (one all-reduce per subnet's
@@ -56,7 +57,11 @@ def worker(args: argparse.Namespace) -> None:
         reduce_s, sent, unused = [], [], []
         real = distributed.average_gradients
 
-        def timed(params, world):  # the all-reduce of every step, timed
+        def timed(params, world):  # the all-reduce of every step: timed in the first epoch only
+            sent.append(sum(p.numel() for p in params))
+            unused.append(sum(p.numel() for p in params if p.grad is None))
+            if len(sent) > args.steps:  # the measured epoch: no host syncs but training's own (on CUDA)
+                return real(params, world)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
@@ -64,8 +69,6 @@ def worker(args: argparse.Namespace) -> None:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             reduce_s.append(time.perf_counter() - start)
-            sent.append(sum(p.numel() for p in params))
-            unused.append(sum(p.numel() for p in params if p.grad is None))
 
         distributed.average_gradients = timed
         model = net
@@ -83,7 +86,7 @@ def worker(args: argparse.Namespace) -> None:
             Path(args.json).write_text(json.dumps({
                 "processes": w.size, "images_per_s": second.images / second.seconds,
                 "step_ms": 1000 * second.seconds / steps,
-                "allreduce_ms": 1000 * statistics.median(reduce_s[steps:]) if reduce_s and w.active else None,
+                "allreduce_ms": 1000 * statistics.median(reduce_s[1:]) if reduce_s and w.active else None,
                 "allreduce_mb": 4 * sent[-1] / 1e6 if sent and w.active else None,
                 "unused_share": statistics.mean(u / s for u, s in zip(unused[steps:], sent[steps:]))
                 if sent and w.active else None,

@@ -170,3 +170,15 @@ def test_the_readme_runs_an_exported_model_on_one_image(tmp_path, monkeypatch, c
     monkeypatch.chdir(tmp_path)
     exec(compile(snippet, "README.md", "exec"), {})
     assert capsys.readouterr().out == f"{classes[int(logits.argmax())]}\n"
+
+
+def test_the_readme_library_snippet_runs_as_written(tmp_path, monkeypatch):
+    """The README's tour of the library, run as written: its names exist and its calls fit their signatures."""
+    (snippet,) = re.findall(r"```python\n(import ofa, random, torch\n.*?)```", (ROOT / "README.md").read_text(), re.S)
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(snippet, "README.md", "exec"), scope)
+    sub, cfg, net = scope["sub"], scope["cfg"], scope["net"]
+    assert isinstance(sub, ofa.Subnet) and sub.config == cfg
+    assert net.macs(cfg, (3, 32, 32)) == ofa.count_macs(sub, (1, 3, 32, 32))
+    assert (tmp_path / "sub.pt").is_file() and (tmp_path / "sub.onnx").is_file()
