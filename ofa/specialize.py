@@ -37,7 +37,7 @@ from .pipeline import (
 from .space import SubnetConfig
 from .subnet import Subnet
 from .supernet import OFANet
-from .train import DeviceData, calibrate_bn, evaluate
+from .train import DeviceData, calibrate_bn, evaluate, select_device
 
 SPECIALIZED = MODELS / "specialized"
 PLOT_DIR = METRICS / "search_plot"  # MACs vs val accuracy: every evaluated config, the Pareto front, the uniform grid
@@ -146,7 +146,7 @@ def search_key(params: Params, inputs: list[Path]) -> str:
     """
     t = params.train
     scoring = {"seed": params.seed, "space": asdict(params.space), "net": asdict(params.net),
-               "device": t.device, "eval_batch_size": t.eval_batch_size,
+               "device": select_device(t.device).type, "eval_batch_size": t.eval_batch_size,  # auto: the one it was
                "bn_calibration_images": params.evaluate.bn_calibration_images,
                "population": params.search_population(), "code": code_version()}
     return resume_key(scoring, "specialize", inputs)

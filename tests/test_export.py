@@ -150,23 +150,26 @@ def test_a_failed_export_leaves_no_partial_models_folder(tmp_path, monkeypatch):
     assert files["macs-2M.pt"] == files["macs-0.9M.pt"] and picks["macs-2M"]["onnx_max_abs_diff"] == 1e-6
 
 
-def test_the_readme_runs_an_exported_model_on_one_image(tmp_path, monkeypatch, capsys):
-    """The README's onnxruntime snippet, run as written, names the class PyTorch's subnet picks."""
+@pytest.mark.parametrize("channels", [3, 1])
+def test_the_readme_runs_an_exported_model_on_one_image(tmp_path, monkeypatch, capsys, channels):
+    """The README's onnxruntime snippet, run as written, names the class PyTorch's subnet picks (colour and grey)."""
     from PIL import Image
 
     (snippet,) = re.findall(r"```python\n(import json\n.*?)```", (ROOT / "README.md").read_text(), re.S)
     classes = [f"class-{k}" for k in range(10)]
-    net = perturb(ofa.OFANet(SEED_SPACE, 3, 10, units=TINY_UNITS, stem_channels=8, final_channels=32,
+    net = perturb(ofa.OFANet(SEED_SPACE, channels, 10, units=TINY_UNITS, stem_channels=8, final_channels=32,
                              classes=classes)).eval()
     sub = net.extract(net.sample_config(random.Random(4)))
-    mean, std = (125.0, 120.0, 110.0), (60.0, 62.0, 64.0)
+    mean, std = (125.0, 120.0, 110.0)[:channels], (60.0, 62.0, 64.0)[:channels]
     (tmp_path / "models" / "specialized").mkdir(parents=True)
-    ofa.export_onnx(sub, tmp_path / "models" / "specialized" / "macs-40M.onnx", (3, 16, 16), mean=mean, std=std)
-    colour = (200, 40, 90)
-    Image.new("RGB", (40, 24), colour).save(tmp_path / "image.png")  # another size: resized, then cropped
-    pixels = torch.tensor(colour, dtype=torch.float32).view(1, 3, 1, 1).expand(1, 3, 16, 16)
+    ofa.export_onnx(sub, tmp_path / "models" / "specialized" / "macs-40M.onnx", (channels, 16, 16), mean=mean,
+                    std=std)
+    colour = (200, 40, 90)[:channels]
+    Image.new("RGB" if channels == 3 else "L", (40, 24), colour if channels == 3 else colour[0]).save(
+        tmp_path / "image.png")  # another size: resized, then cropped
+    pixels = torch.tensor(colour, dtype=torch.float32).view(1, channels, 1, 1).expand(1, channels, 16, 16)
     with torch.no_grad():
-        logits = sub((pixels - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1))
+        logits = sub((pixels - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1))
     monkeypatch.chdir(tmp_path)
     exec(compile(snippet, "README.md", "exec"), {})
     assert capsys.readouterr().out == f"{classes[int(logits.argmax())]}\n"

@@ -227,6 +227,8 @@ def test_the_stored_search_is_keyed_by_what_scores_a_trial(tmp_path):
         return search_key(parse_params(raw), inputs)
 
     same = key()
+    if not torch.cuda.is_available():  # auto is the device it resolves to: scores of the same device
+        assert key({"train.device": "auto"}) == same
     for kept in ({"specialize.budgets": [900000]}, {"specialize.trials": 30}, {"evaluate.finetune.lr": 0.5},
                  {"shrink.width.lr": 0.5}, {"supernet.epochs": 9}, {"train.batch_size": 32}):
         assert key(kept) == same, kept
