@@ -79,6 +79,14 @@ def test_non_finite_loss_names_its_step_and_nothing_is_saved(synthetic, tmp_path
     assert model.calls == 14 and list(tmp_path.iterdir()) == []  # stopped at the end of epoch 1, nothing saved
 
 
+def test_a_non_finite_loss_mid_epoch_stops_at_the_next_read_back_naming_its_first_step(synthetic, tmp_path):
+    model = _BlowsUp(at=5)  # 2 * SYNC_EVERY steps of 8 images: read back after steps 1, SYNC_EVERY + 1, ...
+    schedule = Schedule(epochs=1, lr=0.1, batch_size=8, warmup_epochs=0.0, images_per_epoch=8 * 2 * SYNC_EVERY)
+    with pytest.raises(DivergenceError, match=r"^t: loss is nan at epoch 1 step 5 \(lr 0\.\d+\); lower the"):
+        fit(model, synthetic, schedule, desc="t", resume=tmp_path / "state.pt", progress=False)
+    assert model.calls == SYNC_EVERY + 1 and list(tmp_path.iterdir()) == []  # not to the epoch's end, nothing saved
+
+
 def test_the_loop_reads_the_device_once_per_sync_interval(synthetic, monkeypatch):
     """Reading a CUDA tensor on the host waits for the device: the divergence guard must not do it every step."""
     reads = []
