@@ -20,7 +20,7 @@ import time
 import traceback
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -46,6 +46,20 @@ TRAINING_STAGES: dict[str, str | None] = {
     "shrink_kernel": "train_supernet",
     "shrink_depth": "shrink_kernel",
     "shrink_width": "shrink_depth",
+}
+
+_SHRINK = ("seed", "space", "net", "train", "evaluate.bn_calibration_images", "shrink.kd_ratio", "shrink.teacher",
+           "shrink.teacher_bn", "shrink.reduce", "shrink.subnets_per_step")
+# The params each resumable stage's outputs depend on, as dvc.yaml lists them (a test holds the two equal): its
+# resume state is keyed by these, so a change of another stage's params keeps the progress of a stopped stage.
+STAGE_PARAMS: dict[str, tuple[str, ...]] = {
+    "train_supernet": ("seed", "space", "net", "train", "evaluate.bn_calibration_images", "supernet"),
+    "shrink_kernel": (*_SHRINK, "shrink.kernel"),
+    "shrink_depth": (*_SHRINK, "shrink.depth"),
+    "shrink_width": (*_SHRINK, "shrink.width"),
+    "evaluate_space": ("seed", "space", "net", "train.batch_size", "train.eval_batch_size", "train.momentum",
+                       "train.nesterov", "train.weight_decay", "train.warmup_epochs", "train.label_smoothing",
+                       "train.crop_padding", "train.flip", "train.device", "train.processes", "evaluate"),
 }
 
 
@@ -237,14 +251,25 @@ def prepared_files(root: Path) -> list[Path]:
     return [*(root / PREPARED / f"{name}.pt" for name in ("train", "val", "test")), root / CLASSES]
 
 
+def stage_params(params: Params, stage: str) -> dict[str, Any]:
+    """The values of the params `stage`'s outputs depend on (STAGE_PARAMS), by their dotted names."""
+    values = {}
+    for name in STAGE_PARAMS[stage]:
+        node: Any = params
+        for part in name.split("."):
+            node = getattr(node, part)
+        values[name] = asdict(node) if is_dataclass(node) else node
+    return values
+
+
 def resume_key(params: Params | Mapping[str, Any], stage: str, inputs: list[Path]) -> str:
-    """Identifies a stage run: its params (all of them, or the mapping of those that matter), the stage, the job's
-    process count and the content of its input files.
+    """Identifies a stage run: its params (those of STAGE_PARAMS[stage], or the given mapping of those that
+    matter), the stage, the job's process count and the content of its input files.
 
     The process count is the job's own (torchrun's, which may differ from train.processes): a state saved by
     another number of processes holds other per-rank states and is not resumed.
     """
-    values = dict(params) if isinstance(params, Mapping) else asdict(params)
+    values = dict(params) if isinstance(params, Mapping) else stage_params(params, stage)
     run = {"stage": stage, "params": values, "processes": distributed.world().size}
     h = hashlib.sha256(json.dumps(run, sort_keys=True).encode())
     for path in inputs:

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -100,8 +101,9 @@ def profile() -> dict:
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory):
     """The synthetic profile run twice. The first runs every stage in one process; in the second,
-    train_supernet is killed after an epoch, evaluate_space after its first config and specialize mid-search,
-    each then rerun in a new process (the shrink stages follow train_supernet's rerun in its process)."""
+    train_supernet is killed after an epoch (and rerun with other params of later stages, which its progress
+    does not depend on), evaluate_space after its first config and specialize mid-search, each then rerun in a
+    new process."""
     assert STAGES == ["download", "train_supernet", "shrink_kernel", "shrink_depth", "shrink_width",
                       "evaluate_space", "specialize"]
     raw = profile()
@@ -113,8 +115,12 @@ def two_runs(tmp_path_factory):
     stage("download", b)
     log["epochs_before_kill"] = kill_after_first_epoch(b, "train_supernet")
     log["after_kill/train_supernet"] = _files(b)
-    log["resumed/train_supernet"] = stages_in_one_process(
-        ["train_supernet", "shrink_kernel", "shrink_depth", "shrink_width"], b)
+    other = profile()  # rerun after a change of a later stage's params: the progress is train_supernet's still
+    other["shrink"]["width"]["lr"], other["evaluate"]["sampled_configs"] = 0.5, 3
+    (b / "params.yaml").write_text(yaml.safe_dump(other))
+    log["resumed/train_supernet"] = stages_in_one_process(["train_supernet"], b)
+    (b / "params.yaml").write_text(yaml.safe_dump(raw))
+    stages_in_one_process(["shrink_kernel", "shrink_depth", "shrink_width"], b)
     for s, printed in (("evaluate_space", r"^\[1/\d+\] "), ("specialize", r"^search 5/")):
         kill_when(b, s, printed)
         log[f"after_kill/{s}"] = _files(b)
@@ -295,6 +301,17 @@ def test_checkpoint_of_other_params_is_refused(two_runs):
         pipeline.load_checkpoint(pipeline.build_net(parse_params(tiny_params()), shape, DIGITS), ckpt)
 
 
+def test_a_resume_state_belongs_to_the_params_dvc_yaml_gives_its_stage():
+    """The resume key's params are the ones dvc reruns the stage for: no more (a change elsewhere would throw a
+    stopped stage's progress away), no fewer (a resumed stage would mix two settings)."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for stage, names in pipeline.STAGE_PARAMS.items():
+        assert tuple(stages[stage]["params"]) == names, stage
+    params = parse_params(tiny_params())
+    assert pipeline.stage_params(params, "shrink_depth")["shrink.depth"] == {
+        "epochs": 1, "lr": 0.05, **{k: v for k, v in asdict(params.shrink.depth).items() if k not in ("epochs", "lr")}}
+
+
 def test_a_resume_state_belongs_to_its_params_inputs_and_process_count(tmp_path, monkeypatch):
     """A stage started by torchrun with another process count (train.processes unchanged) starts afresh."""
     from ofa import distributed
@@ -305,7 +322,13 @@ def test_a_resume_state_belongs_to_its_params_inputs_and_process_count(tmp_path,
     key = pipeline.resume_key(params, "shrink_width", inputs)
     assert pipeline.resume_key(params, "shrink_width", inputs) == key
     assert pipeline.resume_key(params, "shrink_depth", inputs) != key
-    assert pipeline.resume_key(parse_params(tiny_params(val_images=100)), "shrink_width", inputs) != key
+    raw = tiny_params()
+    raw["shrink"]["width"]["lr"] = 0.5  # its own params
+    assert pipeline.resume_key(parse_params(raw), "shrink_width", inputs) != key
+    raw = tiny_params(val_images=100)  # the data's params, whose effect is in the inputs' content, and the
+    raw["specialize"]["budgets"] = [900000]  # params of stages after it: its progress is kept
+    raw["shrink"]["kernel"]["lr"] = 0.5
+    assert pipeline.resume_key(parse_params(raw), "shrink_width", inputs) == key
     inputs[0].write_bytes(b"two")
     assert pipeline.resume_key(params, "shrink_width", inputs) != key
     inputs[0].write_bytes(b"one")
