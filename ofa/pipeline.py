@@ -236,6 +236,12 @@ def _check_memory(params: Params, root: Path, device: torch.device, train_images
     if copies > 1:
         what, hint = f"{what}, once per process ({copies}),", f"{hint.replace(' or ', ', ')} or train.processes"
     data_mod.check_fits(copies * nbytes, device, what, hint=hint)
+    if device.type != "cpu":  # each process reads the splits into host memory before it moves them over
+        local = distributed.local_processes()
+        per = f", once per process ({local})," if local > 1 else ""
+        data_mod.check_fits(local * files, torch.device("cpu"),
+                            f"reading the prepared dataset into host memory on its way to {device}{per}",
+                            hint="lower data.image_size or data.train_limit")
 
 
 def _md5(path: Path) -> str:

@@ -794,6 +794,20 @@ def test_the_ranks_of_a_machine_each_hold_the_dataset_in_its_memory(downloaded, 
         pipeline.stage_setup(params, downloaded, 0)
 
 
+def test_on_a_gpu_the_host_memory_the_dataset_passes_through_is_checked_too(downloaded, monkeypatch):
+    from ofa import pipeline
+
+    files = sum(f.stat().st_size for f in pipeline.prepared_files(downloaded))
+    params = parse_params(yaml.safe_load((downloaded / "params.yaml").read_text()))
+    monkeypatch.setattr(data_mod, "available_memory", lambda device: 2**40 if device.type == "cuda" else files - 1)
+    with pytest.raises(data_mod.DataError, match=r"^reading the prepared dataset into host memory on its way to "
+                                                 r"cuda:0 needs .* but cpu has .* available; lower data\.image_size "
+                                                 r"or data\.train_limit$"):
+        pipeline._check_memory(params, downloaded, torch.device("cuda", 0), 100, (3, 16, 16))
+    monkeypatch.setattr(data_mod, "available_memory", lambda device: 2**40 if device.type == "cuda" else files)
+    pipeline._check_memory(params, downloaded, torch.device("cuda", 0), 100, (3, 16, 16))  # just fits
+
+
 def test_a_cuda_rank_joins_with_nccl_on_the_gpu_of_its_local_rank(monkeypatch):
     """The CUDA branch of process_group, with torch.cuda and the process group stood in for (no GPU here)."""
     calls = []
