@@ -4,7 +4,8 @@
     python benchmarks/scaling.py --processes 1 2 4 8 --net default --device cuda   # a machine's GPUs (NCCL)
 
 Each run launches its processes as the stages do (``ofa.distributed.launch``), trains the supernet as
-shrink_width does (kernel, depth and width sampled, `--subnets` subnets per step, summed) on random images
+shrink_width does (kernel, depth and width sampled, `--subnets` subnets per step, summed, distilled from a
+frozen full-network teacher unless `--kd-ratio 0`) on random images
 of the net's input shape for two epochs of `--steps` steps, and reports the second epoch: images/s over all
 ranks and the speed-up over one process (no timing inside it, so no host syncs training does not make), and
 from the first epoch (its first step left out) the median time per step spent in the gradient all-reduce
@@ -78,7 +79,9 @@ def worker(args: argparse.Namespace) -> None:
             model = DistributedDataParallel(net, find_unused_parameters=True)
             distributed.average_gradients = lambda params, world: None
         schedule = Schedule(epochs=2, lr=0.01, batch_size=args.batch_size, warmup_epochs=0.0)
-        history = fit(model, data, schedule, progress=False, reduce="sum",
+        # the shrink stages' teacher: the full network, frozen, batch norm in train mode (shrink.teacher_bn)
+        teacher = net.extract(net.max_config()).requires_grad_(False) if args.kd_ratio > 0 else None
+        history = fit(model, data, schedule, progress=False, reduce="sum", teacher=teacher, kd_ratio=args.kd_ratio,
                       sample=lambda rng: [net.sample_config(rng) for _ in range(args.subnets)])
         second = history[1]
         steps = args.steps
@@ -99,7 +102,7 @@ def run(processes: int, args: argparse.Namespace, ddp: bool = False) -> dict | N
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         flags = ["--worker", "--json", str(out), "--net", args.net, "--device", args.device, "--steps",
-                 str(args.steps), "--batch-size", str(args.batch_size), "--subnets", str(args.subnets)]
+                 str(args.steps), "--batch-size", str(args.batch_size), "--subnets", str(args.subnets), "--kd-ratio", str(args.kd_ratio)]
         flags += ["--ddp"] if ddp else []
         if processes == 1:  # no launcher: the single-process path, as train.processes 1 runs it
             code = subprocess.run([sys.executable, __file__, *flags]).returncode
@@ -116,6 +119,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="steps per epoch; the second epoch is measured")
     parser.add_argument("--batch-size", type=int, default=256, help="global batch, at every process count")
     parser.add_argument("--subnets", type=int, default=4, help="sampled subnets per step (shrink_width: 4)")
+    parser.add_argument("--kd-ratio", type=float, default=1.0,
+                        help="distillation from a frozen full-network teacher, as the shrink stages (0: none)")
     parser.add_argument("--ddp", action="store_true", help="also DistributedDataParallel(find_unused_parameters)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json", help=argparse.SUPPRESS)
@@ -126,7 +131,8 @@ def main() -> None:
     for p in args.processes:
         if args.batch_size % p:
             parser.error(f"--batch-size {args.batch_size} does not split evenly across {p} processes")
-    print(f"net {args.net}, batch {args.batch_size}, {args.subnets} subnets per step, device {args.device}")
+    teacher = f", teacher (kd_ratio {args.kd_ratio:g})" if args.kd_ratio > 0 else ", no teacher"
+    print(f"net {args.net}, batch {args.batch_size}, {args.subnets} subnets per step{teacher}, device {args.device}")
     print(f"{'processes':>9} {'reduce':>6} {'images/s':>9} {'speed-up':>8} {'step ms':>8} {'all-reduce ms':>13} "
           f"{'MB':>6} {'unused':>6}", flush=True)
     num = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731

@@ -87,7 +87,7 @@ def _bench(script: str, *args: str) -> list[str]:
 def test_the_scaling_benchmark_measures_one_and_two_processes():
     out = _bench("scaling.py", "--processes", "1", "2", "--steps", "2", "--batch-size", "16", "--subnets", "1",
                  "--device", "cpu")
-    assert out[0] == "net quick, batch 16, 1 subnets per step, device cpu"
+    assert out[0] == "net quick, batch 16, 1 subnets per step, teacher (kd_ratio 1), device cpu"
     one, two = out[2:]
     assert re.match(r"^ +1 +ours +\d+\.\d +1\.00 +\d+\.\d +- +- +-  \(cpu\)$", one), one
     assert re.match(r"^ +2 +ours +\d+\.\d +\d\.\d\d +\d+\.\d +\d+\.\d\d +\d+\.\d\d +\d+\.\d%  \(cpu\)$", two), two
