@@ -414,9 +414,9 @@ def evaluate_space(params: Params, root: Path = Path("."),
     uninterrupted run would. Returns the records and the summary on rank 0, None on the other ranks.
 
     With several processes the configs are dealt out round-robin, each rank evaluating and fine-tuning its
-    own alone (same seeds, so the same records as one process with the same threads on the same device); rank 0 gathers
-    the records in order and writes them, and each rank keeps the fine-tuning state of its own config
-    (.resume/evaluate_space.pt, .resume/evaluate_space.rank<r>.pt).
+    own alone (same seeds, so the same records as one process with the same threads on the same device);
+    rank 0 gathers the records in order and writes them, and each rank keeps the fine-tuning state of its own
+    config (.resume/evaluate_space.pt, .resume/evaluate_space.rank<r>.pt).
     """
     start = time.perf_counter()
     w = distributed.world()
