@@ -738,7 +738,8 @@ def _run_ordered(fn: Callable[[int], object], n: int, desc: str, progress: bool)
 
 def _read_folder(source: Path, size: int, limits: dict[str, int | None], check: Callable[[Preview], None] | None,
                  progress: bool) -> Dataset:
-    """Decode a folder dataset into size x size uint8 splits: RGB, or one channel when every image is grey.
+    """Decode a folder dataset into size x size uint8 splits: RGB, or one channel when every image is grey (by
+    its stored mode, or, for images stored in colour, by R = G = B in every decoded pixel).
 
     Only the images within `limits` (split -> first N, None = all) are read; `check` sees the Preview once the
     folders are listed and the headers read, before anything is decoded.
@@ -747,7 +748,7 @@ def _read_folder(source: Path, size: int, limits: dict[str, int | None], check: 
     listing = {split: pairs[: limits.get(split)] for split, pairs in listing.items()}
     items = [(split, path, label) for split, pairs in listing.items() for path, label in pairs]
     gray = all(_run_ordered(lambda i: _is_gray(items[i][1]), len(items), f"reading headers of {source}", progress))
-    channels = 1 if gray else 3
+    channels = 1 if gray else 3  # at most: colour files whose pixels all turn out grey give 1 channel below
     if check is not None:
         check(Preview((channels, size, size), len(classes), len(listing["train"]), "val" in listing))
     # twice the decoded bytes: holding val out of train and saving the splits copy them once more at most
@@ -762,6 +763,8 @@ def _read_folder(source: Path, size: int, limits: dict[str, int | None], check: 
         hwc[i].copy_(torch.frombuffer(bytearray(pixels), dtype=torch.uint8).view(size, size, channels))
 
     _run_ordered(decode_into, len(items), f"decoding {source}", progress)
+    if channels == 3 and torch.equal(images[:, 0], images[:, 1]) and torch.equal(images[:, 0], images[:, 2]):
+        images = images[:, :1].clone()  # every image grey, though stored in colour (WebP, RGB PNGs or JPEGs)
     labels = torch.tensor([label for _, _, label in items], dtype=torch.int64)
     splits, start = {}, 0
     for split, pairs in listing.items():

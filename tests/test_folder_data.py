@@ -180,6 +180,25 @@ def test_file_order_never_changes_the_result(tmp_path: Path, monkeypatch: pytest
         assert a.classes == b.classes == ("ant", "bee", "cat")
 
 
+def test_grey_pixels_stored_in_colour_give_one_channel_and_the_values_of_grey_files(tmp_path: Path) -> None:
+    """WebP stores no grayscale, and a grey photo is often saved as RGB: what counts is the pixels."""
+    def grey_files(mode: str) -> dict[str, Callable[[Path], None]]:
+        def grey(value: int) -> Image.Image:
+            img = bands().convert("L").point(lambda v: (v + value) % 256)  # not flat: resizing has work to do
+            return img.convert(mode)
+        return {"train/x/a.png": lambda p: save(grey(10), p), "train/y/b.webp": lambda p: save(grey(60), p, lossless=True),
+                "train/x/c.jpg": lambda p: save(grey(90), p, quality=95), "test/x/d.bmp": lambda p: save(grey(120), p),
+                "test/y/e.png": lambda p: save(grey(150), p)}
+
+    stored_grey = prepare(write(tmp_path / "L", grey_files("L")))
+    stored_rgb = prepare(write(tmp_path / "RGB", grey_files("RGB")))
+    assert stored_rgb.image_shape == stored_grey.image_shape == (1, S, S)
+    assert torch.equal(stored_rgb.test.images, stored_grey.test.images)  # PNG and BMP: the same bytes
+    assert (stored_rgb.train.images.int() - stored_grey.train.images.int()).abs().max() <= 2  # WebP/JPEG coding
+    files = {**grey_files("RGB"), "test/y/f.png": lambda p: save(solid((120, 121, 120), (8, 8)), p)}  # one tinted
+    assert prepare(write(tmp_path / "tinted", files)).image_shape == (3, S, S)
+
+
 def test_all_grey_gives_one_channel_and_val(tmp_path: Path) -> None:
     wide = Image.new("I;16", (10, 12), 257 * 100)  # 16-bit grey PNG: scaled to 8 bits, not clipped
     files = {
