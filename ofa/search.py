@@ -94,8 +94,17 @@ def best_within(candidates: Sequence[Candidate], budget: int, uniform_only: bool
     return min(fits, key=lambda c: (-c.accuracy, c.macs, c.trial), default=None)
 
 
+KEPT_SEARCHES = 4  # searches one storage holds; opening a new one drops the one used longest ago
+
+
 def _open_study(storage: Path | None, key: str, fresh: bool = False):
+    """The study `key` in `storage` and whether it was stored; a new one (`fresh`: replacing it) otherwise.
+
+    The storage keeps the KEPT_SEARCHES searches used last, so that going back to an earlier experiment's
+    checkpoint (other budgets after an experiment in between) finds its search still there.
+    """
     import optuna
+    from sqlalchemy.exc import SQLAlchemyError
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     directions = ["maximize", "minimize"]
@@ -104,18 +113,26 @@ def _open_study(storage: Path | None, key: str, fresh: bool = False):
     storage = Path(storage)
     storage.parent.mkdir(parents=True, exist_ok=True)
     url = f"sqlite:///{storage.resolve()}"
+    stored: dict[str, int] = {}  # study name -> when it was last used (a counter)
     if storage.exists():
         try:
-            names = optuna.get_all_study_names(url)
-        except Exception:  # noqa: BLE001 - an unreadable search state is only a lost shortcut
-            names = []
-        if key not in names:
-            storage.unlink()  # unreadable, or another search's: one search is kept
-        elif not fresh:
-            return optuna.load_study(study_name=key, storage=url), True
-        else:
+            stored = {s.study_name: int(s.user_attrs.get("used", 0))
+                      for s in optuna.study.get_all_study_summaries(url, include_best_trial=False)}
+        except (SQLAlchemyError, RuntimeError):  # not a database, or another optuna's schema: a lost shortcut
+            storage.unlink()
+            stored = {}
+    used = max(stored.values(), default=0) + 1
+    if key in stored and not fresh:
+        study, resumed = optuna.load_study(study_name=key, storage=url), True
+    else:
+        if key in stored:
             optuna.delete_study(study_name=key, storage=url)
-    return optuna.create_study(study_name=key, storage=url, directions=directions), False
+            del stored[key]
+        for name in sorted(stored, key=stored.get)[: max(0, len(stored) - KEPT_SEARCHES + 1)]:
+            optuna.delete_study(study_name=name, storage=url)  # the ones used longest ago
+        study, resumed = optuna.create_study(study_name=key, storage=url, directions=directions), False
+    study.set_user_attr("used", used)
+    return study, resumed
 
 
 def search(

@@ -102,6 +102,30 @@ def test_interrupted_search_resumes_without_re_evaluating(tmp_path):
     search.search(SEED_SPACE, net.num_units, lambda c: third.append(c) or _score(c), macs, storage=db, key="other",
                   **kwargs)
     assert len(third) == len(whole)  # another key (other params or inputs) starts afresh
+    again: list[ofa.SubnetConfig] = []
+    back = search.search(SEED_SPACE, net.num_units, lambda c: again.append(c) or _score(c), macs, storage=db,
+                         key="k", **kwargs)
+    assert again == [] and back == resumed  # the first key's search is still there
+
+
+def test_the_storage_keeps_the_searches_used_last(tmp_path):
+    net = tiny_net(SEED_SPACE)
+    db, scored = tmp_path / "search.db", []
+
+    def run(key: str) -> int:
+        before = len(scored)
+        search.search(SEED_SPACE, net.num_units, lambda c: scored.append(c) or _score(c),
+                      lambda c: net.macs(c, (3, 16, 16)), trials=8, population=8, progress=False, storage=db, key=key)
+        return len(scored) - before  # configs scored: 0 when the search was stored
+
+    assert [run(k) for k in ("a", "b", "c", "d")] == [8] * 4
+    assert run("a") == 0  # a is now the one used last, b the one used longest ago
+    assert run("e") == 8  # a fifth: b is dropped
+    assert [run(k) for k in ("a", "c", "d", "e")] == [0] * 4
+    assert run("b") == 8
+    assert search.KEPT_SEARCHES == 4
+    db.write_bytes(b"not a database")  # damaged: replaced by a new search
+    assert run("a") == 8 and run("a") == 0
 
 
 def test_a_stored_search_serves_fewer_trials_and_goes_on_for_more(tmp_path):
