@@ -102,7 +102,8 @@ def run(processes: int, args: argparse.Namespace, ddp: bool = False) -> dict | N
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         flags = ["--worker", "--json", str(out), "--net", args.net, "--device", args.device, "--steps",
-                 str(args.steps), "--batch-size", str(args.batch_size), "--subnets", str(args.subnets), "--kd-ratio", str(args.kd_ratio)]
+                 str(args.steps), "--batch-size", str(args.batch_size), "--subnets", str(args.subnets),
+                 "--kd-ratio", str(args.kd_ratio)]
         flags += ["--ddp"] if ddp else []
         if processes == 1:  # no launcher: the single-process path, as train.processes 1 runs it
             code = subprocess.run([sys.executable, __file__, *flags]).returncode
