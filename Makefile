@@ -27,7 +27,7 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet pip==26.3
 	# torch first, pinned. The CPU build comes from the wheels pip is configured to find (PIP_FIND_LINKS on the
 	# development machine); where pip sees only PyPI, whose torch 2.13.0 is the CUDA build with several GB of
 	# nvidia packages, name PyTorch's CPU index: make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu
