@@ -585,19 +585,20 @@ def _subfolders(folder: Path) -> list[str]:
         raise DataError(f"cannot list {folder}: {type(e).__name__}: {_one_line(e)}") from e
 
 
-def _image_files(folder: Path) -> list[Path]:
-    """The visible image files of a class folder, sorted by name; other files are ignored.
+def _image_files(folder: Path) -> tuple[list[Path], list[Path]]:
+    """The visible image files of a class folder and its other visible entries (left out), each sorted by name.
 
     A symbolic link with an image's name is kept even when it leads nowhere: reading it names it.
     """
     try:
-        return sorted(
-            (p for p in folder.iterdir() if not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
-             and (p.is_file() or p.is_symlink())),
-            key=lambda p: p.name,
-        )
+        visible = sorted((p for p in folder.iterdir() if not p.name.startswith(".")), key=lambda p: p.name)
     except OSError as e:
         raise DataError(f"cannot list {folder}: {type(e).__name__}: {_one_line(e)}") from e
+    images, others = [], []
+    for p in visible:
+        is_image = p.suffix.lower() in IMAGE_EXTENSIONS and (p.is_file() or p.is_symlink())
+        (images if is_image else others).append(p)
+    return images, others
 
 
 def _list_folder(source: Path) -> tuple[tuple[str, ...], dict[str, list[tuple[Path, int]]]]:
@@ -628,8 +629,10 @@ def _list_folder(source: Path) -> tuple[tuple[str, ...], dict[str, list[tuple[Pa
                             "(every split needs the same class folders)")
     if len(classes) < 2:
         raise DataError(f"{dirs['train']} has 1 class folder ({classes[0]}); a classifier needs at least 2")
-    files = {split: {name: _image_files(folder / name) for name in classes} for split, folder in dirs.items()}
-    _report_skipped(source, dirs, files)
+    listed = {split: {name: _image_files(folder / name) for name in classes} for split, folder in dirs.items()}
+    files = {split: {name: images for name, (images, _) in per_class.items()} for split, per_class in listed.items()}
+    _report_skipped(source, dirs, classes, [p for per_class in listed.values() for _, others in per_class.values()
+                                            for p in others])
     if not any(paths for per_class in files.values() for paths in per_class.values()):
         raise DataError(f"{source} holds no images: no file in its class folders ends in {_EXTENSIONS_TEXT}")
     for split, per_class in files.items():
@@ -641,20 +644,12 @@ def _list_folder(source: Path) -> tuple[tuple[str, ...], dict[str, list[tuple[Pa
     return tuple(classes), listing
 
 
-def _report_skipped(source: Path, dirs: dict[str, Path], files: dict[str, dict[str, list[Path]]]) -> None:
-    """One line on stderr counting the visible files the dataset leaves out, with the first few named: files
-    beside the class folders, subfolders of a class folder, files that are not images of a known format."""
-    skipped = []
-    for split, folder in dirs.items():
-        for entry in sorted(folder.iterdir(), key=lambda p: p.name):
-            if entry.name.startswith("."):
-                continue
-            if entry.name not in files[split]:
-                skipped.append(entry)  # a file beside the class folders
-                continue
-            kept = set(files[split][entry.name])
-            skipped += sorted((p for p in entry.iterdir() if not p.name.startswith(".") and p not in kept),
-                              key=lambda p: p.name)
+def _report_skipped(source: Path, dirs: dict[str, Path], classes: list[str], others: list[Path]) -> None:
+    """One line on stderr counting the visible entries the dataset leaves out, the first few named: entries beside
+    the class folders, and `others`, the class folders' entries that are no image of a known format."""
+    loose = [p for folder in dirs.values() for p in sorted(folder.iterdir(), key=lambda p: p.name)
+             if not p.name.startswith(".") and p.name not in classes]
+    skipped = sorted(loose + others)
     if skipped:
         named = ", ".join(str(p.relative_to(source)) + ("/" if p.is_dir() else "") for p in skipped[:3])
         more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""

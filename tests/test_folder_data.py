@@ -125,7 +125,7 @@ def test_what_is_left_out_is_counted_and_named(tmp_path: Path, capfd: pytest.Cap
     before = prepare(source)
     err = capfd.readouterr().err.strip()
     assert err.startswith(f"download: skipped 5 entries of {source} ") and err.endswith(
-        ": train/ant/c.gif, train/cat/notes.txt, train/loose.png and 2 more")
+        ": test/ant/nested/, test/bee/photo.tif, train/ant/c.gif and 2 more")
     assert before.train.images.shape[0] == 6 and before.test.images.shape[0] == 3  # none of them read
 
 
