@@ -99,7 +99,6 @@ def test_specialize_picks_within_budget_beat_uniform_on_val_and_export_what_they
     import torch
 
     import ofa
-    from ofa.data import load_split
     from ofa.train import DeviceData, evaluate
 
     project, _, _ = repro
@@ -118,7 +117,6 @@ def test_specialize_picks_within_budget_beat_uniform_on_val_and_export_what_they
     assert sorted(point(r) for r in front) == sorted({point(r) for r in searched if not dominated(r)})
     plot = json.loads((project / "metrics" / "search_plot" / "pareto_front.json").read_text())
     assert [p["config"] for p in plot] == [r["config"] for r in front]
-    val = load_split(project / "data" / "prepared" / "val.pt")
     data = DeviceData.load(project / "data" / "prepared", torch.device("cpu"))
     space = {r["config"]: r for r in json.loads((project / "metrics" / "space.json").read_text())}
     mean, std = summary["input"]["mean"], summary["input"]["std"]
@@ -134,7 +132,7 @@ def test_specialize_picks_within_budget_beat_uniform_on_val_and_export_what_they
         assert str(sub.config) == pick["config"] and ofa.count_macs(sub, (1, 3, 16, 16)) == pick["macs"]
         assert evaluate(sub.to(memory_format=torch.channels_last), data, batch_size=256) == pick["accuracy"]
         assert uniform["accuracy"] == space[uniform["config"]]["accuracy"]  # evaluate_space's calibration
-        pixels = val.images[:32].float()
+        pixels = data.val.images[:32].float()
         with torch.no_grad():
             expected = sub((pixels - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1))
         session = onnxruntime.InferenceSession(str(project / "models" / "specialized" / f"{name}.onnx"))
