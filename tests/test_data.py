@@ -3,6 +3,7 @@ synthetic data, persistence, augmentation.  (A folder of images and the memory c
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import http.server
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ofa import data
+from ofa import data, memory, splits
 from ofa.data import DataError, Dataset, RemoteFile, Split
 
 CIFAR_NAME = "cifar-10-binary.tar.gz"
@@ -274,7 +275,7 @@ def test_connection_refused_names_url_and_offline_alternative(tmp_path: Path) ->
     assert "dataset-fashion-mnist" not in msg
     assert list((tmp_path / "raw").iterdir()) == []
 
-    fm = RemoteFile(unused_url("train-labels-idx1-ubyte.gz"), "train-labels-idx1-ubyte.gz", "0" * 32)
+    fm = dataclasses.replace(data.FASHION_MNIST_FILES[1], url=unused_url("train-labels-idx1-ubyte.gz"))
     with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist"):
         data.fetch([fm], tmp_path / "raw2", timeout=5, progress=False)
 
@@ -440,7 +441,7 @@ def test_cifar10_image_size_resizes_every_split(tmp_path: Path, monkeypatch: pyt
     assert torch.equal(big.test.labels, native.test.labels)
     assert data.prepare("cifar10", tmp_path / "raw", files=files, image_size=32, progress=False).train.images.equal(
         native.train.images)  # already 32 x 32: untouched
-    monkeypatch.setattr(data, "available_memory", lambda device: 2 * 12 * 3 * 40 * 40 - 1)  # one byte short
+    monkeypatch.setattr(memory, "available_memory", lambda device: 2 * 12 * 3 * 40 * 40 - 1)  # one byte short
     with pytest.raises(DataError, match=r"^resizing the 12 images of cifar10 to data\.image_size 40 \(and copying them "
                                         r"once\) needs 115200 bytes but cpu has 115199 bytes available; lower "
                                         r"data\.image_size or data\.train_limit$"):
@@ -609,7 +610,7 @@ def test_channel_stats_are_exact_chunk_by_chunk(monkeypatch: pytest.MonkeyPatch)
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (37, 3, 5, 4), dtype=torch.uint8, generator=g)
     images[:, 2] = 7  # a constant channel: std clamped to 1
-    monkeypatch.setattr(data, "_IMAGE_CHUNK", 8)  # several chunks, the last one short
+    monkeypatch.setattr(splits, "IMAGE_CHUNK", 8)  # several chunks, the last one short
     mean, std = data.channel_stats(Split(images, torch.zeros(37, dtype=torch.int64)))
     pixels = images.double().transpose(0, 1).reshape(3, -1)
     assert mean.shape == std.shape == (1, 3, 1, 1) and mean.dtype == std.dtype == torch.float32

@@ -27,6 +27,7 @@ import yaml
 
 from conftest import SEED_SPACE, perturb, tiny_net
 from ofa import data as data_mod
+from ofa import memory
 from ofa import distributed
 from ofa.config import ParamsError, parse_params
 from ofa.train import DeviceData, DivergenceError, Schedule, calibrate_bn, evaluate, fit
@@ -783,10 +784,10 @@ def test_the_ranks_of_a_machine_each_hold_the_dataset_in_its_memory(downloaded, 
     for key, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": "1"}.items():
         monkeypatch.setenv(key, value)
-    monkeypatch.setattr(data_mod, "available_memory", lambda device: 1000)
+    monkeypatch.setattr(memory, "available_memory", lambda device: 1000)
     params = parse_params(yaml.safe_load((downloaded / "params.yaml").read_text()))
     files = sum(f.stat().st_size for f in pipeline.prepared_files(downloaded))
-    size = data_mod._size_text(2 * (files + 4 * 128 * 3 * 16 * 16))  # 2 copies, each with its calibration images
+    size = memory.size_text(2 * (files + 4 * 128 * 3 * 16 * 16))  # 2 copies, each with its calibration images
     with pytest.raises(data_mod.DataError, match=rf"^the prepared dataset with 128 BN calibration images, once per "
                                                  rf"process \(2\), needs {size} but cpu has 1\.0 KiB available; lower "
                                                  r"data\.image_size, data\.train_limit, "
@@ -799,12 +800,12 @@ def test_on_a_gpu_the_host_memory_the_dataset_passes_through_is_checked_too(down
 
     files = sum(f.stat().st_size for f in pipeline.prepared_files(downloaded))
     params = parse_params(yaml.safe_load((downloaded / "params.yaml").read_text()))
-    monkeypatch.setattr(data_mod, "available_memory", lambda device: 2**40 if device.type == "cuda" else files - 1)
+    monkeypatch.setattr(memory, "available_memory", lambda device: 2**40 if device.type == "cuda" else files - 1)
     with pytest.raises(data_mod.DataError, match=r"^reading the prepared dataset into host memory on its way to "
                                                  r"cuda:0 needs .* but cpu has .* available; lower data\.image_size "
                                                  r"or data\.train_limit$"):
         pipeline._check_memory(params, downloaded, torch.device("cuda", 0), 100, (3, 16, 16))
-    monkeypatch.setattr(data_mod, "available_memory", lambda device: 2**40 if device.type == "cuda" else files)
+    monkeypatch.setattr(memory, "available_memory", lambda device: 2**40 if device.type == "cuda" else files)
     pipeline._check_memory(params, downloaded, torch.device("cuda", 0), 100, (3, 16, 16))  # just fits
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ofa import data
+from ofa import data, folder, memory
 from ofa.data import DataError
 
 S = 8  # data.image_size of these tests
@@ -117,7 +117,7 @@ def test_what_is_left_out_is_counted_and_named(tmp_path: Path, capfd: pytest.Cap
     prepare(source)
     assert capfd.readouterr().err.strip() == (
         f"download: skipped 1 entry of {source} that are no image of a class folder (images are files ending in "
-        f"{data._EXTENSIONS_TEXT} directly in <split>/<class>/): train/cat/notes.txt")
+        f"{folder._EXTENSIONS_TEXT} directly in <split>/<class>/): train/cat/notes.txt")
     save(solid(ANT, (8, 8)), source / "train" / "loose.png")
     save(solid(ANT, (8, 8)), source / "test" / "ant" / "nested" / "n.png")
     save(solid(ANT, (8, 8)), source / "test" / "bee" / "photo.tif")
@@ -311,13 +311,13 @@ def test_no_images_and_too_few_classes(tmp_path: Path) -> None:
 
 
 def test_check_fits(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(data, "available_memory", lambda device: int(1.1 * 2**30))
+    monkeypatch.setattr(memory, "available_memory", lambda device: int(1.1 * 2**30))
     with pytest.raises(DataError) as info:
         data.check_fits(int(3.2 * 2**30), torch.device("cpu"), "the prepared dataset")
     assert str(info.value) == ("the prepared dataset needs 3.2 GiB but cpu has 1.1 GiB available; lower "
                                "data.image_size or data.train_limit")
     assert data.check_fits(int(1.1 * 2**30), torch.device("cpu"), "the prepared dataset") is None  # exactly fits
-    monkeypatch.setattr(data, "available_memory", lambda device: 2**20 - 1)
+    monkeypatch.setattr(memory, "available_memory", lambda device: 2**20 - 1)
     with pytest.raises(DataError) as info:
         data.check_fits(2**20, torch.device("cuda", 0), "a batch", hint="free some")
     assert str(info.value) == "a batch needs 1048576 bytes but cuda:0 has 1048575 bytes available; free some"
@@ -333,7 +333,7 @@ def test_limits_keep_the_first_images_and_the_check_comes_before_decoding(tmp_pa
     assert (len(ds.train), len(ds.test)) == (6, 2) and ds.train.labels.tolist() == [0, 1, 2, 0, 1, 2]
     seen: list[data.Preview] = []
     decoded: list[Path] = []
-    monkeypatch.setattr(data, "_decode", lambda path, size, gray: decoded.append(path))
+    monkeypatch.setattr(folder, "_decode", lambda path, size, gray: decoded.append(path))
 
     def stop(preview: data.Preview) -> None:
         seen.append(preview)
@@ -347,9 +347,9 @@ def test_limits_keep_the_first_images_and_the_check_comes_before_decoding(tmp_pa
 def test_folder_checks_memory_before_decoding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     source = write(tmp_path / "images", rgb_files())
     seen: list[torch.device] = []
-    monkeypatch.setattr(data, "available_memory", lambda device: seen.append(device) or 100)
+    monkeypatch.setattr(memory, "available_memory", lambda device: seen.append(device) or 100)
     decoded: list[Path] = []
-    monkeypatch.setattr(data, "_decode", lambda path, size, gray: decoded.append(path))
+    monkeypatch.setattr(folder, "_decode", lambda path, size, gray: decoded.append(path))
     # twice 9 x 3 x 8 x 8 bytes: the decoded images and the copy that holding out val or saving makes
     assert error(source) == (f"decoding the 9 images of {source} at data.image_size 8 (and copying them once) needs "
                              "3.4 KiB but cpu has 100 bytes available; lower data.image_size, data.train_limit or "
@@ -362,10 +362,10 @@ def test_available_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     assert 0 < data.available_memory(torch.device("cpu")) <= total
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:        2000 kB\nMemFree:          100 kB\nMemAvailable:    1234 kB\n")
-    monkeypatch.setattr(data, "_MEMINFO", meminfo)
+    monkeypatch.setattr(memory, "_MEMINFO", meminfo)
     assert data.available_memory(torch.device("cpu")) == 1234 * 1024
-    monkeypatch.setattr(data, "_MEMINFO", tmp_path / "absent")
-    monkeypatch.setattr(data.os, "sysconf", {"SC_AVPHYS_PAGES": 3, "SC_PAGE_SIZE": 4096}.__getitem__)
+    monkeypatch.setattr(memory, "_MEMINFO", tmp_path / "absent")
+    monkeypatch.setattr(memory.os, "sysconf", {"SC_AVPHYS_PAGES": 3, "SC_PAGE_SIZE": 4096}.__getitem__)
     assert data.available_memory(torch.device("cpu")) == 3 * 4096
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (5 * 2**30, 80 * 2**30))
     assert data.available_memory(torch.device("cuda", 0)) == 5 * 2**30

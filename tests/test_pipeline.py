@@ -17,6 +17,7 @@ import yaml
 
 from conftest import FOLDER_CLASSES, write_folder
 from ofa import data as data_mod
+from ofa import memory
 from ofa import pipeline
 from ofa.config import parse_params
 
@@ -274,16 +275,14 @@ def test_another_dataset_refuses_the_checkpoint(repro):
 
 
 def test_a_dataset_too_large_for_the_device_is_one_line_before_loading(repro, monkeypatch):
-    from ofa import data as data_mod
-
     p, _, _ = repro
     params = parse_params(yaml.safe_load((p / "params.yaml").read_text()))
-    monkeypatch.setattr(data_mod, "available_memory", lambda device: 1000)
+    monkeypatch.setattr(memory, "available_memory", lambda device: 1000)
     loads = []
     monkeypatch.setattr(pipeline.DeviceData, "load", lambda *args: loads.append(args))
     files = sum(f.stat().st_size for f in pipeline.prepared_files(p))  # about 60 KiB
     n = min(128, len(data_mod.load_split(p / "data" / "prepared" / "train.pt").labels))  # calibration images
-    size = data_mod._size_text(files + 4 * n * 3 * 16 * 16)  # they are kept as float32
+    size = memory.size_text(files + 4 * n * 3 * 16 * 16)  # they are kept as float32
     with pytest.raises(data_mod.DataError, match=rf"^the prepared dataset with {n} BN calibration images needs "
                                                  rf"{size} but cpu has 1\.0 KiB available; lower "
                                                  r"data\.image_size, data\.train_limit or "
