@@ -308,11 +308,34 @@ def train_stage(params: Params, stage: str, root: Path = Path("."), progress: bo
     same_inputs_on_every_rank(key, w, root, inputs)  # before any collective: a rank with other inputs is named
     teacher = None if TRAINING_STAGES[stage] is None else recipe.teacher(
         params, net, root / MODELS / "train_supernet.pt", calibration, data.input_shape)
-    parameters = None
-    if stage == "shrink_kernel" and params.shrink.kernel.transforms_only:
-        parameters = [p for name, p in net.named_parameters() if ".transforms." in name]
-    eval_bs = params.train.eval_batch_size
+    parameters = _trained_parameters(params, stage, net)
     curves = _Curves(root, stage, w.main)
+    history, states = _train_phases(params, stage, stage_index, root, net, data, calibration, teacher, parameters,
+                                    key, curves, progress)
+    metrics = _stage_metrics(net, data, calibration, params.train.eval_batch_size, history,
+                             shrink=TRAINING_STAGES[stage] is not None)
+    timing = _stage_timing(start, history, data.device, w)
+    if w.main:
+        _write_stage_outputs(root, stage, net, metrics, timing, curves, states)
+    return {**metrics, **timing}
+
+
+def _trained_parameters(params: Params, stage: str, net: OFANet) -> list[torch.nn.Parameter] | None:
+    """The parameters a training stage updates: the kernel transforms alone when shrink.kernel.transforms_only
+    says so, else None (all)."""
+    if stage == "shrink_kernel" and params.shrink.kernel.transforms_only:
+        return [p for name, p in net.named_parameters() if ".transforms." in name]
+    return None
+
+
+def _train_phases(params: Params, stage: str, stage_index: int, root: Path, net: OFANet, data: DeviceData,
+                  calibration: list[torch.Tensor], teacher: torch.nn.Module | None,
+                  parameters: list[torch.nn.Parameter] | None, key: str, curves: _Curves,
+                  progress: bool) -> tuple[list, list[Path]]:
+    """Train a stage's phases in order (``ofa.recipe``); the epochs' stats of all of them, and their resume states."""
+    from . import recipe
+
+    eval_bs = params.train.eval_batch_size
     history, states = [], []
     for phase in recipe.phases(params, stage, net.space):
         if stage == "shrink_width":
@@ -328,23 +351,30 @@ def train_stage(params: Params, stage: str, root: Path = Path("."), progress: bo
             epoch_metrics=lambda: {
                 "val/accuracy_max": subnet_accuracy(net, net.max_config(), data, calibration, eval_bs, "val")},
         )
-    metrics = _stage_metrics(net, data, calibration, eval_bs, history, shrink=TRAINING_STAGES[stage] is not None)
+    return history, states
+
+
+def _stage_timing(start: float, history: list, device: torch.device, w: distributed.World) -> dict[str, Any]:
+    """A training stage's timing: wall and training seconds since `start`, images per second, device, processes."""
     train_s = sum(h.seconds for h in history)
-    timing = {
+    return {
         "wall_s": round(time.perf_counter() - start, 1),
         "train_s": round(train_s, 1),
         "images_per_s": round(sum(h.images for h in history) / train_s, 1) if train_s else None,
-        "device": data.device.type,
+        "device": device.type,
         "processes": w.size,
     }
-    if w.main:
-        save_checkpoint(net, root / MODELS / f"{stage}.pt")
-        write_json(root / METRICS / f"{stage}.json", metrics)
-        write_json(root / METRICS / "timing" / f"{stage}.json", timing)
-        curves.publish()
-        for state in states:
-            state.unlink(missing_ok=True)
-    return {**metrics, **timing}
+
+
+def _write_stage_outputs(root: Path, stage: str, net: OFANet, metrics: dict[str, Any], timing: dict[str, Any],
+                         curves: _Curves, states: list[Path]) -> None:
+    """Rank 0's outputs of a training stage: checkpoint, metrics, timing and curves; then its resume states go."""
+    save_checkpoint(net, root / MODELS / f"{stage}.pt")
+    write_json(root / METRICS / f"{stage}.json", metrics)
+    write_json(root / METRICS / "timing" / f"{stage}.json", timing)
+    curves.publish()
+    for state in states:
+        state.unlink(missing_ok=True)
 
 
 def _start_from_previous(params: Params, stage: str, root: Path, net: OFANet) -> list[Path]:
@@ -420,6 +450,23 @@ def evaluate_space(params: Params, root: Path = Path("."),
     """
     start = time.perf_counter()
     w = distributed.world()
+    data, net, calibration, configs, key = _space_setup(params, root, w)
+    done_path = root / RESUME / "evaluate_space.json"
+    state = root / RESUME / ("evaluate_space.pt" if w.main else f"evaluate_space.rank{w.rank}.pt")
+    records = _resumed_records(done_path, key, configs, w)
+    _evaluate_remaining(params, net, configs, data, calibration, records, done_path, state, key, progress, w)
+    state.unlink(missing_ok=True)
+    if not w.main:
+        return None
+    summary = _write_space(root, records, net, params, start, data.device, w)
+    done_path.unlink(missing_ok=True)
+    return records, summary
+
+
+def _space_setup(params: Params, root: Path,
+                 w: distributed.World) -> tuple[DeviceData, OFANet, list[torch.Tensor], list[SubnetConfig], str]:
+    """evaluate_space's data, trained supernet, calibration batches, configs and resume key (checked the same on
+    every rank)."""
     data, net, calibration = stage_setup(params, root, len(TRAINING_STAGES))
     checkpoint = root / MODELS / "shrink_width.pt"
     load_checkpoint(net, checkpoint)
@@ -427,12 +474,23 @@ def evaluate_space(params: Params, root: Path = Path("."),
     inputs = [*prepared_files(root), checkpoint]
     key = resume_key(params, "evaluate_space", inputs)
     same_inputs_on_every_rank(key, w, root, inputs)
-    done_path = root / RESUME / "evaluate_space.json"
-    state = root / RESUME / ("evaluate_space.pt" if w.main else f"evaluate_space.rank{w.rank}.pt")
+    return data, net, calibration, configs, key
+
+
+def _resumed_records(done_path: Path, key: str, configs: list[SubnetConfig], w: distributed.World) -> list[dict]:
+    """The records an interrupted run finished (rank 0's, on every rank); rank 0 says so when there are some."""
     records = distributed.broadcast(_finished_records(done_path, key, configs) if w.main else None, w)
     if records and w.main:
         print(f"evaluate_space: resuming after config {len(records)}/{len(configs)} from {done_path}",
               file=sys.stderr)
+    return records
+
+
+def _evaluate_remaining(params: Params, net: OFANet, configs: list[SubnetConfig], data: DeviceData,
+                        calibration: list[torch.Tensor], records: list[dict], done_path: Path, state: Path, key: str,
+                        progress: bool, w: distributed.World) -> None:
+    """Evaluate the configs after `records`, one per rank at a time, appending to `records` in order; rank 0
+    saves them to `done_path` after each round."""
 
     def evaluate_one(i: int) -> dict:  # alone on this rank: no collective inside
         return _evaluate_config(params, net, configs[i], data, calibration, i, state, f"{key}:{i}",
@@ -447,16 +505,17 @@ def evaluate_space(params: Params, root: Path = Path("."),
             if progress and w.main:
                 print(f"[{i + 1}/{len(configs)}] {r['config']}: {r['macs'] / 1e6:.2f}M MACs, accuracy "
                       f"{r['accuracy']:.4f}, fine-tuned {r['accuracy_finetuned']:.4f}", flush=True)
-    state.unlink(missing_ok=True)
-    if not w.main:
-        return None
+
+
+def _write_space(root: Path, records: list[dict], net: OFANet, params: Params, start: float, device: torch.device,
+                 w: distributed.World) -> dict[str, Any]:
+    """Writes metrics/space.json, evaluate_space.json (the summary, returned) and timing/evaluate_space.json."""
     summary = _summary(records, net, params.evaluate.finetune.epochs)
     write_json(root / METRICS / "space.json", records)
     write_json(root / METRICS / "evaluate_space.json", summary)
     write_json(root / METRICS / "timing" / "evaluate_space.json", {
-        "wall_s": round(time.perf_counter() - start, 1), "device": data.device.type, "processes": w.size})
-    done_path.unlink(missing_ok=True)
-    return records, summary
+        "wall_s": round(time.perf_counter() - start, 1), "device": device.type, "processes": w.size})
+    return summary
 
 
 def _space_configs(net: OFANet, params: Params) -> list[SubnetConfig]:

@@ -161,42 +161,74 @@ def search(
     not a multiple of `batch` ended inside a batch, and one with more trials starts afresh.
     """
     uniform = space.uniform_grid(num_units)
-    if trials < len(uniform):
-        raise ValueError(f"trials {trials}: fewer than the {len(uniform)} uniform configs that open the search")
-    if population < len(uniform):
-        raise ValueError(f"population {population}: smaller than the {len(uniform)} uniform configs of generation 0")
+    _check_opening(len(uniform), trials, population)
     dists = distributions(space, num_units)
     study, pending, done = _stored_trials(storage, key, dists, trials, batch, progress)
-    seen: dict[SubnetConfig, Candidate] = {}
-    for i, t in enumerate(done):  # numbered by completed trials: a trial failed by a kill leaves no gap
-        cfg = from_params(t.params, space, num_units)
-        seen.setdefault(cfg, Candidate(cfg, int(t.values[1]), float(t.values[0]), i))
+    seen = _completed_candidates(done, space, num_units)
     evaluate_many = evaluate_many or (lambda cfgs: [evaluate(c) for c in cfgs])
     start = time.perf_counter()
     first = len(done)
     while first < trials:
         # a batch is trials [k * batch, (k + 1) * batch): one cut short by a kill is completed, not restarted,
         # so the sampler makes the same proposals as in an uninterrupted run
-        asked = [(t.number, from_params(t.params, space, num_units)) for t in pending]
+        asked = _ask_batch(study, pending, first, batch, trials, uniform, space, num_units, dists, population, seed)
         pending = []
-        for n in range(first + len(asked), min((first // batch + 1) * batch, trials)):
-            trial = _ask(study, n, uniform[n] if n < len(uniform) else None, space, dists, population, seed)
-            asked.append((trial, from_params(trial.params, space, num_units)))
-        new: dict[SubnetConfig, int] = {}  # each config not scored yet -> the first trial that asked for it
-        for n, (_, cfg) in enumerate(asked, first):
-            if cfg not in seen:
-                new.setdefault(cfg, n)
-        for (cfg, n), accuracy in zip(new.items(), evaluate_many(list(new))):
-            seen[cfg] = Candidate(cfg, int(macs(cfg)), float(accuracy), n)
-        for n, (trial, cfg) in enumerate(asked, first):
-            cand = seen[cfg]
-            study.tell(trial, [cand.accuracy, float(cand.macs)])
-            if progress:
-                rate = (time.perf_counter() - start) / (n + 1 - len(done))
-                print(f"search {n + 1}/{trials}: {cfg} {cand.macs / 1e6:.2f}M MACs, accuracy {cand.accuracy:.4f}"
-                      f"{' (seen)' if cand.trial != n else ''} [{rate:.1f} s/trial]", file=sys.stderr, flush=True)
+        _score_new(asked, first, seen, evaluate_many, macs)
+        _tell(study, asked, first, seen, trials, start, len(done), progress)
         first += len(asked)
     return sorted(seen.values(), key=lambda c: c.trial)
+
+
+def _check_opening(uniform_configs: int, trials: int, population: int) -> None:
+    """ValueError when `trials` or `population` is smaller than the number of uniform configs opening the search."""
+    if trials < uniform_configs:
+        raise ValueError(f"trials {trials}: fewer than the {uniform_configs} uniform configs that open the search")
+    if population < uniform_configs:
+        raise ValueError(f"population {population}: smaller than the {uniform_configs} uniform configs of "
+                         "generation 0")
+
+
+def _completed_candidates(done: list, space: ConfigSpace, num_units: int) -> dict[SubnetConfig, Candidate]:
+    """The configs of the completed trials `done`, each with its score under the first trial that asked for it."""
+    seen: dict[SubnetConfig, Candidate] = {}
+    for i, t in enumerate(done):  # numbered by completed trials: a trial failed by a kill leaves no gap
+        cfg = from_params(t.params, space, num_units)
+        seen.setdefault(cfg, Candidate(cfg, int(t.values[1]), float(t.values[0]), i))
+    return seen
+
+
+def _ask_batch(study, pending: list, first: int, batch: int, trials: int, uniform: list[SubnetConfig],
+               space: ConfigSpace, num_units: int, dists: dict[str, Any], population: int,
+               seed: int) -> list[tuple[Any, SubnetConfig]]:
+    """The trials of the batch from trial `first` on and their configs: those `pending` first, then newly asked."""
+    asked = [(t.number, from_params(t.params, space, num_units)) for t in pending]
+    for n in range(first + len(asked), min((first // batch + 1) * batch, trials)):
+        trial = _ask(study, n, uniform[n] if n < len(uniform) else None, space, dists, population, seed)
+        asked.append((trial, from_params(trial.params, space, num_units)))
+    return asked
+
+
+def _score_new(asked: list[tuple[Any, SubnetConfig]], first: int, seen: dict[SubnetConfig, Candidate],
+               evaluate_many: Callable[[list[SubnetConfig]], list[float]], macs: Callable[[SubnetConfig], int]) -> None:
+    """Score, all in one `evaluate_many` call, the asked configs not in `seen` yet, and add them to it."""
+    new: dict[SubnetConfig, int] = {}  # each config not scored yet -> the first trial that asked for it
+    for n, (_, cfg) in enumerate(asked, first):
+        if cfg not in seen:
+            new.setdefault(cfg, n)
+    for (cfg, n), accuracy in zip(new.items(), evaluate_many(list(new))):
+        seen[cfg] = Candidate(cfg, int(macs(cfg)), float(accuracy), n)
+
+
+def _tell(study, asked: list[tuple[Any, SubnetConfig]], first: int, seen: dict[SubnetConfig, Candidate],
+          trials: int, start: float, resumed: int, progress: bool) -> None:
+    """Tell the study each asked trial's score, in order; with `progress` a line per trial on stderr."""
+    for n, (trial, cfg) in enumerate(asked, first):
+        cand = seen[cfg]
+        study.tell(trial, [cand.accuracy, float(cand.macs)])
+        if progress:
+            rate = (time.perf_counter() - start) / (n + 1 - resumed)
+            print(f"search {n + 1}/{trials}: {cfg} {cand.macs / 1e6:.2f}M MACs, accuracy {cand.accuracy:.4f}"
+                  f"{' (seen)' if cand.trial != n else ''} [{rate:.1f} s/trial]", file=sys.stderr, flush=True)
 
 
 def _stored_trials(storage: Path | None, key: str, dists: dict[str, Any], trials: int, batch: int,

@@ -83,9 +83,25 @@ def specialize(params: Params, root: Path = Path("."), progress: bool = True) ->
     """
     start = time.perf_counter()
     w = distributed.world()
+    data, net, budgets, key, subnets = _load_trained(params, root, w)
+    if not w.main:  # score the configs rank 0 sends, until the search ends
+        distributed.serve(subnets.val_accuracy, w)
+        return None
+    candidates, scored, search_s = _run_search(params, root, net, data.input_shape, key, subnets, w, progress)
+    summary = _pick_and_write(params, root, net, data, candidates, budgets, subnets, progress)
+    write_json(root / METRICS / "timing" / "specialize.json", {
+        "wall_s": round(time.perf_counter() - start, 1), "search_s": round(search_s, 1),
+        "configs_scored": scored, "configs_reused": len(candidates) - scored, "device": data.device.type,
+        "processes": w.size})
+    return summary  # the search stays in .resume/specialize.db: other budgets or trials reuse its trials
+
+
+def _load_trained(params: Params, root: Path,
+                  w: distributed.World) -> tuple[DeviceData, OFANet, list[int], str, _Subnets]:
+    """The data, the trained supernet (eval mode), the MACs budgets, the search's key (checked the same on every
+    rank) and the subnets to score."""
     # evaluate_space's calibration images: a uniform config here scores on test as in its Table 2
     data, net, calibration = stage_setup(params, root, len(TRAINING_STAGES))
-    shape = data.input_shape
     budgets = params.specialize.macs_budgets()  # each at least the smallest subnet's MACs (stage_setup checks)
     checkpoint = root / MODELS / "shrink_width.pt"
     load_checkpoint(net, checkpoint)
@@ -93,10 +109,13 @@ def specialize(params: Params, root: Path = Path("."), progress: bool = True) ->
     inputs = [*prepared_files(root), checkpoint]
     key = search_key(params, inputs)
     same_inputs_on_every_rank(key, w, root, inputs)
-    subnets = _Subnets(net, data, calibration, params.train.eval_batch_size)
-    if not w.main:  # score the configs rank 0 sends, until the search ends
-        distributed.serve(subnets.val_accuracy, w)
-        return None
+    return data, net, budgets, key, _Subnets(net, data, calibration, params.train.eval_batch_size)
+
+
+def _run_search(params: Params, root: Path, net: OFANet, shape: tuple[int, ...], key: str, subnets: _Subnets,
+                w: distributed.World, progress: bool) -> tuple[list[search.Candidate], int, float]:
+    """Rank 0's search, each batch of new configs scored by every rank; its candidates, the number of configs
+    this run scored and the search's seconds. Ends the other ranks' serving."""
     scored: list[SubnetConfig] = []  # by this run: a stored search's trials are not scored again
 
     def score(cfgs: list[SubnetConfig]) -> list[float]:
@@ -113,6 +132,14 @@ def specialize(params: Params, root: Path = Path("."), progress: bool = True) ->
     )
     distributed.dismiss(w)  # (were the search to fail, rank 0's exit would make the launcher stop the others)
     search_s = time.perf_counter() - search_start  # the search alone: no setup, no export
+    return candidates, len(scored), search_s
+
+
+def _pick_and_write(params: Params, root: Path, net: OFANet, data: DeviceData, candidates: list[search.Candidate],
+                    budgets: list[int], subnets: _Subnets, progress: bool) -> dict[str, Any]:
+    """Pick, test and export per budget; writes metrics/search.json, its plot data and metrics/specialize.json,
+    and returns that summary."""
+    shape = data.input_shape
     mean, std = data.mean.flatten().tolist(), data.std.flatten().tolist()
     picks = export_picks(candidates, budgets, subnets, root / SPECIALIZED, shape, mean, std,
                          check_inputs=data.val.images[:16].float().cpu(), progress=progress)
@@ -128,11 +155,7 @@ def specialize(params: Params, root: Path = Path("."), progress: bool = True) ->
     }
     write_search(root, candidates, front, net)
     write_json(root / METRICS / "specialize.json", summary)
-    write_json(root / METRICS / "timing" / "specialize.json", {
-        "wall_s": round(time.perf_counter() - start, 1), "search_s": round(search_s, 1),
-        "configs_scored": len(scored), "configs_reused": len(candidates) - len(scored), "device": data.device.type,
-        "processes": w.size})
-    return summary  # the search stays in .resume/specialize.db: other budgets or trials reuse its trials
+    return summary
 
 
 def search_key(params: Params, inputs: list[Path]) -> str:

@@ -264,29 +264,43 @@ def fit(
     batch, every rank's share (``distributed.synced_batch_norm``), as one process does.
     """
     w = world or distributed.world()
-    if reduce not in REDUCE:
-        raise ValueError(f"reduce {reduce!r} is not allowed ({' or '.join(REDUCE)})")
-    params, optimizer = _optimizer(model, parameters, schedule)
-    loop = _Loop(model=model, data=data, schedule=schedule, steps=_Steps.plan(len(data.train), schedule, w),
-                 params=params, optimizer=optimizer, sample=sample,
-                 soft_targets=teacher if teacher is not None and kd_ratio > 0 else None, kd_ratio=kd_ratio,
-                 reduce=reduce, desc=desc, show=progress and w.main, world=w, sync_bn=sync_bn, seed=seed)
+    loop = _new_loop(model, data, schedule, w, sample=sample, parameters=parameters, teacher=teacher,
+                     kd_ratio=kd_ratio, reduce=reduce, seed=seed, desc=desc, progress=progress, sync_bn=sync_bn)
     history = loop.resume(resume, resume_key, log)
     model.train()
     for epoch in range(len(history), schedule.epochs):
-        loss_sum, correct, lr, seconds = loop.epoch(epoch)
-        steps = loop.steps.per_epoch
-        mean_loss = float(loss_sum) / max(1, steps)
-        accuracy = int(correct) / max(1, steps * loop.steps.batch)
-        logged = {"train/loss": round(mean_loss, 6), "train/accuracy": round(accuracy, 6), "lr": lr}
-        if epoch_metrics is not None:
-            logged.update(epoch_metrics())
-        history.append(EpochStats(epoch + 1, mean_loss, accuracy, lr, steps * loop.steps.batch, seconds, logged))
+        history.append(_train_epoch(loop, epoch, epoch_metrics))
         if log is not None and w.main:
-            log(logged)
+            log(history[-1].logged)
         if resume is not None:
             loop.save(resume, resume_key, history)
     return history
+
+
+def _new_loop(model: nn.Module, data: DeviceData, schedule: Schedule, w: World, *,
+              sample: Callable[[random.Random], Sequence[SubnetConfig | None]],
+              parameters: Iterable[nn.Parameter] | None, teacher: nn.Module | None, kd_ratio: float, reduce: str,
+              seed: int, desc: str, progress: bool, sync_bn: bool) -> _Loop:
+    """Check fit's `reduce`, then set up its optimizer and its training loop (the teacher only when kd_ratio > 0)."""
+    if reduce not in REDUCE:
+        raise ValueError(f"reduce {reduce!r} is not allowed ({' or '.join(REDUCE)})")
+    params, optimizer = _optimizer(model, parameters, schedule)
+    return _Loop(model=model, data=data, schedule=schedule, steps=_Steps.plan(len(data.train), schedule, w),
+                 params=params, optimizer=optimizer, sample=sample,
+                 soft_targets=teacher if teacher is not None and kd_ratio > 0 else None, kd_ratio=kd_ratio,
+                 reduce=reduce, desc=desc, show=progress and w.main, world=w, sync_bn=sync_bn, seed=seed)
+
+
+def _train_epoch(loop: _Loop, epoch: int, epoch_metrics: Callable[[], dict[str, float]] | None) -> EpochStats:
+    """Train one epoch; its stats, with the curves entry (training loss/accuracy, lr, then `epoch_metrics()`)."""
+    loss_sum, correct, lr, seconds = loop.epoch(epoch)
+    steps = loop.steps.per_epoch
+    mean_loss = float(loss_sum) / max(1, steps)
+    accuracy = int(correct) / max(1, steps * loop.steps.batch)
+    logged = {"train/loss": round(mean_loss, 6), "train/accuracy": round(accuracy, 6), "lr": lr}
+    if epoch_metrics is not None:
+        logged.update(epoch_metrics())
+    return EpochStats(epoch + 1, mean_loss, accuracy, lr, steps * loop.steps.batch, seconds, logged)
 
 
 def _optimizer(model: nn.Module, parameters: Iterable[nn.Parameter] | None,
