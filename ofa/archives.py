@@ -192,7 +192,7 @@ def _idx_split(images_path: Path, labels_path: Path, num_classes: int) -> Split:
 
 
 def fetch_and_parse(dataset: str, raw_dir: Path, sources: list[Path], files: Sequence[RemoteFile] | None,
-                     progress: bool) -> Dataset:
+                    progress: bool) -> Dataset:
     """A published dataset (CIFAR-10/100, Fashion-MNIST): its verified files fetched into raw_dir, then parsed."""
     if dataset in _CIFAR_LAYOUTS:
         files = (CIFAR10_FILES if dataset == "cifar10" else CIFAR100_FILES) if files is None else tuple(files)

@@ -192,7 +192,7 @@ def _run_ordered(fn: Callable[[int], object], n: int, desc: str, progress: bool)
 
 
 def read_folder(source: Path, size: int, limits: dict[str, int | None], check: Callable[[Preview], None] | None,
-                 progress: bool) -> Dataset:
+                progress: bool) -> Dataset:
     """Decode a folder dataset into size x size uint8 splits: RGB, or one channel when every image is grey (by
     its stored mode, or, for images stored in colour, by R = G = B in every decoded pixel).
 
