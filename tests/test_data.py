@@ -186,6 +186,22 @@ def test_constants() -> None:
     ]
     assert all(f.url == "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/" + f.filename for f in data.FASHION_MNIST_FILES)
     assert all(f.content_md5 is not None for f in data.FASHION_MNIST_FILES)
+    assert all(f.offline_hint == "apt-get install dataset-fashion-mnist (provides /usr/share/datasets/fashion-mnist)"
+               for f in data.FASHION_MNIST_FILES) and cifar.offline_hint is None
+
+
+def test_ofa_data_exports_the_data_modules_public_names() -> None:
+    from ofa import archives, folder, memory, remote
+
+    modules = (archives, folder, memory, remote, splits)
+    assert sorted(data.__all__) == sorted(set(data.__all__))
+    for name in data.__all__:
+        assert hasattr(data, name), name
+        owner = next((m for m in modules if name in getattr(m, "__all__", ())), None)
+        assert owner is None or getattr(data, name) is getattr(owner, name), name
+    exported = {name for m in modules for name in m.__all__} - {"FOLDER_LAYOUT", "fetch_and_parse", "read_folder",
+                                                               "size_text"}
+    assert exported <= set(data.__all__), exported - set(data.__all__)
 
 
 class _Stop(Exception):
