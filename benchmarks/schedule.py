@@ -148,9 +148,8 @@ def project(params: Params, rows: list[dict], subnets: dict[str, dict], n_train:
 
 
 def read_params(parser: argparse.ArgumentParser, path: Path, overrides: list[str]) -> Params:
-    """The params of `path` with `overrides` applied as ``dvc exp run -S`` applies them (DVC's own code)."""
-    from dvc.utils.hydra import apply_overrides
-
+    """The params of `path` with `overrides` applied as ``dvc exp run -S`` applies them (DVC's own code, imported
+    only for them: without overrides the benchmark needs no DVC, as on a GPU machine with torch alone)."""
     if not path.is_file():
         parser.error(f"{path}: file not found")
     with tempfile.TemporaryDirectory() as tmp:
@@ -158,6 +157,8 @@ def read_params(parser: argparse.ArgumentParser, path: Path, overrides: list[str
         shutil.copyfile(path, copy)
         try:
             if overrides:
+                from dvc.utils.hydra import apply_overrides
+
                 apply_overrides(copy, overrides)
             return load_params(copy)
         except ParamsError as e:
