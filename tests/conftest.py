@@ -1,4 +1,5 @@
-"""Shared helpers: tiny supernets, weights moved away from their initial values, synthetic data, image folders."""
+"""Shared helpers: tiny supernets, weights moved away from their initial values, a model that diverges,
+synthetic data, image folders."""
 
 from __future__ import annotations
 
@@ -38,6 +39,20 @@ def perturb(module: nn.Module, seed: int = 1) -> nn.Module:
             m.running_mean.copy_(0.3 * torch.randn(m.running_mean.shape, generator=g))
             m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
     return module
+
+
+class BlowsUp(torch.nn.Module):
+    """A linear classifier whose output turns NaN from its `at`-th training forward on."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(3 * 16 * 16, 10)
+        self.at, self.calls = at, 0
+
+    def forward(self, x):
+        self.calls += self.training
+        out = self.linear(x.flatten(1))
+        return out * float("nan") if self.calls >= self.at else out
 
 
 FOLDER_CLASSES = ["cat", "dog", "fish"]  # written below in another order: the sorted names decide the labels

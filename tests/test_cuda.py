@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import ofa
-from conftest import SEED_SPACE, tiny_net
+from conftest import SEED_SPACE, BlowsUp, tiny_net
 from ofa import data as data_mod
 from ofa.train import DeviceData, DivergenceError, Schedule, calibrate_bn, evaluate, fit
 
@@ -122,22 +122,8 @@ def test_a_stopped_fit_on_the_device_resumes_from_its_last_epoch(synthetic, devi
         assert torch.allclose(a.float(), b.float(), rtol=tolerance, atol=tolerance), name
 
 
-class _BlowsUp(torch.nn.Module):
-    """A linear classifier whose output turns NaN from its `at`-th training forward on."""
-
-    def __init__(self, at: int) -> None:
-        super().__init__()
-        self.linear = torch.nn.Linear(3 * 16 * 16, 10)
-        self.at, self.calls = at, 0
-
-    def forward(self, x):
-        self.calls += self.training
-        out = self.linear(x.flatten(1))
-        return out * float("nan") if self.calls >= self.at else out
-
-
 def test_the_divergence_guard_on_the_device_names_the_step_and_saves_nothing(synthetic, device, tmp_path):
-    model = _BlowsUp(at=3).to(device)
+    model = BlowsUp(at=3).to(device)
     with pytest.raises(DivergenceError, match=r"^t: loss is nan at epoch 1 step 3 \(lr 0\.06\); lower the learning rate$"):
         fit(model, on(synthetic, device), Schedule(epochs=2, lr=0.1, batch_size=32, warmup_epochs=0.4), desc="t",
             resume=tmp_path / "state.pt", progress=False)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ofa.train import SYNC_EVERY, DivergenceError, Schedule, calibrate_bn, evaluate, fit, soft_cross_entropy
-from conftest import SEED_SPACE, tiny_net
+from conftest import SEED_SPACE, BlowsUp, tiny_net
 
 
 def test_schedule_warms_up_linearly_then_decays_by_cosine_to_zero():
@@ -57,22 +57,8 @@ def test_teacher_changes_the_loss(synthetic):
     assert losses[1] > losses[0] + 0.5  # a random teacher's soft targets add about log(10)
 
 
-class _BlowsUp(torch.nn.Module):
-    """A linear classifier whose output turns NaN from its `at`-th training forward on."""
-
-    def __init__(self, at: int) -> None:
-        super().__init__()
-        self.linear = torch.nn.Linear(3 * 16 * 16, 10)
-        self.at, self.calls = at, 0
-
-    def forward(self, x):
-        self.calls += self.training
-        out = self.linear(x.flatten(1))
-        return out * float("nan") if self.calls >= self.at else out
-
-
 def test_non_finite_loss_names_its_step_and_nothing_is_saved(synthetic, tmp_path):
-    model = _BlowsUp(at=3)  # 448 training images / batch 32: 14 steps, read back after steps 1 and 14
+    model = BlowsUp(at=3)  # 448 training images / batch 32: 14 steps, read back after steps 1 and 14
     with pytest.raises(DivergenceError, match=r"^t: loss is nan at epoch 1 step 3 \(lr 0\.06\); lower the learning rate$"):
         fit(model, synthetic, Schedule(epochs=2, lr=0.1, batch_size=32, warmup_epochs=0.4), desc="t",
             resume=tmp_path / "state.pt", progress=False)
@@ -80,7 +66,7 @@ def test_non_finite_loss_names_its_step_and_nothing_is_saved(synthetic, tmp_path
 
 
 def test_a_non_finite_loss_mid_epoch_stops_at_the_next_read_back_naming_its_first_step(synthetic, tmp_path):
-    model = _BlowsUp(at=5)  # 2 * SYNC_EVERY steps of 8 images: read back after steps 1, SYNC_EVERY + 1, ...
+    model = BlowsUp(at=5)  # 2 * SYNC_EVERY steps of 8 images: read back after steps 1, SYNC_EVERY + 1, ...
     schedule = Schedule(epochs=1, lr=0.1, batch_size=8, warmup_epochs=0.0, images_per_epoch=8 * 2 * SYNC_EVERY)
     with pytest.raises(DivergenceError, match=r"^t: loss is nan at epoch 1 step 5 \(lr 0\.\d+\); lower the"):
         fit(model, synthetic, schedule, desc="t", resume=tmp_path / "state.pt", progress=False)
