@@ -453,8 +453,8 @@ def evaluate_space(params: Params, root: Path = Path("."),
     data, net, calibration, configs, key = _space_setup(params, root, w)
     done_path = root / RESUME / "evaluate_space.json"
     state = root / RESUME / ("evaluate_space.pt" if w.main else f"evaluate_space.rank{w.rank}.pt")
-    records = _resumed_records(done_path, key, configs, w)
-    _evaluate_remaining(params, net, configs, data, calibration, records, done_path, state, key, progress, w)
+    done = _resumed_records(done_path, key, configs, w)
+    records = _evaluate_remaining(params, net, configs, data, calibration, done, done_path, state, key, progress, w)
     state.unlink(missing_ok=True)
     if not w.main:
         return None
@@ -487,15 +487,16 @@ def _resumed_records(done_path: Path, key: str, configs: list[SubnetConfig], w: 
 
 
 def _evaluate_remaining(params: Params, net: OFANet, configs: list[SubnetConfig], data: DeviceData,
-                        calibration: list[torch.Tensor], records: list[dict], done_path: Path, state: Path, key: str,
-                        progress: bool, w: distributed.World) -> None:
-    """Evaluate the configs after `records`, one per rank at a time, appending to `records` in order; rank 0
-    saves them to `done_path` after each round."""
+                        calibration: list[torch.Tensor], done: list[dict], done_path: Path, state: Path, key: str,
+                        progress: bool, w: distributed.World) -> list[dict]:
+    """The records of every config: `done` (the first configs') and the rest, evaluated one per rank at a time;
+    rank 0 saves those finished to `done_path` after each round."""
 
     def evaluate_one(i: int) -> dict:  # alone on this rank: no collective inside
         return _evaluate_config(params, net, configs[i], data, calibration, i, state, f"{key}:{i}",
                                 progress and w.main)
 
+    records = list(done)
     for first in range(len(records), len(configs), w.size):  # one config per rank at a time
         new = distributed.map_ordered(evaluate_one, range(first, min(first + w.size, len(configs))), w)
         records += new
@@ -505,6 +506,7 @@ def _evaluate_remaining(params: Params, net: OFANet, configs: list[SubnetConfig]
             if progress and w.main:
                 print(f"[{i + 1}/{len(configs)}] {r['config']}: {r['macs'] / 1e6:.2f}M MACs, accuracy "
                       f"{r['accuracy']:.4f}, fine-tuned {r['accuracy_finetuned']:.4f}", flush=True)
+    return records
 
 
 def _write_space(root: Path, records: list[dict], net: OFANet, params: Params, start: float, device: torch.device,
