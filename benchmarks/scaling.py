@@ -3,7 +3,7 @@
     python benchmarks/scaling.py                       # 1 and 2 processes, the quick profile's net, CPU (gloo)
     python benchmarks/scaling.py --processes 1 2 4 8 --net default --device cuda   # a machine's GPUs (NCCL)
 
-Each run launches its processes as the stages do (``ofa.distributed.launch``), trains the supernet as
+Each run launches its processes as the stages do (``ofa.train.launch.launch``), trains the supernet as
 shrink_width does (kernel, depth and width sampled, `--subnets` subnets per step, summed, distilled from a
 frozen full-network teacher unless `--kd-ratio 0`) on random images
 of the net's input shape for two epochs of `--steps` steps, and reports the second epoch: images/s over all
@@ -29,9 +29,9 @@ from pathlib import Path
 
 import torch
 
-from ofa import ConfigSpace, OFANet, UnitSpec, distributed
+from ofa import ConfigSpace, OFANet, UnitSpec
 from ofa import data as data_mod
-from ofa.train import DeviceData, Schedule, fit, select_device
+from ofa.train import DeviceData, Schedule, distributed, fit, launch, select_device
 
 NETS = {  # (input shape, macro structure)
     "quick": ((1, 28, 28), dict(units=[UnitSpec(16, 2, "relu", False), UnitSpec(32, 1, "relu", True),
@@ -108,7 +108,7 @@ def run(processes: int, args: argparse.Namespace, ddp: bool = False) -> dict | N
         if processes == 1:  # no launcher: the single-process path, as train.processes 1 runs it
             code = subprocess.run([sys.executable, __file__, *flags]).returncode
         else:
-            code = distributed.launch(processes, __file__, flags)
+            code = launch.launch(processes, __file__, flags)
         return json.loads(out.read_text()) if code == 0 and out.is_file() else None
 
 

@@ -5,9 +5,9 @@
     python benchmarks/schedule.py --params my.yaml --shape 3 64 64 --train-images 9000 --test-images 1000
     python benchmarks/schedule.py -S supernet.epochs=30 -S train.batch_size=256   # overrides, as dvc exp run -S
 
-Every training phase (``ofa.recipe.phases``: the configs it samples, its subnets per step, its teacher and
-what it trains, as the stage runs them) trains the params' network with ``fit`` on random uint8 images of the
-dataset's input shape: one warm-up epoch, then `--steps` measured steps. BN calibration
+Every training phase (``ofa.pipeline.recipe.phases``: the configs it samples, its subnets per step, its
+teacher and what it trains, as the stage runs them) trains the params' network with ``fit`` on random uint8
+images of the dataset's input shape: one warm-up epoch, then `--steps` measured steps. BN calibration
 (`evaluate.bn_calibration_images`), evaluation and fine-tuning are timed the same way, on the smallest and
 the largest subnet. The projection multiplies those speeds by the schedule: each phase's epochs of training
 images, the max config's val accuracy after every epoch and the stage's closing test evaluations;
@@ -32,10 +32,11 @@ from pathlib import Path
 import torch
 
 from ofa import data as data_mod
-from ofa import recipe
-from ofa.config import Params, ParamsError, load_params
-from ofa.pipeline import TRAINING_STAGES, build_net, save_checkpoint, schedule
-from ofa.supernet import OFANet
+from ofa.model import OFANet
+from ofa.pipeline import recipe
+from ofa.pipeline.checkpoint import build_net, save_checkpoint
+from ofa.pipeline.config import Params, ParamsError, load_params
+from ofa.pipeline.context import TRAINING_STAGES
 from ofa.train import DeviceData, calibrate_bn, evaluate, fit, select_device
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,7 +83,7 @@ def measure_training(params: Params, net: OFANet, data: DeviceData, steps: int, 
         if stage == "shrink_kernel" and params.shrink.kernel.transforms_only:
             parameters = [p for name, p in net.named_parameters() if ".transforms." in name]
         for phase in recipe.phases(params, stage, net.space):
-            plan = schedule(params, phase.schedule, warmup_epochs=phase.warmup_epochs)
+            plan = recipe.schedule(params, phase.schedule, warmup_epochs=phase.warmup_epochs)
             rate = _images_per_s(net, data, plan, steps, sample=phase.sampler(net, stage),
                                  parameters=parameters, teacher=teacher, reduce=params.shrink.reduce,
                                  kd_ratio=params.shrink.kd_ratio if teacher is not None else 0.0)
@@ -111,7 +112,7 @@ def measure_subnets(params: Params, net: OFANet, data: DeviceData, steps: int) -
             evaluate_s.append(_seconds(lambda: evaluate(sub, data, batch_size=eval_bs, split="test"), data.device))
         ft = params.evaluate.finetune
         out[name] = {"calibrate_s": calibrate_s[-1], "evaluate_per_s": len(data.test) / evaluate_s[-1],
-                     "finetune_per_s": _images_per_s(sub, data, schedule(params, ft), steps)}
+                     "finetune_per_s": _images_per_s(sub, data, recipe.schedule(params, ft), steps)}
         print(f"  {name} subnet: calibration {calibrate_s[-1]:.2f} s, evaluation "
               f"{out[name]['evaluate_per_s']:.0f} images/s, fine-tuning {out[name]['finetune_per_s']:.1f} images/s",
               file=sys.stderr, flush=True)

@@ -1,8 +1,8 @@
 """Exit time of a stage process: from its last output to the end of the process, as `dvc repro` waits for it.
 
-A child process imports what a stage imports (``ofa.pipeline``), takes one SGD step on a small OFA net (the
+A child process imports what a training stage imports (``ofa.pipeline.process``, ``.training``), takes one SGD step on a small OFA net (the
 optimizer imports torch._dynamo, as in every training stage), prints the time, then exits either as the stage
-scripts do (``pipeline._exit``: ``gc.freeze()``, then ``sys.exit``) or with a plain ``sys.exit``. Prints the
+scripts do (``process._exit``: ``gc.freeze()``, then ``sys.exit``) or with a plain ``sys.exit``. Prints the
 median exit time of each over a few runs, one after the other (never two torch processes at once).
 
     python benchmarks/stage_exit.py [--runs 5]
@@ -20,13 +20,13 @@ CHILD = """
 import sys, time
 import torch
 import ofa
-from ofa import pipeline
+from ofa.pipeline import process, training
 net = ofa.OFANet(ofa.ConfigSpace(kernel=(5, 7), depth=(2, 3), width=(2, 4)), in_channels=3, num_classes=10)
 opt = torch.optim.SGD(net.parameters(), lr=0.1)
 net(torch.randn(2, 3, 32, 32)).sum().backward()
 opt.step()
 print(time.time(), flush=True)
-pipeline._exit(0) if sys.argv[1] == "stage" else sys.exit(0)
+process._exit(0) if sys.argv[1] == "stage" else sys.exit(0)
 """
 
 
@@ -50,7 +50,7 @@ def main() -> None:
     stage, plain = (statistics.median(times[h]) for h in ("stage", "plain"))
     print(f"exit after the last output, median of {args.runs} runs:")
     print(f"  sys.exit:                     {plain:.2f} s")
-    print(f"  pipeline._exit (gc.freeze):   {stage:.2f} s   ({plain - stage:.2f} s less per stage process)")
+    print(f"  process._exit (gc.freeze):   {stage:.2f} s   ({plain - stage:.2f} s less per stage process)")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
-"""Atomic writes: a stage killed at any moment leaves the old file (or folder) or the new one, never a partial one."""
+"""Files every layer writes and reads: atomic writes (a stage killed at any moment leaves the old file or folder
+or the new one, never a partial one), JSON, tensor files loaded weights-only, and content digests."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -49,6 +51,15 @@ def replaced_dir(path: Path) -> Iterator[Path]:
     finally:
         for leftover in (staging, old):
             shutil.rmtree(leftover, ignore_errors=True)
+
+
+def md5_file(path: Path) -> str:
+    """The md5 hex digest of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _umask() -> int:

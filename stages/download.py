@@ -1,5 +1,5 @@
 """Stage download: fetch and verify the dataset, save uint8 train/val/test tensors to data/prepared."""
 
-from ofa import pipeline
+from ofa.pipeline import download, process
 
-pipeline.main(pipeline.download, parallel=False)  # one process: nothing in it divides among several
+process.main(download.download, parallel=False)  # one process: nothing in it divides among several

@@ -1,5 +1,5 @@
 """Stage shrink_depth: progressive shrinking, elastic depth (sample kernel and depth)."""
 
-from ofa import pipeline
+from ofa.pipeline import process, training
 
-pipeline.main(lambda params: pipeline.train_stage(params, "shrink_depth"))
+process.main(lambda params: training.train_stage(params, "shrink_depth"))

@@ -1,5 +1,5 @@
 """Stage shrink_kernel: progressive shrinking, elastic kernel (sample kernels per block)."""
 
-from ofa import pipeline
+from ofa.pipeline import process, training
 
-pipeline.main(lambda params: pipeline.train_stage(params, "shrink_kernel"))
+process.main(lambda params: training.train_stage(params, "shrink_kernel"))

@@ -1,5 +1,5 @@
 """Stage shrink_width: progressive shrinking, elastic width (sort channels, then sample kernel, depth and width)."""
 
-from ofa import pipeline
+from ofa.pipeline import process, training
 
-pipeline.main(lambda params: pipeline.train_stage(params, "shrink_width"))
+process.main(lambda params: training.train_stage(params, "shrink_width"))

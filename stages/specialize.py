@@ -1,6 +1,6 @@
 """Stage specialize: per-block search for the most accurate subnet within each MACs budget; export the picks."""
 
-from ofa import pipeline, specialize
+from ofa.pipeline import process, specialize
 
 
 def run(params):
@@ -10,4 +10,4 @@ def run(params):
     return summary
 
 
-pipeline.main(run)
+process.main(run)

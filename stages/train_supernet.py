@@ -1,5 +1,5 @@
 """Stage train_supernet: train the supernet at its max config."""
 
-from ofa import pipeline
+from ofa.pipeline import process, training
 
-pipeline.main(lambda params: pipeline.train_stage(params, "train_supernet"))
+process.main(lambda params: training.train_stage(params, "train_supernet"))

@@ -13,7 +13,7 @@ import sys
 import pytest
 import yaml
 
-from ofa.config import parse_params
+from ofa.pipeline.config import parse_params
 from test_pipeline import ROOT, tiny_params
 
 

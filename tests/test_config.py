@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ofa.config import ParamsError, load_params, parse_params
+from ofa.pipeline.config import ParamsError, load_params, parse_params
 
 ROOT = Path(__file__).resolve().parents[1]
 RAW = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -178,23 +178,23 @@ def test_budget_below_the_smallest_subnet_fails_before_any_training(tmp_path):
                                      "(k5-d2-w2: 616512 MACs on 3x16x16 input); at least 616512")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
     # budgets that fit, then a net whose smallest subnet outgrows them: the next stage stops before training
-    from ofa import pipeline
+    from ofa.pipeline import context, download
 
     raw["specialize"]["budgets"] = [800_000, 1_500_000]
-    pipeline.download(parse_params(raw), tmp_path)
+    download.download(parse_params(raw), tmp_path)
     raw["net"]["final_channels"] = 256  # the smallest subnet: about 0.85M MACs
     with pytest.raises(ParamsError, match=r"^specialize\.budgets\[0\]: 800000 MACs is below the smallest subnet "
                        r"\(k5-d2-w2: (\d+) MACs on 3x16x16 input\); at least \1$"):
-        pipeline.stage_setup(parse_params(raw), tmp_path, 0)
+        context.StageContext.open(parse_params(raw), tmp_path, "train_supernet")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "params.yaml"]
 
 def test_download_checks_budgets_before_fetching_anything(tmp_path):
-    from ofa import pipeline
+    from ofa.pipeline import download
     from test_pipeline import tiny_params
 
     raw = tiny_params(dataset="cifar10", source_dir=str(tmp_path / "empty"))  # no archive anywhere, no network
     raw["specialize"]["budgets"] = [1000]
     with pytest.raises(ParamsError, match=r"^specialize\.budgets\[0\]: 1000 MACs is below the smallest subnet "
                                           r"\(k5-d2-w2: \d+ MACs on 3x32x32 input\)"):
-        pipeline.download(parse_params(raw), tmp_path)
+        download.download(parse_params(raw), tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == []

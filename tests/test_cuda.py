@@ -148,20 +148,20 @@ def test_a_subnet_trained_on_the_device_exports_and_reloads(trained, synthetic, 
 def test_the_stages_run_on_the_device(device, tmp_path):
     for module in ("dvclive", "optuna", "calflops"):  # the stages' own imports, absent from a bare GPU image
         pytest.importorskip(module)
-    from ofa import pipeline, specialize
-    from ofa.config import parse_params
+    from ofa.pipeline import context, download, evaluate_space, specialize, training
+    from ofa.pipeline.config import parse_params
     from test_pipeline import tiny_params
 
     raw = tiny_params()
     raw["train"]["device"] = DEVICE
     params = parse_params(raw)
-    pipeline.download(params, tmp_path)
-    for stage in pipeline.TRAINING_STAGES:
-        pipeline.train_stage(params, stage, tmp_path, progress=False)
-    pipeline.evaluate_space(params, tmp_path, progress=False)
+    download.download(params, tmp_path)
+    for stage in context.TRAINING_STAGES:
+        training.train_stage(params, stage, tmp_path, progress=False)
+    evaluate_space.evaluate_space(params, tmp_path, progress=False)
     summary = specialize.specialize(params, tmp_path, progress=False)
     metrics = tmp_path / "metrics"
-    for stage in pipeline.TRAINING_STAGES:
+    for stage in context.TRAINING_STAGES:
         assert json.loads((metrics / "timing" / f"{stage}.json").read_text())["device"] == device.type
     assert json.loads((metrics / "shrink_width.json").read_text())["accuracy_max"] > 0.5
     space = json.loads((metrics / "space.json").read_text())

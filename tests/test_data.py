@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ofa import data, memory, splits
+from ofa import data
+from ofa.data import memory, splits
 from ofa.data import DataError, Dataset, RemoteFile, Split
 
 CIFAR_NAME = "cifar-10-binary.tar.gz"
@@ -191,7 +192,7 @@ def test_constants() -> None:
 
 
 def test_ofa_data_exports_the_data_modules_public_names() -> None:
-    from ofa import archives, folder, memory, remote
+    from ofa.data import archives, folder, memory, remote
 
     modules = (archives, folder, memory, remote, splits)
     assert sorted(data.__all__) == sorted(set(data.__all__))

@@ -27,9 +27,9 @@ import yaml
 
 from conftest import SEED_SPACE, perturb, tiny_net
 from ofa import data as data_mod
-from ofa import memory
-from ofa import distributed
-from ofa.config import ParamsError, parse_params
+from ofa.data import memory
+from ofa.train import distributed, launch, sync_bn
+from ofa.pipeline.config import ParamsError, parse_params
 from ofa.train import DeviceData, DivergenceError, Schedule, calibrate_bn, evaluate, fit
 from test_pipeline import ROOT, STAGES, new_project, ran, run, tiny_params
 
@@ -306,10 +306,10 @@ def _resume_rank(rank: int, out: Path) -> None:
             return None, sorted(p.name for p in out.iterdir() if p.suffix == ".pt")
         return {k: v.clone() for k, v in net.state_dict().items()}, len(epochs)
 
-    import ofa.train
+    import ofa.train.state
 
-    writes, real = [], ofa.train.atomic_write
-    ofa.train.atomic_write = lambda path, *a, **k: writes.append(Path(path).name) or real(path, *a, **k)
+    writes, real = [], ofa.train.state.atomic_write
+    ofa.train.state.atomic_write = lambda path, *a, **k: writes.append(Path(path).name) or real(path, *a, **k)
     whole, _ = run(out / "a.pt")
     _, files = run(out / "b.pt", stop_at=2)  # killed after epoch 1's state was saved, in epoch 2
     dist.barrier()
@@ -349,7 +349,7 @@ def test_batch_norm_over_ranks_keeps_its_precision_far_from_zero():
                                               training=True, momentum=0.1, eps=1e-5)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     try:
-        got = distributed.batch_norm_over_ranks(x, running_mean, running_var, None, None, 0.1, 1e-5)
+        got = sync_bn.batch_norm_over_ranks(x, running_mean, running_var, None, None, 0.1, 1e-5)
     finally:
         dist.destroy_process_group()
     assert float((got.double() - expected).abs().max()) < 1e-2
@@ -452,7 +452,7 @@ def test_ranks_whose_inputs_or_torch_differ_from_rank_0s_stop_naming_the_rank(ra
 
 _RELEASE_JOB = """
 import os, sys, torch
-from ofa import distributed
+from ofa.train import distributed
 with distributed.process_group("cpu") as w:
     p = torch.nn.Parameter(torch.ones(3))
     p.grad = torch.ones(3)
@@ -468,7 +468,7 @@ def test_a_rank_has_released_its_process_group_when_it_exits(tmp_path):
     """No gloo thread outlives the group into the interpreter's shutdown (where it could abort the rank)."""
     job = tmp_path / "job.py"
     job.write_text(_RELEASE_JOB)
-    assert distributed.launch(2, str(job), [str(tmp_path)]) == 0
+    assert launch.launch(2, str(job), [str(tmp_path)]) == 0
     for rank in (0, 1):
         threads = (tmp_path / f"threads{rank}.txt").read_text().split()
         assert threads and not [t for t in threads if "gloo" in t], threads
@@ -478,7 +478,7 @@ _PATIENT_JOB = """
 import json, os, sys, time
 import torch
 from datetime import timedelta
-from ofa import distributed
+from ofa.train import distributed
 distributed.TIMEOUT = timedelta(seconds=4)  # the training collectives' limit, made short
 with distributed.process_group("cpu") as w:
     def work(i):  # rank 1's item takes longer than a training collective may wait
@@ -495,7 +495,7 @@ def test_ranks_dealt_configs_wait_for_the_slowest_longer_than_training_collectiv
     the object collectives have their own group and limit, so that wait is not a hung peer."""
     job = tmp_path / "job.py"
     job.write_text(_PATIENT_JOB)
-    assert distributed.launch(2, str(job), [str(tmp_path)]) == 0
+    assert launch.launch(2, str(job), [str(tmp_path)]) == 0
     for rank in (0, 1):
         assert json.loads((tmp_path / f"results{rank}.json").read_text()) == [0, 10, 20]
 
@@ -510,10 +510,10 @@ def _stage(name: str, cwd: Path, env: dict | None = None) -> subprocess.Complete
 
 _NO_LAUNCH = """
 import runpy, sys
-from ofa import distributed
+from ofa.train import launch as launching
 def launch(*args):  # a stage that starts workers exits 99 instead
     sys.exit(99)
-distributed.launch = launch
+launching.launch = launch
 runpy.run_path(sys.argv[1], run_name="__main__")
 """
 
@@ -631,12 +631,13 @@ def test_evaluate_space_on_two_ranks_records_what_one_process_does(two_process_r
 
 def _resume_space_rank(rank: int, out: Path, project: Path) -> None:
     """evaluate_space on two ranks: whole; stopped one fine-tuning epoch into the second round; resumed."""
-    from ofa import pipeline, train
+    from ofa.pipeline import evaluate_space
+    from ofa.train import state as train_state
 
     raw = yaml.safe_load((project / "params.yaml").read_text())
     raw["evaluate"]["finetune"]["epochs"] = 2
     params = parse_params(raw)
-    save, saves = train._save_state, []
+    save, saves = train_state.save, []
 
     def counted(*args):
         save(*args)
@@ -644,7 +645,7 @@ def _resume_space_rank(rank: int, out: Path, project: Path) -> None:
         if stop and len(saves) == 5:  # round 1: configs 1 and 2 (2 epochs each); then 1 epoch of configs 3 and 4
             raise KeyboardInterrupt
 
-    train._save_state = counted
+    train_state.save = counted
     for name, stop in (("whole", False), ("stopped", True), ("stopped", False)):
         root = out / name
         if not root.exists() and rank == 0:
@@ -653,7 +654,7 @@ def _resume_space_rank(rank: int, out: Path, project: Path) -> None:
         dist.barrier()
         saves.clear()
         try:
-            pipeline.evaluate_space(params, root, progress=False)
+            evaluate_space.evaluate_space(params, root, progress=False)
         except KeyboardInterrupt:
             dist.barrier()  # both ranks stopped
             (out / f"stopped{rank}.json").write_text(json.dumps(sorted(p.name for p in (root / ".resume").iterdir())))
@@ -779,34 +780,34 @@ def test_a_divergence_stops_both_ranks_with_one_line(long_training):
 
 
 def test_the_ranks_of_a_machine_each_hold_the_dataset_in_its_memory(downloaded, monkeypatch):
-    from ofa import pipeline
+    from ofa.pipeline import context
 
     for key, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": "1"}.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setattr(memory, "available_memory", lambda device: 1000)
     params = parse_params(yaml.safe_load((downloaded / "params.yaml").read_text()))
-    files = sum(f.stat().st_size for f in pipeline.prepared_files(downloaded))
+    files = sum(f.stat().st_size for f in context.prepared_files(downloaded))
     size = memory.size_text(2 * (files + 4 * 128 * 3 * 16 * 16))  # 2 copies, each with its calibration images
     with pytest.raises(data_mod.DataError, match=rf"^the prepared dataset with 128 BN calibration images, once per "
                                                  rf"process \(2\), needs {size} but cpu has 1\.0 KiB available; lower "
                                                  r"data\.image_size, data\.train_limit, "
                                                  r"evaluate\.bn_calibration_images or train\.processes$"):
-        pipeline.stage_setup(params, downloaded, 0)
+        context.StageContext.open(params, downloaded, "train_supernet")
 
 
 def test_on_a_gpu_the_host_memory_the_dataset_passes_through_is_checked_too(downloaded, monkeypatch):
-    from ofa import pipeline
+    from ofa.pipeline import context
 
-    files = sum(f.stat().st_size for f in pipeline.prepared_files(downloaded))
+    files = sum(f.stat().st_size for f in context.prepared_files(downloaded))
     params = parse_params(yaml.safe_load((downloaded / "params.yaml").read_text()))
     monkeypatch.setattr(memory, "available_memory", lambda device: 2**40 if device.type == "cuda" else files - 1)
     with pytest.raises(data_mod.DataError, match=r"^reading the prepared dataset into host memory on its way to "
                                                  r"cuda:0 needs .* but cpu has .* available; lower data\.image_size "
                                                  r"or data\.train_limit$"):
-        pipeline._check_memory(params, downloaded, torch.device("cuda", 0), 100, (3, 16, 16))
+        context.check_memory(params, downloaded, torch.device("cuda", 0), 100, (3, 16, 16))
     monkeypatch.setattr(memory, "available_memory", lambda device: 2**40 if device.type == "cuda" else files)
-    pipeline._check_memory(params, downloaded, torch.device("cuda", 0), 100, (3, 16, 16))  # just fits
+    context.check_memory(params, downloaded, torch.device("cuda", 0), 100, (3, 16, 16))  # just fits
 
 
 def test_a_cuda_rank_joins_with_nccl_on_the_gpu_of_its_local_rank(monkeypatch):
@@ -851,11 +852,11 @@ def test_the_launcher_names_the_rank_that_caused_the_failure(tmp_path):
     from types import SimpleNamespace as Failure
 
     killed, exited, stopped = Failure(exitcode=-signal.SIGKILL), Failure(exitcode=1), Failure(exitcode=-signal.SIGTERM)
-    assert distributed._cause(tmp_path, {0: exited, 1: killed}) == 1  # rank 0 exited on its broken connection
-    assert distributed._cause(tmp_path, {0: stopped, 1: exited}) == 1  # rank 0 was stopped by the launcher
-    assert distributed._cause(tmp_path, {0: exited, 1: exited}) == 0
+    assert launch._cause(tmp_path, {0: exited, 1: killed}) == 1  # rank 0 exited on its broken connection
+    assert launch._cause(tmp_path, {0: stopped, 1: exited}) == 1  # rank 0 was stopped by the launcher
+    assert launch._cause(tmp_path, {0: exited, 1: exited}) == 0
     (tmp_path / "rank1.json").write_text(json.dumps({"message": "train_supernet: loss is nan"}))
-    assert distributed._cause(tmp_path, {0: killed, 1: exited}) == 1  # its own one-line error comes first
-    assert distributed.failure_message(tmp_path, 1, 2, 2) == "train_supernet: loss is nan"
-    assert distributed.failure_message(tmp_path, 0, -signal.SIGKILL, 2) == (
+    assert launch._cause(tmp_path, {0: killed, 1: exited}) == 1  # its own one-line error comes first
+    assert launch.failure_message(tmp_path, 1, 2, 2) == "train_supernet: loss is nan"
+    assert launch.failure_message(tmp_path, 0, -signal.SIGKILL, 2) == (
         "rank 0 of 2 was killed by SIGKILL; the other ranks were stopped (rerun the stage to resume it)")

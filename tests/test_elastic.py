@@ -10,15 +10,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
 
-from ofa import elastic
-from ofa.elastic import (
+from ofa.model import elastic
+from ofa.model.elastic import (
     ElasticBatchNorm2d,
     ElasticConv2d,
     ElasticMBBlock,
     ElasticSqueezeAndExcite,
     ElasticUnit,
 )
-from ofa.subnet import MBBlock, SqueezeAndExcite, Unit, expanded_channels, make_divisible, se_channels
+from ofa.model.subnet import MBBlock, SqueezeAndExcite, Unit, expanded_channels, make_divisible, se_channels
 from conftest import perturb
 
 

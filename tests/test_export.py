@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import ofa
-from ofa.export import ExportError
+from ofa.deploy.export import ExportError
 from conftest import SEED_SPACE, TINY_UNITS, perturb, tiny_net
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,7 +100,8 @@ def test_onnx_without_normalisation_takes_the_subnets_own_input(subnet, tmp_path
 
 def test_a_failed_export_leaves_no_partial_models_folder(tmp_path, monkeypatch):
     from ofa import data as data_mod
-    from ofa import search, specialize
+    from ofa.deploy import search
+    from ofa.pipeline import specialize
     from ofa.train import DeviceData
 
     net = perturb(tiny_net(SEED_SPACE)).eval()

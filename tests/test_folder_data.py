@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ofa import data, folder, memory
+from ofa import data
+from ofa.data import folder, memory
 from ofa.data import DataError
 
 S = 8  # data.image_size of these tests

@@ -17,9 +17,10 @@ import yaml
 
 from conftest import FOLDER_CLASSES, write_folder
 from ofa import data as data_mod
-from ofa import memory
-from ofa import pipeline
-from ofa.config import parse_params
+from ofa.data import memory
+from ofa.pipeline import context, download, training
+from ofa.pipeline.config import parse_params
+from ofa.train import DeviceData
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["download", "train_supernet", "shrink_kernel", "shrink_depth", "shrink_width", "evaluate_space", "specialize"]
@@ -149,37 +150,37 @@ def test_curves_and_the_search_score_on_val_and_report_on_test(repro):
     import torch
 
     import ofa
-    from ofa import pipeline
-    from ofa.config import load_params
-    from ofa.space import SubnetConfig
-    from ofa.train import calibrate_bn
+    from ofa.pipeline import context
+    from ofa.pipeline.config import load_params
+    from ofa.model.space import SubnetConfig
+    from ofa.train import calibrate_bn, subnet_accuracy
 
     p, _, _ = repro
     params = load_params(p / "params.yaml")
     bs = params.train.eval_batch_size
 
-    def accuracies(stage_index: int, cfg_of: object) -> tuple[float, float]:
-        data, net, calibration = pipeline.stage_setup(params, p, stage_index)
-        pipeline.load_checkpoint(net, p / "models" / "shrink_width.pt")
-        cfg = cfg_of(net)
-        return tuple(pipeline.subnet_accuracy(net.eval(), cfg, data, calibration, bs, split)
+    def accuracies(stage: str, cfg_of: object) -> tuple[float, float]:
+        ctx = context.StageContext.open(params, p, stage)  # the stage's own BN calibration images
+        ctx.load("shrink_width")
+        cfg = cfg_of(ctx.net)
+        return tuple(subnet_accuracy(ctx.net.eval(), cfg, ctx.data, ctx.calibration, bs, split)
                      for split in ("val", "test"))
 
     metrics = json.loads((p / "metrics" / "shrink_width.json").read_text())
     with open(p / "metrics" / "live" / "shrink_width" / "plots" / "metrics" / "val" / "accuracy_max.tsv") as f:
         curve = list(csv.DictReader(f, delimiter="\t"))
-    val, test = accuracies(list(pipeline.TRAINING_STAGES).index("shrink_width"), lambda net: net.max_config())
+    val, test = accuracies("shrink_width", lambda net: net.max_config())
     assert float(curve[-1]["accuracy_max"]) == metrics["val_accuracy_max"] == val
     assert metrics["accuracy_max"] == test
     pick = json.loads((p / "metrics" / "specialize.json").read_text())["budgets"]["macs-1.5M"]
     record = next(r for r in json.loads((p / "metrics" / "search.json").read_text()) if r["config"] == pick["config"])
-    val, test = accuracies(len(pipeline.TRAINING_STAGES), lambda net: SubnetConfig.from_dict(record["subnet"]))
+    val, test = accuracies("specialize", lambda net: SubnetConfig.from_dict(record["subnet"]))
     assert record["val_accuracy"] == pick["val_accuracy"] == val and pick["accuracy"] == test
     # the export holds the subnet that was scored: extracted, then BN-calibrated on evaluate_space's images
-    data, net, calibration = pipeline.stage_setup(params, p, len(pipeline.TRAINING_STAGES))
-    pipeline.load_checkpoint(net, p / "models" / "shrink_width.pt")
-    expected = net.extract(SubnetConfig.from_dict(record["subnet"]))
-    calibrate_bn(expected, calibration)
+    ctx = context.StageContext.open(params, p, "specialize")
+    ctx.load("shrink_width")
+    expected = ctx.net.extract(SubnetConfig.from_dict(record["subnet"]))
+    calibrate_bn(expected, ctx.calibration)
     exported = ofa.load_subnet(p / "models" / "specialized" / "macs-1.5M.pt").state_dict()
     assert exported.keys() == expected.state_dict().keys()
     for name, tensor in expected.state_dict().items():
@@ -229,7 +230,7 @@ def test_a_corrupt_image_is_named_before_any_training(tmp_path):
 def test_a_folders_val_is_the_validation_split_and_train_is_all_of_train(tmp_path):
     source = write_folder(tmp_path / "images", {"train": 4, "test": 2, "val": 3})
     raw = tiny_params(dataset="folder", source_dir=str(source), image_size=16, val_images=1000)  # unused here
-    summary = pipeline.download(parse_params(raw), tmp_path)
+    summary = download.download(parse_params(raw), tmp_path)
     assert (summary["train_images"], summary["val_images"], summary["test_images"]) == (12, 9, 6)
     ds = data_mod.prepare("folder", tmp_path / "unused", source_dir=source, image_size=16, progress=False)
     for name in ("train", "val", "test"):
@@ -244,7 +245,7 @@ def test_a_relative_or_home_source_dir_is_found_from_the_project(tmp_path, monke
     monkeypatch.chdir(tmp_path)  # not the project: a relative path is the project's
     for source_dir in ("images", "~/images"):
         raw = tiny_params(dataset="folder", source_dir=source_dir, image_size=16)
-        summary = pipeline.download(parse_params(raw), tmp_path / "project")
+        summary = download.download(parse_params(raw), tmp_path / "project")
         assert (summary["train_images"], summary["val_images"], summary["test_images"]) == (12, 9, 6), source_dir
 
 
@@ -253,7 +254,7 @@ def test_val_images_must_leave_a_folder_without_val_images_to_train_on(tmp_path)
     raw = tiny_params(dataset="folder", source_dir=str(source), image_size=16, val_images=12)
     with pytest.raises(data_mod.DataError, match=r"^data\.val_images: 12 is not smaller than the 12 training "
                                                  r"images \(fewer, to leave images to train on\)$"):
-        pipeline.download(parse_params(raw), tmp_path)
+        download.download(parse_params(raw), tmp_path)
     assert not (tmp_path / "data").exists()
 
 
@@ -279,15 +280,15 @@ def test_a_dataset_too_large_for_the_device_is_one_line_before_loading(repro, mo
     params = parse_params(yaml.safe_load((p / "params.yaml").read_text()))
     monkeypatch.setattr(memory, "available_memory", lambda device: 1000)
     loads = []
-    monkeypatch.setattr(pipeline.DeviceData, "load", lambda *args: loads.append(args))
-    files = sum(f.stat().st_size for f in pipeline.prepared_files(p))  # about 60 KiB
+    monkeypatch.setattr(DeviceData, "load", lambda *args: loads.append(args))
+    files = sum(f.stat().st_size for f in context.prepared_files(p))  # about 60 KiB
     n = min(128, len(data_mod.load_split(p / "data" / "prepared" / "train.pt").labels))  # calibration images
     size = memory.size_text(files + 4 * n * 3 * 16 * 16)  # they are kept as float32
     with pytest.raises(data_mod.DataError, match=rf"^the prepared dataset with {n} BN calibration images needs "
                                                  rf"{size} but cpu has 1\.0 KiB available; lower "
                                                  r"data\.image_size, data\.train_limit or "
                                                  r"evaluate\.bn_calibration_images$"):
-        pipeline.stage_setup(params, p, 0)
+        context.StageContext.open(params, p, "train_supernet")
     assert not loads
 
 
@@ -299,10 +300,10 @@ def test_fashion_mnist_subset_trains_well_above_chance(tmp_path):
     raw["supernet"] = {"epochs": 3, "lr": 0.2}
     raw["train"].update(crop_padding=2)
     params = parse_params(raw)
-    info = pipeline.download(params, tmp_path)
+    info = download.download(params, tmp_path)
     assert info == {"dataset": "fashion_mnist", "classes": 10, "train_images": 4000, "val_images": 500, "test_images": 1000,
                     "image_shape": [1, 28, 28]}
-    metrics = pipeline.train_stage(params, "train_supernet", tmp_path, progress=False)
+    metrics = training.train_stage(params, "train_supernet", tmp_path, progress=False)
     assert metrics["accuracy_max"] >= 0.7, metrics  # chance is 0.1
 
 
@@ -369,6 +370,6 @@ def test_class_names_that_are_not_a_list_of_distinct_names_are_refused(tmp_path)
         path.write_text(json.dumps(bad))
         with pytest.raises(DataError, match=r"classes\.json: not a list of at least 2 distinct class names \(rerun the "
                                             r"download stage\)$"):
-            pipeline.load_classes(tmp_path)
+            context.load_classes(tmp_path)
     path.write_text(json.dumps(["cat", "dog"]))
-    assert pipeline.load_classes(tmp_path) == ["cat", "dog"]
+    assert context.load_classes(tmp_path) == ["cat", "dog"]

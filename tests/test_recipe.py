@@ -12,8 +12,8 @@ import yaml
 
 import ofa
 from conftest import PAPER_SPACE, SEED_SPACE, TINY_UNITS, perturb
-from ofa import recipe
-from ofa.config import parse_params
+from ofa.pipeline import recipe
+from ofa.pipeline.config import parse_params
 from ofa.train import Schedule, fit
 from test_pipeline import ROOT, tiny_params
 
@@ -84,7 +84,7 @@ def test_each_stage_samples_its_own_number_of_subnets_from_its_own_space():
     assert {d for c in drawn for d in c.depth} == {3, 4}  # the first phase: all depths but the smallest
     assert _widths(drawn) == {6}  # width not sampled yet
     assert (first.schedule.epochs, first.schedule.lr, first.suffix) == (25, 0.005, ".phase1")
-    from ofa.pipeline import schedule
+    from ofa.pipeline.recipe import schedule
     warmups = [schedule(params, p.schedule, warmup_epochs=p.warmup_epochs).warmup_epochs for p in (first, second)]
     assert warmups == [0, params.train.warmup_epochs] and params.train.warmup_epochs > 0  # official: none, then 5
     drawn = [c for _ in range(200) for c in second.sampler(net, "shrink_depth")(rng)]
@@ -102,7 +102,7 @@ def test_each_stage_samples_its_own_number_of_subnets_from_its_own_space():
 @pytest.mark.parametrize("which", ["full", "previous"])
 @pytest.mark.parametrize("bn", ["train", "eval"])
 def test_the_teacher_is_the_chosen_network_in_the_chosen_bn_mode(which, bn, tmp_path, synthetic):
-    from ofa.pipeline import build_net, save_checkpoint
+    from ofa.pipeline.checkpoint import build_net, save_checkpoint
 
     params = _params(teacher=which, teacher_bn=bn)
     classes = [str(i) for i in range(10)]
@@ -126,7 +126,7 @@ def test_the_full_and_previous_teachers_of_the_same_weights_compute_the_same_bit
     """shrink_kernel's previous stage is train_supernet: either teacher is that network, in the memory format
     the pipeline trains in (channels_last), whether it comes from the stage's net or from the checkpoint (one
     input channel: the stem's weight is one whose layout the format changes)."""
-    from ofa.pipeline import build_net, save_checkpoint
+    from ofa.pipeline.checkpoint import build_net, save_checkpoint
 
     net = perturb(build_net(_params(), (1, 16, 16), [str(i) for i in range(10)]), seed=1)
     net = net.to(memory_format=torch.channels_last)
@@ -138,7 +138,7 @@ def test_the_full_and_previous_teachers_of_the_same_weights_compute_the_same_bit
 
 
 def test_the_teacher_runs_without_dropout_as_official_ofa_builds_it(tmp_path):
-    from ofa.pipeline import build_net, save_checkpoint
+    from ofa.pipeline.checkpoint import build_net, save_checkpoint
 
     raw = tiny_params()
     raw["net"]["dropout"] = 0.5
@@ -173,7 +173,7 @@ def test_the_official_head_is_counted_extracted_and_saved_exactly(tmp_path):
 
 
 def test_he_fout_init_of_every_conv_and_the_classifier():
-    from ofa.elastic import ElasticConv2d
+    from ofa.model.elastic import ElasticConv2d
 
     torch.manual_seed(0)
     net = ofa.OFANet(SEED_SPACE, 3, 10, feature_mix_channels=1280)  # default macro structure and init he_fout
@@ -198,7 +198,8 @@ def test_he_fout_init_of_every_conv_and_the_classifier():
 def test_a_three_width_space_trains_the_width_stage_in_two_phases_and_resumes_in_the_second(tmp_path, monkeypatch):
     """The stage hands each phase the recipe (reduce, teacher, subnets per step, sort); stopped one epoch into
     its second phase, a rerun resumes there (the sorts redone) and saves the checkpoint of an uninterrupted run."""
-    from ofa import pipeline, train
+    from ofa.pipeline import checkpoint, download, training
+    from ofa.train import state as train_state
 
     raw = tiny_params()
     raw["space"] = {"kernel": [5, 7], "depth": [2, 3], "width": [2, 3, 4]}
@@ -207,11 +208,11 @@ def test_a_three_width_space_trains_the_width_stage_in_two_phases_and_resumes_in
     raw["shrink"]["width"].update(epochs=2, first_phase={"epochs": 1, "lr": 0.01}, subnets_per_step=3)
     params = parse_params(raw)
     roots = {name: tmp_path / name for name in ("whole", "stopped")}
-    net = pipeline.build_net(params, (3, 16, 16), [str(i) for i in range(10)])
+    net = checkpoint.build_net(params, (3, 16, 16), [str(i) for i in range(10)])
     for seed, stage in enumerate(("train_supernet", "shrink_depth")):
-        pipeline.save_checkpoint(perturb(net, seed), tmp_path / stage)
+        checkpoint.save_checkpoint(perturb(net, seed), tmp_path / stage)
     for root in roots.values():
-        pipeline.download(params, root)
+        download.download(params, root)
         (root / "models").mkdir()
         for stage in ("train_supernet", "shrink_depth"):
             shutil.copy(tmp_path / stage, root / "models" / f"{stage}.pt")
@@ -227,15 +228,15 @@ def test_a_three_width_space_trains_the_width_stage_in_two_phases_and_resumes_in
                       _widths([c for d in draws for c in d])))
         return fit(net, data, plan, **kw)
 
-    monkeypatch.setattr(pipeline, "fit", recorded_fit)
-    metrics = pipeline.train_stage(params, "shrink_width", roots["whole"], progress=False)
+    monkeypatch.setattr(training, "fit", recorded_fit)
+    metrics = training.train_stage(params, "shrink_width", roots["whole"], progress=False)
     assert metrics["epochs"] == 3  # the first phase on widths {3, 4}, then all widths
     assert sorts == [(), (3, 4)]  # before each phase; the second keeps the first phase's widths on their channels
     assert calls == [("mean", True, {3}, {3, 4}), ("mean", True, {3}, {2, 3, 4})]  # the phases' widths
     lr = (roots["whole"] / "metrics" / "live" / "shrink_width" / "plots" / "metrics" / "lr.tsv").read_text()
     assert len(lr.splitlines()) == 4 and not list((roots["whole"] / ".resume").glob("*.pt"))
 
-    save, saves = train._save_state, []
+    save, saves = train_state.save, []
 
     def stop_in_the_second_phase(path, *args):
         save(path, *args)
@@ -243,14 +244,14 @@ def test_a_three_width_space_trains_the_width_stage_in_two_phases_and_resumes_in
         if path.name == "shrink_width.pt":  # the second phase's first epoch
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train, "_save_state", stop_in_the_second_phase)
+    monkeypatch.setattr(train_state, "save", stop_in_the_second_phase)
     with pytest.raises(KeyboardInterrupt):
-        pipeline.train_stage(params, "shrink_width", roots["stopped"], progress=False)
+        training.train_stage(params, "shrink_width", roots["stopped"], progress=False)
     assert saves == ["shrink_width.phase1.pt", "shrink_width.pt"]
-    monkeypatch.setattr(train, "_save_state", lambda path, *args: saves.append(path.name) or save(path, *args))
+    monkeypatch.setattr(train_state, "save", lambda path, *args: saves.append(path.name) or save(path, *args))
     sorts.clear()
     saves.clear()
-    pipeline.train_stage(params, "shrink_width", roots["stopped"], progress=False)
+    training.train_stage(params, "shrink_width", roots["stopped"], progress=False)
     assert sorts == [(), (3, 4)] and saves == ["shrink_width.pt"]  # only the second phase's second epoch trained
     checkpoints = [(root / "models" / "shrink_width.pt").read_bytes() for root in roots.values()]
     assert checkpoints[0] == checkpoints[1]

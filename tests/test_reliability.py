@@ -15,8 +15,8 @@ import pytest
 import torch
 import yaml
 
-from ofa import pipeline
-from ofa.config import parse_params
+from ofa.pipeline import checkpoint, context, download, evaluate_space, process, training
+from ofa.pipeline.config import parse_params
 from ofa.io import write_json
 from test_pipeline import ROOT, STAGES, tiny_params
 
@@ -154,7 +154,7 @@ def test_evaluate_space_resumes_a_config_in_the_middle_of_its_fine_tuning(two_ru
     at its second epoch and writes the space.json of an uninterrupted run."""
     import shutil
 
-    from ofa import train
+    from ofa.train import state as train_state
 
     (a, _), _ = two_runs
     raw = profile()
@@ -167,9 +167,9 @@ def test_evaluate_space_resumes_a_config_in_the_middle_of_its_fine_tuning(two_ru
         for d in ("data/prepared", "models"):
             shutil.copytree(a / d, roots[name] / d)
     saves = []
-    save = train._save_state
-    monkeypatch.setattr(train, "_save_state", lambda *args: saves.append(args[0]) or save(*args))
-    pipeline.evaluate_space(params, roots["whole"], progress=False)
+    save = train_state.save
+    monkeypatch.setattr(train_state, "save", lambda *args: saves.append(args[0]) or save(*args))
+    evaluate_space.evaluate_space(params, roots["whole"], progress=False)
     assert len(saves) == 8 * 2  # a state per fine-tuning epoch
 
     def stop_after_three(*args):
@@ -179,12 +179,12 @@ def test_evaluate_space_resumes_a_config_in_the_middle_of_its_fine_tuning(two_ru
             raise KeyboardInterrupt
 
     saves.clear()
-    monkeypatch.setattr(train, "_save_state", stop_after_three)
+    monkeypatch.setattr(train_state, "save", stop_after_three)
     with pytest.raises(KeyboardInterrupt):
-        pipeline.evaluate_space(params, roots["stopped"], progress=False)
+        evaluate_space.evaluate_space(params, roots["stopped"], progress=False)
     saves.clear()
-    monkeypatch.setattr(train, "_save_state", lambda *args: saves.append(args[0]) or save(*args))
-    pipeline.evaluate_space(params, roots["stopped"], progress=False)
+    monkeypatch.setattr(train_state, "save", lambda *args: saves.append(args[0]) or save(*args))
+    evaluate_space.evaluate_space(params, roots["stopped"], progress=False)
     assert len(saves) == 8 * 2 - 3  # config 2's first epoch was not trained again
     space = [(roots[name] / "metrics" / "space.json").read_bytes() for name in ("whole", "stopped")]
     assert space[0] == space[1]
@@ -218,7 +218,7 @@ def test_ctrl_c_stops_a_stage_with_one_line(tmp_path):
     raw = tiny_params()
     raw["supernet"]["epochs"] = 50  # still training when the signal comes
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-    pipeline.download(parse_params(raw), tmp_path)
+    download.download(parse_params(raw), tmp_path)
     # as from a terminal: Ctrl-C's signal handled (a shell starting the tests in the background ignores it,
     # and its children would inherit that)
     proc = subprocess.Popen([sys.executable, str(ROOT / "stages" / "train_supernet.py")], cwd=tmp_path, text=True,
@@ -243,7 +243,7 @@ def train_supernet_in_this_process(root: Path, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.chdir(root)
     try:
         with pytest.raises(SystemExit) as info:
-            pipeline.main(lambda params: pipeline.train_stage(params, "train_supernet", progress=False))
+            process.main(lambda params: training.train_stage(params, "train_supernet", progress=False))
     finally:
         gc.unfreeze()  # main freezes the objects before it exits
     return info.value.code
@@ -253,7 +253,7 @@ def test_a_failed_write_is_one_line(tmp_path, monkeypatch, capsys):
     raw = tiny_params()
     raw["supernet"]["epochs"] = 1
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-    pipeline.download(parse_params(raw), tmp_path)
+    download.download(parse_params(raw), tmp_path)
     (tmp_path / "models").write_text("a file where the models folder goes")
     assert train_supernet_in_this_process(tmp_path, monkeypatch) == 1
     assert capsys.readouterr().err.splitlines()[-1] == ("error: FileExistsError: [Errno 17] File exists: "
@@ -263,7 +263,7 @@ def test_a_failed_write_is_one_line(tmp_path, monkeypatch, capsys):
 def test_out_of_memory_is_one_line(tmp_path, monkeypatch, capsys):
     raw = tiny_params()
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-    pipeline.download(parse_params(raw), tmp_path)
+    download.download(parse_params(raw), tmp_path)
     raw["net"]["final_channels"] = 10**13  # a 640 TB final layer: beyond any machine's address space
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     assert train_supernet_in_this_process(tmp_path, monkeypatch) == 1
@@ -279,87 +279,87 @@ def test_checkpoint_of_other_params_is_refused(two_runs):
     ckpt = a / "models" / "shrink_width.pt"
     raw = profile()
     shape = (3, 16, 16)
-    pipeline.load_checkpoint(pipeline.build_net(parse_params(raw), shape, DIGITS), ckpt)  # the matching one loads
+    checkpoint.load_checkpoint(checkpoint.build_net(parse_params(raw), shape, DIGITS), ckpt)  # the matching one loads
     raw["space"]["kernel"] = [3, 5, 7]
     raw["specialize"]["population"] = None  # 12 uniform configs now
-    with pytest.raises(pipeline.CheckpointError, match=r"built with space = .*'kernel': \[5, 7\]"):
-        pipeline.load_checkpoint(pipeline.build_net(parse_params(raw), shape, DIGITS), ckpt)
+    with pytest.raises(checkpoint.CheckpointError, match=r"built with space = .*'kernel': \[5, 7\]"):
+        checkpoint.load_checkpoint(checkpoint.build_net(parse_params(raw), shape, DIGITS), ckpt)
     raw = profile()
     raw["net"]["units"][1]["channels"] = 24
-    with pytest.raises(pipeline.CheckpointError, match=r"built with net.units = "):
-        pipeline.load_checkpoint(pipeline.build_net(parse_params(raw), shape, DIGITS), ckpt)
-    with pytest.raises(pipeline.CheckpointError, match=r"built for in_channels = 3, the prepared data has 1 \(data.dataset;"):
-        pipeline.load_checkpoint(pipeline.build_net(parse_params(profile()), (1, 16, 16), DIGITS), ckpt)
-    with pytest.raises(pipeline.CheckpointError, match=r"trained on classes .*\(10 in all\), the prepared data has "
+    with pytest.raises(checkpoint.CheckpointError, match=r"built with net.units = "):
+        checkpoint.load_checkpoint(checkpoint.build_net(parse_params(raw), shape, DIGITS), ckpt)
+    with pytest.raises(checkpoint.CheckpointError, match=r"built for in_channels = 3, the prepared data has 1 \(data.dataset;"):
+        checkpoint.load_checkpoint(checkpoint.build_net(parse_params(profile()), (1, 16, 16), DIGITS), ckpt)
+    with pytest.raises(checkpoint.CheckpointError, match=r"trained on classes .*\(10 in all\), the prepared data has "
                        r"classes '0', '1', '2', '3', \.\.\. \(9 in all\) \(data.dataset;"):  # the names, not a count
-        pipeline.load_checkpoint(pipeline.build_net(parse_params(profile()), shape, DIGITS[:9]), ckpt)
+        checkpoint.load_checkpoint(checkpoint.build_net(parse_params(profile()), shape, DIGITS[:9]), ckpt)
     other = [*DIGITS[:9], "ten"]  # as many classes, one of them another
-    with pytest.raises(pipeline.CheckpointError, match=r"^\S+shrink_width.pt: trained on classes '0', '1', '2', '3', "
+    with pytest.raises(checkpoint.CheckpointError, match=r"^\S+shrink_width.pt: trained on classes '0', '1', '2', '3', "
                        r"\.\.\. \(10 in all\), the prepared data has classes '0', .*\(data.dataset; rerun"):
-        pipeline.load_checkpoint(pipeline.build_net(parse_params(profile()), shape, other), ckpt)
-    with pytest.raises(pipeline.CheckpointError, match=r"built with net.dropout = 0.1, params give 0.0"):
-        pipeline.load_checkpoint(pipeline.build_net(parse_params(tiny_params()), shape, DIGITS), ckpt)
+        checkpoint.load_checkpoint(checkpoint.build_net(parse_params(profile()), shape, other), ckpt)
+    with pytest.raises(checkpoint.CheckpointError, match=r"built with net.dropout = 0.1, params give 0.0"):
+        checkpoint.load_checkpoint(checkpoint.build_net(parse_params(tiny_params()), shape, DIGITS), ckpt)
 
 
 def test_a_resume_state_belongs_to_the_params_dvc_yaml_gives_its_stage():
     """The resume key's params are the ones dvc reruns the stage for: no more (a change elsewhere would throw a
     stopped stage's progress away), no fewer (a resumed stage would mix two settings)."""
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    for stage, names in pipeline.STAGE_PARAMS.items():
+    for stage, names in context.STAGE_PARAMS.items():
         assert tuple(stages[stage]["params"]) == names, stage
     params = parse_params(tiny_params())
-    assert pipeline.stage_params(params, "shrink_depth")["shrink.depth"] == {
+    assert context.stage_params(params, "shrink_depth")["shrink.depth"] == {
         "epochs": 1, "lr": 0.05, **{k: v for k, v in asdict(params.shrink.depth).items() if k not in ("epochs", "lr")}}
 
 
 def test_a_resume_state_belongs_to_its_params_inputs_and_process_count(tmp_path, monkeypatch):
     """A stage started by torchrun with another process count (train.processes unchanged) starts afresh."""
-    from ofa import distributed
+    from ofa.train import distributed
 
     inputs = [tmp_path / "a.pt"]
     inputs[0].write_bytes(b"one")
     params = parse_params(tiny_params())
-    key = pipeline.resume_key(params, "shrink_width", inputs)
-    assert pipeline.resume_key(params, "shrink_width", inputs) == key
-    assert pipeline.resume_key(params, "shrink_depth", inputs) != key
+    key = context.resume_key(params, "shrink_width", inputs)
+    assert context.resume_key(params, "shrink_width", inputs) == key
+    assert context.resume_key(params, "shrink_depth", inputs) != key
     raw = tiny_params()
     raw["shrink"]["width"]["lr"] = 0.5  # its own params
-    assert pipeline.resume_key(parse_params(raw), "shrink_width", inputs) != key
+    assert context.resume_key(parse_params(raw), "shrink_width", inputs) != key
     raw = tiny_params(val_images=100)  # the data's params, whose effect is in the inputs' content, and the
     raw["specialize"]["budgets"] = [900000]  # params of stages after it: its progress is kept
     raw["shrink"]["kernel"]["lr"] = 0.5
-    assert pipeline.resume_key(parse_params(raw), "shrink_width", inputs) == key
+    assert context.resume_key(parse_params(raw), "shrink_width", inputs) == key
     inputs[0].write_bytes(b"two")
-    assert pipeline.resume_key(params, "shrink_width", inputs) != key
+    assert context.resume_key(params, "shrink_width", inputs) != key
     inputs[0].write_bytes(b"one")
     monkeypatch.setattr(distributed, "world", lambda: distributed.World(0, 2))
-    assert pipeline.resume_key(params, "shrink_width", inputs) != key
+    assert context.resume_key(params, "shrink_width", inputs) != key
 
 
 def test_garbage_checkpoint_is_refused(tmp_path):
     bad = tmp_path / "x.pt"
     bad.write_bytes(b"not a checkpoint")
-    net = pipeline.build_net(parse_params(tiny_params()), (3, 16, 16), DIGITS)
-    with pytest.raises(pipeline.CheckpointError, match=r"x.pt: unreadable checkpoint"):
-        pipeline.load_checkpoint(net, bad)
-    with pytest.raises(pipeline.CheckpointError, match=r"missing.pt: checkpoint not found \(run the upstream stage first"):
-        pipeline.load_checkpoint(net, tmp_path / "missing.pt")
+    net = checkpoint.build_net(parse_params(tiny_params()), (3, 16, 16), DIGITS)
+    with pytest.raises(checkpoint.CheckpointError, match=r"x.pt: unreadable checkpoint"):
+        checkpoint.load_checkpoint(net, bad)
+    with pytest.raises(checkpoint.CheckpointError, match=r"missing.pt: checkpoint not found \(run the upstream stage first"):
+        checkpoint.load_checkpoint(net, tmp_path / "missing.pt")
     good = tmp_path / "good.pt"
-    pipeline.save_checkpoint(net, good)
+    checkpoint.save_checkpoint(net, good)
     ckpt = torch.load(good, weights_only=True)
     torch.save({"arch": 3, "state_dict": ckpt["state_dict"]}, bad)
-    with pytest.raises(pipeline.CheckpointError, match=r"x.pt: not a checkpoint of this pipeline"):
-        pipeline.load_checkpoint(net, bad)
+    with pytest.raises(checkpoint.CheckpointError, match=r"x.pt: not a checkpoint of this pipeline"):
+        checkpoint.load_checkpoint(net, bad)
     ckpt["state_dict"]["stem.0.weight"] = ckpt["state_dict"]["stem.0.weight"][:, :1]  # damaged: another shape
     torch.save(ckpt, bad)
-    with pytest.raises(pipeline.CheckpointError) as info:
-        pipeline.load_checkpoint(net, bad)
+    with pytest.raises(checkpoint.CheckpointError) as info:
+        checkpoint.load_checkpoint(net, bad)
     assert re.fullmatch(r"\S+x\.pt: its weights do not fit its architecture \(size mismatch for stem\.0\.weight: .*; "
                         r"rerun the upstream stages: dvc repro\)", str(info.value)), str(info.value)
     del ckpt["state_dict"]["stem.0.weight"]
     torch.save(ckpt, bad)
-    with pytest.raises(pipeline.CheckpointError, match=r"its weights do not fit its architecture \(Missing key"):
-        pipeline.load_checkpoint(net, bad)
+    with pytest.raises(checkpoint.CheckpointError, match=r"its weights do not fit its architecture \(Missing key"):
+        checkpoint.load_checkpoint(net, bad)
 
 
 def test_every_torch_load_is_weights_only():
@@ -392,7 +392,7 @@ def test_a_failed_download_keeps_the_previous_prepared_set_whole(tmp_path, monke
     from ofa import data as data_mod
 
     raw = tiny_params()
-    pipeline.download(parse_params(raw), tmp_path)
+    download.download(parse_params(raw), tmp_path)
     before = {p.name: p.read_bytes() for p in (tmp_path / "data" / "prepared").iterdir()}
     assert sorted(before) == ["classes.json", "test.pt", "train.pt", "val.pt"]
     save = data_mod.save_split
@@ -405,9 +405,9 @@ def test_a_failed_download_keeps_the_previous_prepared_set_whole(tmp_path, monke
     monkeypatch.setattr(data_mod, "save_split", fail_on_val)
     raw["data"]["val_images"] = 64  # another train split: written before val fails
     with pytest.raises(OSError, match="No space left"):
-        pipeline.download(parse_params(raw), tmp_path)
+        download.download(parse_params(raw), tmp_path)
     assert {p.name: p.read_bytes() for p in (tmp_path / "data" / "prepared").iterdir()} == before
     assert [p.name for p in (tmp_path / "data").iterdir()] == ["prepared"]  # no staging folder left
     monkeypatch.setattr(data_mod, "save_split", save)
-    assert pipeline.download(parse_params(raw), tmp_path)["val_images"] == 64
+    assert download.download(parse_params(raw), tmp_path)["val_images"] == 64
     assert (tmp_path / "data" / "prepared" / "train.pt").read_bytes() != before["train.pt"]

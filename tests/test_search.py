@@ -10,7 +10,7 @@ import torch
 
 import ofa
 from ofa import data as data_mod
-from ofa import search
+from ofa.deploy import search
 from ofa.train import DeviceData, calibrate_bn, evaluate
 from conftest import PAPER_SPACE, SEED_SPACE, perturb, tiny_net
 
@@ -233,8 +233,8 @@ def test_search_refuses_too_few_trials_or_a_small_population():
 def test_the_stored_search_is_keyed_by_what_scores_a_trial(tmp_path):
     """Budgets, trials and other stages' params (whose effect on the checkpoint is in its content) keep the stored
     search; what changes a trial's score or the sampler, or the inputs' content, starts a new one."""
-    from ofa.config import parse_params
-    from ofa.specialize import search_key
+    from ofa.pipeline.config import parse_params
+    from ofa.pipeline.specialize import search_key
     from test_pipeline import tiny_params
 
     inputs = [tmp_path / "shrink_width.pt"]
@@ -269,8 +269,8 @@ def test_the_stored_search_is_keyed_by_the_code_that_scored_it(tmp_path, monkeyp
     """A library changed since the search (its scoring, its cost, the sampler's versions) searches afresh:
     dvc reruns specialize on a change under ofa/, and the stored scores are not the new code's."""
     import optuna
-    from ofa import specialize
-    from ofa.config import parse_params
+    from ofa.pipeline import specialize
+    from ofa.pipeline.config import parse_params
     from test_pipeline import tiny_params
 
     inputs = [tmp_path / "shrink_width.pt"]

@@ -11,8 +11,8 @@ from torch import nn
 from torch.testing import assert_close
 
 import ofa
-import ofa.subnet
-from ofa.subnet import expanded_channels
+import ofa.model.subnet
+from ofa.model.subnet import expanded_channels
 from conftest import PAPER_SPACE, SEED_SPACE, perturb, tiny_net
 
 SPACES = {"seed": SEED_SPACE, "paper": PAPER_SPACE}
@@ -24,10 +24,10 @@ def configs_of(net: ofa.OFANet, n_random: int = 8) -> list[ofa.SubnetConfig]:
 
 
 def assert_plain(subnet: nn.Module) -> None:
-    """Only torch.nn layers and ofa.subnet's static containers; no elastic module, no transform matrix."""
+    """Only torch.nn layers and ofa.model.subnet's static containers; no elastic module, no transform matrix."""
     for name, module in subnet.named_modules():
         origin = type(module).__module__
-        assert origin.startswith("torch.nn") or origin == "ofa.subnet", f"{name}: {type(module)}"
+        assert origin.startswith("torch.nn") or origin == "ofa.model.subnet", f"{name}: {type(module)}"
         assert "Elastic" not in type(module).__name__
     assert not any("transform" in name for name, _ in subnet.named_parameters())
 

@@ -1,6 +1,6 @@
-"""Training, evaluation, knowledge distillation and batch-norm re-calibration.
+"""The training loop: SGD on sampled subnet configs, knowledge distillation, divergence guard, resume per epoch.
 
-The whole dataset lives on the training device as uint8; each batch is augmented there (``data.augment``)
+The whole dataset lives on the training device as uint8; each batch is augmented there (``ofa.data.augment``)
 and normalised. One loop serves every phase: a step samples configs (just ``None`` for a plain module,
 the max config for the supernet phase, random subnets for the shrink phases), accumulates their
 gradients, and adds distillation from a frozen teacher.
@@ -21,11 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from . import data as data_mod
-from . import distributed
+from ..data import augment
+from ..model import SubnetConfig
+from . import distributed, state, sync_bn
+from .device_data import DeviceData
 from .distributed import World
-from .io import atomic_write
-from .space import SubnetConfig
+from .evaluation import autocast, run_model
 
 
 SPLITS = ("train", "val", "test")
@@ -35,57 +36,6 @@ REDUCE = ("sum", "mean")  # a step's subnet losses: summed (official OFA) | aver
 
 class DivergenceError(RuntimeError):
     """The training loss became NaN or infinite."""
-
-
-def select_device(name: str = "auto") -> torch.device:
-    """'auto' picks CUDA when available, else CPU."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device: cuda is not available on this machine (auto or cpu)")
-    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
-
-
-@dataclass
-class DeviceData:
-    """The three splits resident on the training device (uint8) plus the normalisation of the training split.
-
-    train: training only; val: held out of the training split (curves, search, selection); test: reported
-    numbers only.
-    """
-
-    train: data_mod.Split
-    val: data_mod.Split
-    test: data_mod.Split
-    mean: torch.Tensor  # (1, C, 1, 1) float
-    std: torch.Tensor  # (1, C, 1, 1) float
-    device: torch.device
-
-    @classmethod
-    def load(cls, prepared_dir: Path, device: torch.device) -> DeviceData:
-        train, val, test = (data_mod.load_split(Path(prepared_dir) / f"{name}.pt") for name in SPLITS)
-        mean, std = data_mod.channel_stats(train)
-        move = lambda s: data_mod.Split(s.images.to(device), s.labels.to(device))  # noqa: E731
-        return cls(move(train), move(val), move(test), mean.to(device), std.to(device), device)
-
-    def split(self, name: str) -> data_mod.Split:
-        """The split called `name` ('train', 'val' or 'test')."""
-        if name not in SPLITS:
-            raise ValueError(f"split {name!r} is not allowed ({', '.join(SPLITS)})")
-        return getattr(self, name)
-
-    @property
-    def input_shape(self) -> tuple[int, int, int]:
-        return tuple(self.train.images.shape[1:])
-
-    def inputs(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, C, H, W) -> normalised float, channels_last (faster for depthwise convs on CPU and GPU)."""
-        x = (images.float() - self.mean) / self.std
-        return x.contiguous(memory_format=torch.channels_last)
-
-    def calibration_batches(self, images: int, batch_size: int, seed: int) -> list[torch.Tensor]:
-        """A fixed random subset of un-augmented training images, in batches, for BN re-calibration."""
-        g = torch.Generator().manual_seed(seed)
-        idx = torch.randperm(len(self.train), generator=g)[: min(images, len(self.train))].to(self.device)
-        return [self.inputs(self.train.images[idx[i : i + batch_size]]) for i in range(0, len(idx), batch_size)]
 
 
 @dataclass(frozen=True)
@@ -117,91 +67,6 @@ def soft_cross_entropy(logits: torch.Tensor, soft_targets: torch.Tensor) -> torc
     return torch.sum(-soft_targets * F.log_softmax(logits, dim=1), dim=1).mean()
 
 
-def _call(model: nn.Module, x: torch.Tensor, cfg: SubnetConfig | None) -> torch.Tensor:
-    return model(x) if cfg is None else model(x, cfg)
-
-
-def _autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, data: DeviceData, cfg: SubnetConfig | None = None, batch_size: int = 1000,
-             split: str = "test", world: World | None = None) -> float:
-    """Top-1 accuracy on a split, 'test' by default (eval mode, restored afterwards).
-
-    In a job of several processes (`world`, default the current one) each rank scores its contiguous share
-    of the split and the counts are summed: the same figure as one process scoring it all.
-    """
-    w = world or distributed.world()
-    labels = data.split(split).labels
-    lo, hi = len(labels) * w.rank // w.size, len(labels) * (w.rank + 1) // w.size
-    images, labels_mine = data.split(split).images[lo:hi], labels[lo:hi]
-    training = model.training
-    model.eval()
-    correct = torch.zeros((), dtype=torch.long, device=data.device)
-    try:
-        for i in range(0, len(labels_mine), batch_size):
-            with _autocast(data.device):
-                logits = _call(model, data.inputs(images[i : i + batch_size]), cfg)
-            correct += (logits.argmax(1) == labels_mine[i : i + batch_size]).sum()
-    finally:
-        model.train(training)
-    return int(distributed.all_sum_(correct, w)) / len(labels)
-
-
-@torch.no_grad()
-def calibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor], world: World | None = None) -> int:
-    """Recompute every BatchNorm's running statistics as the plain average over `batches`; returns images seen.
-
-    Subnets share the supernet's statistics, which fit none of them: re-calibrate before evaluating. In a job
-    of several processes (`world`, default the current one) the batches are dealt out round-robin to the
-    ranks and each rank's averages are combined weighted by its number of batches: the statistics of one
-    process going through them all (to float rounding), on every rank.
-    """
-    w = world or distributed.world()
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [(bn.momentum, bn.training) for bn in bns]
-    training = model.training
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None  # cumulative moving average: equal weight for every batch
-    model.train()
-    mine = list(batches)[w.rank :: w.size]
-    seen = 0
-    try:
-        for x in mine:
-            with _autocast(x.device):
-                model(x)
-            seen += x.shape[0]
-    finally:
-        model.train(training)
-        for bn, (momentum, bn_training) in zip(bns, saved):
-            bn.momentum = momentum
-            bn.train(bn_training)
-    if w.active:
-        seen = _combine_calibration(bns, len(mine), seen, w)
-    if seen == 0:
-        raise ValueError("calibrate_bn: no batches given (at least one batch of training images is needed)")
-    return seen
-
-
-def _combine_calibration(bns: list[nn.Module], batches: int, seen: int, w: World) -> int:
-    """Every rank's BN averages weighted by its batches, summed: the average over all ranks' batches."""
-    stats = [t for bn in bns for t in (bn.running_mean, bn.running_var) if t is not None]
-    device = stats[0].device if stats else torch.device("cpu")
-    flat = torch.cat([distributed.flatten(stats) * batches if stats else torch.zeros(0, device=device),
-                      torch.tensor([batches, seen], dtype=torch.float32, device=device)])
-    distributed.all_sum_(flat, w)
-    total_batches, total_seen = int(flat[-2]), int(flat[-1])
-    for t, avg in zip(stats, distributed.unflatten(flat[:-2] / max(1, total_batches), stats)):
-        t.copy_(avg)
-    for bn in bns:
-        if bn.num_batches_tracked is not None:
-            bn.num_batches_tracked.fill_(total_batches)
-    return total_seen
-
-
 @dataclass
 class EpochStats:
     epoch: int
@@ -211,16 +76,6 @@ class EpochStats:
     images: int
     seconds: float
     logged: dict  # what went to the curves: train/loss, train/accuracy, lr and the epoch_metrics
-
-
-def _load_state(path: Path | None, key: str) -> dict | None:
-    if path is None or not path.is_file():
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - an unreadable resume state is only a lost shortcut
-        return None
-    return state if isinstance(state, dict) and state.get("key") == key else None
 
 
 def fit(
@@ -261,7 +116,7 @@ def fit(
     ranks before each update (``distributed.average_gradients``), batch-norm running statistics are
     averaged at each epoch's end, a divergence on any rank stops them all, and rank 0 alone logs and saves.
     With `sync_bn` training-mode batch norm (the teacher's too) normalises with the statistics of the whole
-    batch, every rank's share (``distributed.synced_batch_norm``), as one process does.
+    batch, every rank's share (``sync_bn.synced_batch_norm``), as one process does.
     """
     w = world or distributed.world()
     loop = _new_loop(model, data, schedule, w, sample=sample, parameters=parameters, teacher=teacher,
@@ -373,10 +228,12 @@ class _Loop:
     def resume(self, path: Path | None, key: str, log: Callable[[dict[str, float]], None] | None) -> list[EpochStats]:
         """The epochs a saved state under `key` had finished, put back (and replayed to `log`); none without one."""
         w = self.world
-        state = distributed.broadcast(_load_state(path, key) if w.main else None, w)
-        if state is None:
+        saved = distributed.broadcast(state.load(path, key) if w.main else None, w)
+        if saved is None:
             return []
-        history = _restore(state, self.model, self.optimizer, self.rng, self.shuffle, self.aug, self.data.device, w)
+        finished = state.restore(saved, self.model, self.optimizer, self.rng, self.shuffle, self.aug,
+                                 self.data.device, w)
+        history = [EpochStats(**h) for h in finished]
         if w.main:
             print(f"{self.desc}: resuming after epoch {len(history)}/{self.schedule.epochs} from {path}",
                   file=sys.stderr)
@@ -386,7 +243,7 @@ class _Loop:
         return history
 
     def save(self, path: Path, key: str, history: list[EpochStats]) -> None:
-        _save_state(path, self.world, {
+        state.save(path, self.world, {
             "key": key, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "rng": self.rng.getstate(), "shuffle": self.shuffle.get_state(), "aug": self.aug.get_state().cpu(),
             "history": [asdict(h) for h in history],
@@ -429,7 +286,7 @@ class _Loop:
         x, y = _batch(self.data, idx, self.schedule, self.aug, self.steps.lo, self.steps.local)
         configs = list(self.sample(self.rng))
         self.optimizer.zero_grad(set_to_none=True)
-        with _autocast(self.data.device), distributed.synced_batch_norm(self.sync_bn and self.world.active):
+        with autocast(self.data.device), sync_bn.synced_batch_norm(self.sync_bn and self.world.active):
             step_loss, correct = _backward(self.model, x, y, configs, self.soft_targets, self.kd_ratio,
                                            self.schedule.label_smoothing, self.reduce)
         distributed.average_gradients(self.params, self.world)
@@ -443,7 +300,7 @@ def _batch(data: DeviceData, idx: torch.Tensor, schedule: Schedule, aug: torch.G
     mine = idx[lo : lo + local]
     images = data.train.images[mine]
     if schedule.crop_padding or schedule.flip:  # drawn for the whole batch: the same draws at any world size
-        images = data_mod.augment(images, aug, schedule.crop_padding, schedule.flip, rows_of=(lo, len(idx)))
+        images = augment(images, aug, schedule.crop_padding, schedule.flip, rows_of=(lo, len(idx)))
     return data.inputs(images), data.train.labels[mine]
 
 
@@ -458,7 +315,7 @@ def _backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, configs: Seque
     step_loss = torch.zeros((), device=x.device)
     correct = torch.zeros((), device=x.device, dtype=torch.long)
     for i, cfg in enumerate(configs):
-        logits = _call(model, x, cfg).float()
+        logits = run_model(model, x, cfg).float()
         loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
         if soft is not None:
             loss = loss + kd_ratio * soft_cross_entropy(logits, soft)
@@ -468,28 +325,6 @@ def _backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, configs: Seque
         if i == 0:
             correct = (logits.argmax(1) == y).sum()
     return step_loss, correct
-
-
-def _restore(state: dict, model: nn.Module, optimizer: torch.optim.Optimizer, rng: random.Random,
-             shuffle: torch.Generator, aug: torch.Generator, device: torch.device, w: World) -> list[EpochStats]:
-    """Put a saved training state back (this rank's dropout generator among them); the epochs it had finished."""
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    rng.setstate(_tuples(state["rng"]))
-    shuffle.set_state(state["shuffle"])
-    aug.set_state(state["aug"].to(aug.get_state().device))
-    _set_global_rng(state["global_rng"] if not w.active else state["global_rngs"][w.rank], device)
-    return [EpochStats(**h) for h in state["history"]]
-
-
-def _save_state(path: Path, w: World, state: dict, device: torch.device) -> None:
-    """Rank 0 writes the training state; dropout's generator (torch's global one) is every rank's own."""
-    rngs = distributed.gather(_global_rng(device), w)
-    if w.main:
-        state["global_rng"] = rngs[0]
-        if w.active:
-            state["global_rngs"] = rngs
-        atomic_write(path, lambda f: torch.save(state, f), binary=True)
 
 
 class _DivergenceGuard:
@@ -526,18 +361,3 @@ class _DivergenceGuard:
             raise DivergenceError(f"{self.desc}: loss is {float(self.loss)} at {where(step)}; lower the learning rate")
 
 
-def _global_rng(device: torch.device) -> torch.Tensor:
-    """torch's global generator state on `device` (CPU, or the current CUDA device)."""
-    return (torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()).cpu()
-
-
-def _set_global_rng(state: torch.Tensor, device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(state, device)
-    else:
-        torch.set_rng_state(state)
-
-
-def _tuples(x):
-    """random.Random state comes back from torch.load with lists where setstate wants tuples."""
-    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x

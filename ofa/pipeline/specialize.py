@@ -1,6 +1,6 @@
 """Stage specialize: the most accurate subnet within each MACs budget, searched on val, reported on test, exported.
 
-The search (``ofa.search``) scores every candidate on the validation split after re-calibrating its batch
+The search (``ofa.deploy.search``) scores every candidate on the validation split after re-calibrating its batch
 norm; its cost is ``OFANet.macs`` (exact, no tracing). For each budget the pick is the most accurate
 evaluated config within it, and beside it the best uniform config within the same budget (the search
 evaluates every uniform config first, so the pick is never worse on val). Only the picks are evaluated on
@@ -26,18 +26,12 @@ from typing import Any
 
 import torch
 
-from . import distributed, search
+from ..deploy import export_onnx, save_subnet, search
+from ..io import replaced_dir, write_json
+from ..model import OFANet, Subnet, SubnetConfig
+from ..train import DeviceData, calibrate_bn, distributed, evaluate, select_device
 from .config import Params
-from .export import export_onnx, save_subnet
-from .io import replaced_dir, write_json
-from .pipeline import (
-    METRICS, MODELS, RESUME, TRAINING_STAGES, load_checkpoint, prepared_files, resume_key, same_inputs_on_every_rank,
-    stage_setup,
-)
-from .space import SubnetConfig
-from .subnet import Subnet
-from .supernet import OFANet
-from .train import DeviceData, calibrate_bn, evaluate, select_device
+from .context import METRICS, MODELS, RESUME, StageContext, resume_key
 
 SPECIALIZED = MODELS / "specialized"
 PLOT_DIR = METRICS / "search_plot"  # MACs vs val accuracy: every evaluated config, the Pareto front, the uniform grid
@@ -81,35 +75,21 @@ def specialize(params: Params, root: Path = Path("."), progress: bool = True) ->
 
     Returns the summary on rank 0, None on the other ranks of a job.
     """
-    start = time.perf_counter()
-    w = distributed.world()
-    data, net, budgets, key, subnets = _load_trained(params, root, w)
+    # evaluate_space's calibration images: a uniform config here scores on test as in its Table 2
+    ctx = StageContext.open(params, root, "specialize")
+    ctx.load("shrink_width")
+    net, data, w = ctx.net.eval(), ctx.data, ctx.world
+    budgets = params.specialize.macs_budgets()  # each at least the smallest subnet's MACs (the context checks)
+    key = ctx.key(search_values(params))
+    subnets = _Subnets(net, data, ctx.calibration, params.train.eval_batch_size)
     if not w.main:  # score the configs rank 0 sends, until the search ends
         distributed.serve(subnets.val_accuracy, w)
         return None
     candidates, scored, search_s = _run_search(params, root, net, data.input_shape, key, subnets, w, progress)
     summary = _pick_and_write(params, root, net, data, candidates, budgets, subnets, progress)
-    write_json(root / METRICS / "timing" / "specialize.json", {
-        "wall_s": round(time.perf_counter() - start, 1), "search_s": round(search_s, 1),
-        "configs_scored": scored, "configs_reused": len(candidates) - scored, "device": data.device.type,
-        "processes": w.size})
+    ctx.write_timing(ctx.timing(search_s=round(search_s, 1), configs_scored=scored,
+                                configs_reused=len(candidates) - scored))
     return summary  # the search stays in .resume/specialize.db: other budgets or trials reuse its trials
-
-
-def _load_trained(params: Params, root: Path,
-                  w: distributed.World) -> tuple[DeviceData, OFANet, list[int], str, _Subnets]:
-    """The data, the trained supernet (eval mode), the MACs budgets, the search's key (checked the same on every
-    rank) and the subnets to score."""
-    # evaluate_space's calibration images: a uniform config here scores on test as in its Table 2
-    data, net, calibration = stage_setup(params, root, len(TRAINING_STAGES))
-    budgets = params.specialize.macs_budgets()  # each at least the smallest subnet's MACs (stage_setup checks)
-    checkpoint = root / MODELS / "shrink_width.pt"
-    load_checkpoint(net, checkpoint)
-    net.eval()
-    inputs = [*prepared_files(root), checkpoint]
-    key = search_key(params, inputs)
-    same_inputs_on_every_rank(key, w, root, inputs)
-    return data, net, budgets, key, _Subnets(net, data, calibration, params.train.eval_batch_size)
 
 
 def _run_search(params: Params, root: Path, net: OFANet, shape: tuple[int, ...], key: str, subnets: _Subnets,
@@ -158,9 +138,9 @@ def _pick_and_write(params: Params, root: Path, net: OFANet, data: DeviceData, c
     return summary
 
 
-def search_key(params: Params, inputs: list[Path]) -> str:
-    """The stored search's key: the params a trial's score and the sampler depend on, and the content of the
-    stage's inputs (the data and the checkpoint, which carry what the other stages' params did to them).
+def search_values(params: Params) -> dict[str, Any]:
+    """What the stored search's key digests besides the stage's inputs (the data and the checkpoint, which carry
+    what the other stages' params did to them): the params a trial's score and the sampler depend on.
 
     Not specialize.budgets or .trials (neither changes a trial), nor the params of other stages: a search
     survives, say, a change of evaluate.finetune that leaves the checkpoint as it was. The code that scores and
@@ -168,11 +148,15 @@ def search_key(params: Params, inputs: list[Path]) -> str:
     scores its previous version stored.
     """
     t = params.train
-    scoring = {"seed": params.seed, "space": asdict(params.space), "net": asdict(params.net),
-               "device": select_device(t.device).type, "eval_batch_size": t.eval_batch_size,  # auto: the one it was
-               "bn_calibration_images": params.evaluate.bn_calibration_images,
-               "population": params.search_population(), "code": code_version()}
-    return resume_key(scoring, "specialize", inputs)
+    return {"seed": params.seed, "space": asdict(params.space), "net": asdict(params.net),
+            "device": select_device(t.device).type, "eval_batch_size": t.eval_batch_size,  # auto: the one it was
+            "bn_calibration_images": params.evaluate.bn_calibration_images,
+            "population": params.search_population(), "code": code_version()}
+
+
+def search_key(params: Params, inputs: list[Path]) -> str:
+    """The stored search's key for these inputs (``search_values``)."""
+    return resume_key(search_values(params), "specialize", inputs)
 
 
 @functools.cache
@@ -182,8 +166,9 @@ def code_version() -> str:
     import optuna
 
     h = hashlib.sha256(f"torch {torch.__version__} optuna {optuna.__version__}".encode())
-    for source in sorted(Path(__file__).parent.glob("*.py")):
-        h.update(source.name.encode() + b"\0" + source.read_bytes())
+    library = Path(__file__).parents[1]  # the whole ofa package
+    for source in sorted(library.rglob("*.py")):
+        h.update(str(source.relative_to(library)).encode() + b"\0" + source.read_bytes())
     return h.hexdigest()
 
 

@@ -1,6 +1,6 @@
 """The published datasets' files: CIFAR-10 and CIFAR-100 (official binary tar.gz, read with tarfile) and
 Fashion-MNIST (the four official IDX .gz files, also found in the Debian package ``dataset-fashion-mnist``),
-fetched and verified by ``ofa.remote.fetch`` and parsed into uint8 splits.
+fetched and verified by ``ofa.data.remote.fetch`` and parsed into uint8 splits.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The progressive-shrinking recipe: what each training stage trains, in which phases, against which teacher.
+"""The progressive-shrinking recipe: what each training stage trains, in which phases, on which optimiser schedule,
+against which teacher.
 
 A translation of the official OFA schedule (train_ofa_net.py, progressive_shrinking.py) with every
 difference a param: ``shrink.<stage>.subnets_per_step`` or, for all three, ``shrink.subnets_per_step``
@@ -20,10 +21,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..model import ConfigSpace, OFANet
+from ..train import Schedule, calibrate_bn
+from .checkpoint import build_net, load_checkpoint
 from .config import Params, PhaseParams
-from .space import ConfigSpace
-from .supernet import OFANet
-from .train import calibrate_bn
 
 # stage -> which dimensions it samples (train_supernet trains the max config only)
 SAMPLED: dict[str, dict[str, bool]] = {
@@ -81,8 +82,6 @@ def teacher(params: Params, net: OFANet, full: Path, calibration: list[torch.Ten
 
     `net` holds the previous stage's weights; `full` is train_supernet's checkpoint.
     """
-    from .pipeline import build_net, load_checkpoint
-
     s = params.shrink
     if s.kd_ratio == 0:
         return None
@@ -97,3 +96,13 @@ def teacher(params: Params, net: OFANet, full: Path, calibration: list[torch.Ten
         calibrate_bn(model, calibration)  # running statistics that fit the max network
     return model.requires_grad_(False).train(s.teacher_bn == "train")
 
+
+def schedule(params: Params, phase: PhaseParams, images_per_epoch: int | None = None,
+             warmup_epochs: float | None = None) -> Schedule:
+    """The optimiser schedule of a phase: its epochs and lr, the rest from train (warm-up unless given)."""
+    t = params.train
+    warmup = t.warmup_epochs if warmup_epochs is None else warmup_epochs
+    return Schedule(epochs=phase.epochs, lr=phase.lr, batch_size=t.batch_size, momentum=t.momentum,
+                    nesterov=t.nesterov, weight_decay=t.weight_decay, warmup_epochs=warmup,
+                    label_smoothing=t.label_smoothing, crop_padding=t.crop_padding, flip=t.flip,
+                    images_per_epoch=images_per_epoch)

@@ -1,7 +1,7 @@
 """Elastic modules: layers that hold the largest weights and compute as any smaller choice (OFA paper, 3.2-3.3).
 
 Each ``ElasticX`` has ``forward(x, <choice>)`` and ``extract(<choice>) -> X`` (the static module of
-``ofa.subnet``); both go through one method that slices and transforms the weights, so the supernet and
+``ofa.model.subnet``); both go through one method that slices and transforms the weights, so the supernet and
 an extracted subnet compute with identical tensors. Choices are passed explicitly; no module keeps an
 "active subnet" state.
 """

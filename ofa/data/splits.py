@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .io import atomic_write, load_tensors
+from ..io import atomic_write, load_tensors
 
 __all__ = ["DataError", "Dataset", "Preview", "Split", "channel_stats", "hold_out", "load_split", "save_split"]
 

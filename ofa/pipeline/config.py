@@ -17,14 +17,14 @@ from typing import Any
 
 import yaml
 
-from . import subnet
-from .data import DATASETS, TRAIN_IMAGES
-from .space import ConfigSpace
-from .supernet import INITS, UnitSpec
-from .train import REDUCE
+from ..data import DATASETS, TRAIN_IMAGES
+from ..model import ConfigSpace, UnitSpec
+from ..model.subnet import ACTIVATIONS as _ACTIVATIONS
+from ..model.supernet import INITS
+from ..train import REDUCE
 
 DEVICES = ("auto", "cpu", "cuda")
-ACTIVATIONS = tuple(subnet.ACTIVATIONS)
+ACTIVATIONS = tuple(_ACTIVATIONS)
 MAX_KERNEL = 9  # a depthwise kernel wider than the late feature maps (4x4 to 8x8) only adds padding
 
 

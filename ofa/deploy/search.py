@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .space import ConfigSpace, SubnetConfig
+from ..model import ConfigSpace, SubnetConfig
 
 
 @dataclass(frozen=True)

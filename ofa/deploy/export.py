@@ -20,9 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .io import atomic_write, load_tensors
-from .space import SubnetConfig
-from .subnet import Subnet
+from ..io import atomic_write, load_tensors
+from ..model import Subnet, SubnetConfig
 
 FORMAT = "ofa-subnet/1"
 ONNX_TOLERANCE = 1e-4  # max abs difference of onnxruntime's logits from PyTorch's, fp32

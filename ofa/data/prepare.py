@@ -1,14 +1,8 @@
-"""Datasets for Once-for-All training: ``prepare`` makes the uint8 splits of a dataset; ``augment`` crops and
-flips a batch on its device.
+"""Prepared splits of a dataset: ``prepare`` reads a published dataset, a folder or synthetic images, applies the
+limits and the resize, and returns uint8 splits with their class names.
 
-Supported datasets are CIFAR-10 and CIFAR-100 and Fashion-MNIST (``ofa.archives``: the official files,
-fetched and verified by ``ofa.remote``), a folder of the user's own images (``ofa.folder``) and a tiny
-deterministic synthetic dataset.  ``prepare`` returns a ``Dataset`` (``ofa.splits``): the splits and the class
-names in label order.  Images are uint8 (N, C, H, W); ``image_size`` resizes them (shorter side to the size,
-then a centre crop to a square).  ``check_fits`` (``ofa.memory``) turns "not enough memory" into a one-line
-error before a large tensor is made.  No torchvision and no pickle: splits are saved as plain tensors and
-loaded with ``torch.load(weights_only=True)``.  The names of those modules that users need are importable
-from here too.
+Images are uint8 (N, C, H, W); ``image_size`` resizes them (shorter side to the size, then a centre crop to a
+square).
 """
 
 from __future__ import annotations
@@ -20,43 +14,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .archives import (CIFAR10_CLASSES, CIFAR10_FILES, CIFAR100_FILES, FASHION_MNIST_CLASSES, FASHION_MNIST_FILES,
-                       FASHION_MNIST_SYSTEM_DIR, fetch_and_parse)
-from .folder import FOLDER_LAYOUT, IMAGE_EXTENSIONS, read_folder
-from .memory import available_memory, check_fits
-from .remote import RemoteFile, fetch
-from .splits import (IMAGE_CHUNK, DataError, Dataset, Preview, Split, channel_stats, hold_out, load_split,
-                     save_split)
-
-__all__ = [
-    "CIFAR10_CLASSES",
-    "CIFAR10_FILES",
-    "CIFAR100_FILES",
-    "DATASETS",
-    "FASHION_MNIST_CLASSES",
-    "FASHION_MNIST_FILES",
-    "FASHION_MNIST_SYSTEM_DIR",
-    "IMAGE_EXTENSIONS",
-    "MIN_IMAGE_SIZE",
-    "SYNTHETIC_CLASSES",
-    "TRAIN_IMAGES",
-    "DataError",
-    "Dataset",
-    "RemoteFile",
-    "Split",
-    "augment",
-    "available_memory",
-    "channel_stats",
-    "check_fits",
-    "fetch",
-    "hold_out",
-    "load_split",
-    "prepare",
-    "Preview",
-    "resize_split",
-    "save_split",
-    "synthetic",
-]
+from .archives import fetch_and_parse
+from .folder import FOLDER_LAYOUT, read_folder
+from .memory import check_fits
+from .remote import RemoteFile
+from .splits import IMAGE_CHUNK, DataError, Dataset, Preview, Split
 
 DATASETS = ("cifar10", "cifar100", "fashion_mnist", "folder", "synthetic")
 # size of each official training split; a folder dataset's size is known only once it is read
@@ -191,36 +153,3 @@ def synthetic(
         return Split(images.contiguous(), labels.to(torch.int64))
 
     return make(n_train), make(n_test)
-
-
-def augment(images: torch.Tensor, generator: torch.Generator, padding: int = 4, flip: bool = True,
-            rows_of: tuple[int, int] | None = None) -> torch.Tensor:
-    """Random crop with zero padding (+ random horizontal flip), as batched tensor ops on the tensor's device (no per-sample Python loop).
-
-    rows_of=(first, total): `images` are rows first.. of a batch of `total` (a rank's share); the draws are made
-    for the whole batch and those rows' applied, so each row is augmented as it would be in the whole batch.
-    """
-    if images.ndim != 4:
-        raise ValueError(f"augment images must have shape (B, C, H, W), got {tuple(images.shape)}")
-    if not isinstance(padding, int) or padding < 0:
-        raise ValueError(f"augment padding={padding!r} must be an int >= 0")
-    if generator.device.type != images.device.type:
-        raise ValueError(
-            f"augment generator is on {generator.device} but images are on {images.device}; they must be on the same device"
-        )
-    b, c, h, w = images.shape
-    device = images.device
-    first, total = rows_of or (0, b)
-    if first < 0 or first + b > total:
-        raise ValueError(f"augment rows_of={rows_of!r}: {b} images do not fit in a batch of {total} from row {first}")
-    mine = slice(first, first + b)
-    flip = ((torch.rand(total, generator=generator, device=device) < 0.5) & flip)[mine]
-    offset_y = torch.randint(0, 2 * padding + 1, (total,), generator=generator, device=device)[mine]
-    offset_x = torch.randint(0, 2 * padding + 1, (total,), generator=generator, device=device)[mine]
-    padded = F.pad(images, (padding, padding, padding, padding)) if padding else images
-    cols = torch.arange(w, device=device)
-    cols = torch.where(flip[:, None], (w - 1) - cols, cols) + offset_x[:, None]  # (B, W), flip folded into the gather
-    rows = torch.arange(h, device=device) + offset_y[:, None]  # (B, H)
-    batch = torch.arange(b, device=device)[:, None, None, None]
-    channel = torch.arange(c, device=device)[None, :, None, None]
-    return padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]

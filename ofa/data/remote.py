@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..io import md5_file
 from .splits import DataError, one_line
 
 __all__ = ["RemoteFile", "fetch"]
@@ -39,14 +40,6 @@ class RemoteFile:
     offline_hint: str | None = None  # one more way to get the file without a network, named when a download fails
 
 
-def _md5_file(path: Path) -> str:
-    h = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _md5_gunzip(path: Path) -> str | None:
     """md5 of the gunzipped content, or None if the file is not valid gzip."""
     h = hashlib.md5(usedforsecurity=False)
@@ -61,7 +54,7 @@ def _md5_gunzip(path: Path) -> str | None:
 
 def _verify(path: Path, rf: RemoteFile) -> tuple[bool, str]:
     """(verified, actual md5) of a local file against a RemoteFile."""
-    actual = _md5_file(path)
+    actual = md5_file(path)
     if actual == rf.md5.lower():
         return True, actual
     if rf.content_md5 is not None and _md5_gunzip(path) == rf.content_md5.lower():

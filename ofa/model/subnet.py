@@ -1,6 +1,6 @@
 """Static modules: what ``OFANet.extract`` produces. Plain torch layers, no elastic choices, no transforms.
 
-The channel arithmetic shared with the elastic twins in ``ofa.elastic`` lives here, one function each.
+The channel arithmetic shared with the elastic twins in ``ofa.model.elastic`` lives here, one function each.
 """
 
 from __future__ import annotations

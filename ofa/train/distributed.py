@@ -1,14 +1,16 @@
-"""Several processes, one stage: torch.distributed (NCCL on CUDA, gloo on CPU), launched by torchrun's engine.
+"""Several processes, one stage: torch.distributed (NCCL on CUDA, gloo on CPU): the job's world, its process
+group and the collectives every stage uses.
 
 A stage run with ``train.processes: N`` (N > 1) starts N copies of its own script through torch.distributed's
-launcher API (``elastic_launch``, what ``torchrun --standalone`` runs), one per GPU or, on a CPU, one per
-share of the cores; a script started by ``torchrun`` itself (several machines) joins the job it describes.
+launcher API (``ofa.train.launch``: ``elastic_launch``, what ``torchrun --standalone`` runs), one per
+GPU or, on a CPU, one per share of the cores; a script started by ``torchrun`` itself (several machines)
+joins the job it describes.
 What each stage does with its processes:
 
 - training: every rank takes its share of each global batch (``train.batch_size`` images), every rank draws
   the same subnet configs (one seed), and the gradients are averaged with one all-reduce per step
   (``average_gradients``); batch norm keeps per-rank statistics as official OFA does, or synchronises them
-  (``train.sync_bn``); running statistics are averaged at the end of each epoch;
+  (``train.sync_bn``: ``ofa.train.sync_bn``); running statistics are averaged at the end of each epoch;
 - BN calibration and evaluation deal their images out across ranks and all-reduce the counts;
 - evaluate_space and specialize deal their configs out across ranks (``map_ordered``);
 - rank 0 alone writes checkpoints, metrics, curves and resume states.
@@ -18,25 +20,18 @@ With one process nothing here runs: no process group, no collective, the same by
 
 from __future__ import annotations
 
-import json
-import logging
 import os
 import signal
 import sys
-import tempfile
-import uuid
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 # torch.distributed.nn.functional binds the default group into its functions' default arguments when it is
 # first imported. Imported while a group exists (a torch.optim optimizer imports it, through torch._dynamo),
@@ -91,84 +86,6 @@ def local_processes() -> int:
 def launched() -> bool:
     """Whether this process is a worker of a torchrun-style launch (its environment names its rank)."""
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
-
-
-# --- launching -------------------------------------------------------------------------------------------
-
-
-def launch(processes: int, script: str, args: Sequence[str] = ()) -> int:
-    """Run `script` as `processes` workers on this machine (torchrun --standalone); the stage's exit status.
-
-    A worker's user error (a bad param, a divergence, ...) reaches the console as the one line of the lowest
-    failing rank; a worker that dies (killed, out of memory) ends every other worker within a fraction of a
-    second (the launcher's monitor), and the stage fails naming it.
-    """
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # its own report would bury ours
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=processes, run_id=str(uuid.uuid4()),
-                          rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0,
-                          monitor_interval=0.1, local_addr="127.0.0.1")
-    with tempfile.TemporaryDirectory(prefix="ofa-errors-") as errors:
-        os.environ[ERRORS_ENV] = errors
-        try:
-            elastic_launch(config, entrypoint=sys.executable)(script, *args)
-            return 0
-        except ChildFailedError as e:
-            rank = _cause(Path(errors), e.failures)
-            message = failure_message(Path(errors), rank, e.failures[rank].exitcode, processes)
-            newline = "" if _reported(Path(errors), rank) else "\n"  # a dead rank's progress bar was cut short
-            print(f"{newline}error: {message}", file=sys.stderr)
-            code = e.failures[rank].exitcode
-            return code if code > 0 else 1
-        except (KeyboardInterrupt, SignalException) as e:  # Ctrl-C, or a kill of the launcher: it ends the workers
-            sig = signal.Signals(getattr(e, "sigval", signal.SIGINT))
-            print(f"\nerror: {interrupted(sig)}", file=sys.stderr)
-            return 128 + sig
-        finally:
-            os.environ.pop(ERRORS_ENV, None)
-
-
-def interrupted(sig: signal.Signals = signal.SIGINT) -> str:
-    """The one line of a stage stopped by a signal."""
-    return f"stopped by {sig.name}; rerun the stage to resume where it stopped"
-
-
-def _reported(errors: Path, rank: int) -> bool:
-    return (errors / f"rank{rank}.json").is_file()
-
-
-def _cause(errors: Path, failures: dict[int, Any]) -> int:
-    """The failed rank to report: the lowest that reported its own error; else the lowest killed by a signal
-    other than the SIGTERM with which the launcher ends the survivors (a rank killed outright is the cause, a
-    peer that then exited on its broken connection the consequence); else the lowest that exited on its own."""
-    def order(r: int) -> tuple[bool, bool, bool, int]:
-        code = failures[r].exitcode
-        return not _reported(errors, r), code == -signal.SIGTERM, code > 0, r
-
-    return min(failures, key=order)
-
-
-def failure_message(errors: Path, rank: int, exitcode: int, processes: int) -> str:
-    """A rank's own error line, or how it died."""
-    if _reported(errors, rank):
-        return json.loads((errors / f"rank{rank}.json").read_text())["message"]
-    how = f"was killed by {signal.Signals(-exitcode).name}" if exitcode < 0 else f"exited with status {exitcode}"
-    return f"rank {rank} of {processes} {how}; the other ranks were stopped (rerun the stage to resume it)"
-
-
-def report_error(message: str) -> None:
-    """A worker's one-line error: to the launcher's folder when there is one, else to stderr (rank-prefixed)."""
-    rank = int(os.environ.get("RANK", 0)) if launched() else 0
-    folder = os.environ.get(ERRORS_ENV)
-    if folder and Path(folder).is_dir():  # renamed into place: the launcher never reads half a file
-        part = Path(folder) / f"rank{rank}.json.part"
-        part.write_text(json.dumps({"message": message}))
-        os.replace(part, part.with_suffix(""))
-    else:
-        print(f"error: {message}" if rank == 0 else f"error (rank {rank}): {message}", file=sys.stderr)
 
 
 # --- the process group -----------------------------------------------------------------------------------
@@ -384,78 +301,3 @@ def lead(fn: Callable[[T], R], items: Sequence[T], w: World) -> list[R]:
 def dismiss(w: World) -> None:
     """Rank 0 ends the ranks' `serve` loops."""
     broadcast(None, w)
-
-
-# --- batch norm over the whole batch ---------------------------------------------------------------------
-
-
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over the ranks whose gradient is the sum over the ranks too (every rank's loss used the sum)."""
-
-    @staticmethod
-    def forward(ctx, t: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        t = t.clone()
-        dist.all_reduce(t)
-        return t
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        grad = grad.clone()
-        dist.all_reduce(grad)
-        return grad
-
-
-def batch_norm_over_ranks(x: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
-                          weight: torch.Tensor | None, bias: torch.Tensor | None, momentum: float | None,
-                          eps: float) -> torch.Tensor:
-    """Training-mode batch norm with the statistics of every rank's share of the batch: one all-reduce.
-
-    The per-channel sums and sums of squares of each rank's (B/N, C, H, W) share (less the running mean,
-    for precision) are summed across ranks,
-    so every rank normalises with the statistics of all B images, as one process with the whole batch does,
-    and the gradient flows back through the sum to every rank's share. Plain tensor ops: it runs on gloo
-    (CPU) as on NCCL, and on the sliced channels of an elastic batch norm (torch's SyncBatchNorm module is
-    CUDA-only and would replace the supernet's modules).
-    """
-    c = x.shape[1]
-    xf = x.float()
-    # sums of x - shift, with the same shift on every rank: the running mean (every rank updates it alike),
-    # close to the batch's, so the variance is no small difference of two large float32 sums
-    shift = (running_mean.detach().float() if running_mean is not None else xf.new_zeros(c))[None, :, None, None]
-    d = xf - shift
-    count = torch.full((1,), xf.numel() // c, dtype=torch.float32, device=x.device)
-    stats = _AllReduceSum.apply(torch.cat([d.sum((0, 2, 3)), (d * d).sum((0, 2, 3)), count]))
-    n = stats[-1]
-    mean_d = stats[:c] / n
-    mean = shift.flatten() + mean_d
-    var = (stats[c : 2 * c] / n - mean_d * mean_d).clamp_min(0)  # biased, as batch norm normalises
-    if running_mean is not None and running_var is not None:
-        m = 0.1 if momentum is None else momentum
-        with torch.no_grad():  # running statistics may be views of an elastic layer's full buffers: write through
-            running_mean.mul_(1 - m).add_(mean, alpha=m)
-            running_var.mul_(1 - m).add_(var * n / (n - 1).clamp_min(1), alpha=m)
-    scale = torch.rsqrt(var + eps) if weight is None else weight * torch.rsqrt(var + eps)
-    shift = -mean * scale if bias is None else bias - mean * scale
-    return (xf * scale[None, :, None, None] + shift[None, :, None, None]).to(x.dtype)
-
-
-def _batch_norm_args(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
-                     eps=1e-5):
-    return input, running_mean, running_var, weight, bias, training, momentum, eps
-
-
-class _OverRanks(TorchFunctionMode):
-    """Every training-mode F.batch_norm call (plain and elastic layers alike) becomes batch_norm_over_ranks."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.batch_norm:
-            x, mean, var, weight, bias, training, momentum, eps = _batch_norm_args(*args, **kwargs)
-            if training:
-                return batch_norm_over_ranks(x, mean, var, weight, bias, momentum, eps)
-        return func(*args, **kwargs)
-
-
-def synced_batch_norm(enabled: bool = True):
-    """A context in which training-mode batch norm uses the whole batch across ranks (``train.sync_bn``)."""
-    return _OverRanks() if enabled else nullcontext()
