@@ -4,15 +4,36 @@ synthetic data, image folders."""
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 import ofa
 from ofa import data as data_mod
 from ofa.train import DeviceData
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def committed_text(name: str) -> str:
+    """A file of the repository as its last commit holds it, not as the workspace does: users edit params.yaml and
+    run experiments there (``dvc exp run`` applies an experiment's params to it), and the suite passes whatever
+    they did. Outside a git checkout (an unpacked archive), the file itself."""
+    try:
+        return subprocess.run(["git", "-C", str(ROOT), "show", f"HEAD:{name}"], capture_output=True, text=True,
+                              check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return (ROOT / name).read_text()
+
+
+def committed_params() -> dict:
+    """The shipped params.yaml (``committed_text``), parsed as YAML."""
+    return yaml.safe_load(committed_text("params.yaml"))
+
 
 SEED_SPACE = ofa.ConfigSpace(kernel=(5, 7), depth=(2, 3), width=(2, 4))
 PAPER_SPACE = ofa.ConfigSpace(kernel=(3, 5, 7), depth=(2, 3, 4), width=(3, 4, 6))

@@ -5,19 +5,19 @@ from __future__ import annotations
 import copy
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
+from conftest import ROOT, committed_params, committed_text
 from ofa.pipeline.config import ParamsError, load_params, parse_params
 
-ROOT = Path(__file__).resolve().parents[1]
-RAW = yaml.safe_load((ROOT / "params.yaml").read_text())
+RAW = committed_params()
 
 
-def test_defaults_are_the_source_experiment():
-    p = load_params(ROOT / "params.yaml")
+def test_defaults_are_the_source_experiment(tmp_path):
+    (tmp_path / "params.yaml").write_text(committed_text("params.yaml"))
+    p = load_params(tmp_path / "params.yaml")
     assert p.data.dataset == "cifar10"
     assert (p.space.kernel, p.space.depth, p.space.width) == ((5, 7), (2, 3), (2, 4))
     assert (p.supernet.epochs, p.shrink.kernel.epochs, p.shrink.depth.epochs, p.shrink.width.epochs) == (180, 25, 25, 25)
@@ -133,8 +133,8 @@ def test_a_folder_dataset_needs_its_image_size():
 
 def test_params_yaml_read_errors_are_one_line(tmp_path):
     path = tmp_path / "params.yaml"
-    path.write_text((ROOT / "params.yaml").read_text() + "train:\n  batch_size: 32\n")  # a second train section
-    line = len((ROOT / "params.yaml").read_text().splitlines()) + 1
+    path.write_text(committed_text("params.yaml") + "train:\n  batch_size: 32\n")  # a second train section
+    line = len(committed_text("params.yaml").splitlines()) + 1
     with pytest.raises(ParamsError, match=rf"^\S+params\.yaml: line {line}: train is given twice \(each key once"):
         load_params(path)
     path.write_text("seed: 0\nsupernet: {epochs: 2, lr: 0.1, lr: 0.2}\n")

@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
 
-from conftest import SEED_SPACE, perturb, tiny_net
+from conftest import SEED_SPACE, committed_params, perturb, tiny_net
 from ofa import data as data_mod
 from ofa.data import memory
 from ofa.train import distributed, launch, sync_bn
@@ -366,7 +366,7 @@ def test_cpu_ranks_share_the_cores_and_more_ranks_than_cores_get_a_note(monkeypa
 
 
 def test_a_batch_that_does_not_split_evenly_is_one_line(synthetic):
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw = committed_params()
     raw["train"].update(batch_size=100, processes=3)
     with pytest.raises(ParamsError, match=r"^train\.batch_size: 100 images per step do not split evenly across "
                                           r"train\.processes = 3 \(a multiple of 3\)$"):

@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import FOLDER_CLASSES, write_folder
+from conftest import FOLDER_CLASSES, committed_params, write_folder
 from ofa import data as data_mod
 from ofa.data import memory
 from ofa.pipeline import context, download, training
@@ -28,7 +28,7 @@ STAGES = ["download", "train_supernet", "shrink_kernel", "shrink_depth", "shrink
 
 def tiny_params(**data) -> dict:
     """The shipped params.yaml shrunk to a net and schedule that run in seconds on a CPU."""
-    p = yaml.safe_load((ROOT / "params.yaml").read_text())
+    p = committed_params()
     p["data"].update({"dataset": "synthetic", "val_images": 128, **data})
     p["net"] = {"stem_channels": 8, "stem_stride": 1, "final_channels": 32, "units": [
         {"channels": 8, "stride": 1, "activation": "relu", "se": False},

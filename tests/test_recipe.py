@@ -8,14 +8,13 @@ import shutil
 
 import pytest
 import torch
-import yaml
 
 import ofa
-from conftest import PAPER_SPACE, SEED_SPACE, TINY_UNITS, perturb
+from conftest import PAPER_SPACE, SEED_SPACE, TINY_UNITS, committed_params, perturb
 from ofa.pipeline import recipe
 from ofa.pipeline.config import parse_params
 from ofa.train import Schedule, fit
-from test_pipeline import ROOT, tiny_params
+from test_pipeline import tiny_params
 
 
 DIMS = ("kernel", "depth", "width")
@@ -38,7 +37,7 @@ def _widths(configs) -> set:
 
 
 def test_the_shipped_recipe_is_the_official_one():
-    s = parse_params(yaml.safe_load((ROOT / "params.yaml").read_text())).shrink
+    s = parse_params(committed_params()).shrink
     assert (s.reduce, s.teacher, s.teacher_bn) == ("sum", "full", "train")
     assert [s.subnets(dim) for dim in DIMS] == [1, 2, 4]
     assert (s.depth.first_phase.epochs, s.width.first_phase.epochs) == (25, 25)
