@@ -88,7 +88,8 @@ def measure_training(params: Params, net: OFANet, data: DeviceData, steps: int, 
                                  parameters=parameters, teacher=teacher, reduce=params.shrink.reduce,
                                  kd_ratio=params.shrink.kd_ratio if teacher is not None else 0.0)
             rows.append({"stage": stage, "phase": phase.suffix.lstrip(".") or "-", "epochs": phase.schedule.epochs,
-                         "subnets": phase.subnets_per_step, "images_per_s": rate})
+                         "images": phase.schedule.images_per_epoch, "subnets": phase.subnets_per_step,
+                         "images_per_s": rate})
             print(f"  {stage}{phase.suffix}: {rate:.1f} images/s", file=sys.stderr, flush=True)
     return rows
 
@@ -130,9 +131,10 @@ def project(params: Params, rows: list[dict], subnets: dict[str, dict], n_train:
         mine = [r for r in rows if r["stage"] == stage]
         epochs = sum(r["epochs"] for r in mine)
         for r in mine:
-            what = f"train {r['epochs']} epochs x {n_train} images, {r['subnets']} subnets/step"
+            images = min(n_train, r["images"] or n_train)  # an epoch's
+            what = f"train {r['epochs']} epochs x {images} images, {r['subnets']} subnets/step"
             parts.append((stage, what + ("" if r["phase"] == "-" else f" ({r['phase']})"),
-                          r["epochs"] * n_train / r["images_per_s"], r["images_per_s"]))
+                          r["epochs"] * images / r["images_per_s"], r["images_per_s"]))
         shrink = stage != "train_supernet"  # the max config on test at the end; a shrink stage's min config too
         parts.append((stage, f"val after each of {epochs} epochs, {1 + shrink} test at the end",
                       epochs * check(big, n_val) + check(big, n_test) + (check(small, n_test) if shrink else 0), None))

@@ -4,10 +4,11 @@ from ofa.pipeline import process, specialize
 
 
 def run(params):
-    summary = specialize.specialize(params)
-    if summary is not None:  # None on a rank other than 0: rank 0 reports
-        print(specialize.table(summary).to_string(index=False))
-    return summary
+    picks = specialize.specialize(params)
+    if picks is None:  # a rank other than 0: rank 0 reports
+        return None
+    print(specialize.table(picks).to_string(index=False))
+    return specialize.headline(picks)
 
 
 process.main(run)

@@ -604,11 +604,12 @@ def test_repro_with_two_processes_runs_every_stage_on_two_ranks(two_process_repr
         assert json.loads((project / "metrics" / "timing" / f"{stage}.json").read_text())["processes"] == 2
     for stage in STAGES[1:5]:
         m = json.loads((project / "metrics" / f"{stage}.json").read_text())
-        assert m["epochs"] >= 1 and m["accuracy_max"] > 0.2  # chance is 0.1
+        timing = json.loads((project / "metrics" / "timing" / f"{stage}.json").read_text())
+        assert timing["epochs"] >= 1 and m["accuracy_max"] > 0.2  # chance is 0.1
     records = json.loads((project / "metrics" / "space.json").read_text())
     assert [r["config"] for r in records[:8]] == [f"k{k}-d{d}-w{w}" for k in (5, 7) for d in (2, 3) for w in (2, 4)]
     assert len(records) == 9 and all(0.2 < r["accuracy"] <= 1 for r in records[:8])
-    picks = json.loads((project / "metrics" / "specialize.json").read_text())["budgets"]
+    picks = json.loads((project / "metrics" / "picks.json").read_text())["budgets"]
     assert list(picks) == ["macs-1.5M"] and picks["macs-1.5M"]["macs"] <= 1500000
     assert sorted(p.name for p in (project / "models" / "specialized").iterdir()) == ["macs-1.5M.onnx", "macs-1.5M.pt"]
     assert [p.name for p in (project / ".resume").rglob("*") if p.is_file()] == ["specialize.db"]  # the search
@@ -743,7 +744,7 @@ def test_a_killed_process_ends_the_stage_within_seconds_and_writes_no_output(lon
         result = _stage("train_supernet", cwd, env)
         assert result.returncode == 0, result.stderr
         assert re.search(r"train_supernet: resuming after epoch [1-9][0-9]?/12", result.stderr)
-        assert json.loads((cwd / "metrics" / "train_supernet.json").read_text())["epochs"] == 12
+        assert json.loads((cwd / "metrics" / "timing" / "train_supernet.json").read_text())["epochs"] == 12
 
 
 def test_a_stage_started_by_torchrun_on_two_nodes_joins_their_job(long_training):

@@ -104,7 +104,7 @@ def test_specialize_picks_within_budget_beat_uniform_on_val_and_export_what_they
     from ofa.train import DeviceData, evaluate
 
     project, _, _ = repro
-    summary = json.loads((project / "metrics" / "specialize.json").read_text())
+    summary = json.loads((project / "metrics" / "picks.json").read_text())
     searched = json.loads((project / "metrics" / "search.json").read_text())
     assert summary["configs_evaluated"] == len(searched) >= 8 and summary["trials"] == 14
     timing = json.loads((project / "metrics" / "timing" / "specialize.json").read_text())
@@ -172,7 +172,7 @@ def test_curves_and_the_search_score_on_val_and_report_on_test(repro):
     val, test = accuracies("shrink_width", lambda net: net.max_config())
     assert float(curve[-1]["accuracy_max"]) == metrics["val_accuracy_max"] == val
     assert metrics["accuracy_max"] == test
-    pick = json.loads((p / "metrics" / "specialize.json").read_text())["budgets"]["macs-1.5M"]
+    pick = json.loads((p / "metrics" / "picks.json").read_text())["budgets"]["macs-1.5M"]
     record = next(r for r in json.loads((p / "metrics" / "search.json").read_text()) if r["config"] == pick["config"])
     val, test = accuracies("specialize", lambda net: SubnetConfig.from_dict(record["subnet"]))
     assert record["val_accuracy"] == pick["val_accuracy"] == val and pick["accuracy"] == test
@@ -203,7 +203,7 @@ def test_folder_dataset_runs_every_stage_with_its_own_classes(repro):
     ckpt = torch.load(p / "models" / "shrink_width.pt", weights_only=True)
     assert ckpt["arch"]["num_classes"] == 3 and ckpt["arch"]["classes"] == FOLDER_CLASSES
     assert ckpt["state_dict"]["classifier.weight"].shape[0] == 3
-    summary = json.loads((p / "metrics" / "specialize.json").read_text())
+    summary = json.loads((p / "metrics" / "picks.json").read_text())
     assert summary["classes"] == FOLDER_CLASSES
     sub = ofa.load_subnet(p / "models" / "specialized" / "macs-1.5M.pt")
     assert sub.classes == FOLDER_CLASSES and sub(torch.zeros(2, 3, 16, 16)).shape == (2, 3)
@@ -322,10 +322,11 @@ def test_exp_run_with_new_budgets_reruns_only_specialize(repro):
     assert ran(out) == ["specialize"]
     assert "search: reusing the first 14 of 14 trials" in out and "search 1/" not in out  # nothing re-evaluated
     timing = json.loads((project / "metrics" / "timing" / "specialize.json").read_text())
-    evaluated = json.loads((project / "metrics" / "specialize.json").read_text())["configs_evaluated"]
-    assert timing["configs_scored"] == 0 and timing["configs_reused"] == evaluated >= 8
-    picks = json.loads((project / "metrics" / "specialize.json").read_text())["budgets"]
-    assert list(picks) == ["macs-0.7M", "macs-2.6M"]
+    summary = json.loads((project / "metrics" / "picks.json").read_text())
+    assert timing["configs_scored"] == 0 and timing["configs_reused"] == summary["configs_evaluated"] >= 8
+    assert list(summary["budgets"]) == ["macs-0.7M", "macs-2.6M"]
+    headline = json.loads((project / "metrics" / "specialize.json").read_text())
+    assert headline == {name: p["accuracy"] for name, p in summary["budgets"].items()}
     assert sorted(p.name for p in (project / "models" / "specialized").iterdir()) == [
         "macs-0.7M.onnx", "macs-0.7M.pt", "macs-2.6M.onnx", "macs-2.6M.pt"]
 
@@ -346,19 +347,35 @@ def test_outputs_have_the_documented_shape(repro):
     by = {r["config"]: r for r in records}
     assert by["k7-d3-w4"]["macs"] > by["k5-d3-w4"]["macs"] > by["k5-d2-w4"]["macs"] > by["k5-d2-w2"]["macs"]
     summary = json.loads((project / "metrics" / "evaluate_space.json").read_text())
-    assert summary["configs"] == 9 and summary["accuracy_largest"] == by["k7-d3-w4"]["accuracy"]
+    assert summary == {  # the headline figures; space.json holds every config's
+        "accuracy_max": by["k7-d3-w4"]["accuracy"], "accuracy_min": by["k5-d2-w2"]["accuracy"],
+        "accuracy_mean": round(sum(r["accuracy"] for r in records) / 9, 6),
+        "finetuned_mean": round(sum(r["accuracy_finetuned"] for r in records) / 9, 6)}
+    steps = 384 // 64  # an epoch of the tiny profile's training images: a curve point after its first and last
     for stage in STAGES[1:5]:
         m = json.loads((project / "metrics" / f"{stage}.json").read_text())
-        assert m["epochs"] >= 1 and 0 <= m["accuracy_max"] <= 1
+        shrink = {"accuracy_min"} if stage != "train_supernet" else set()  # the min config is trained from here on
+        assert set(m) == {"accuracy_max", "val_accuracy_max", "train_loss", *shrink}
         timing = json.loads((project / "metrics" / "timing" / f"{stage}.json").read_text())
         assert timing["images_per_s"] > 0 and timing["wall_s"] >= timing["train_s"] > 0 and timing["device"] == "cpu"
-        assert ("accuracy_min" in m) == (stage != "train_supernet")
+        assert timing["epochs"] >= 1 and 0 <= m["accuracy_max"] <= 1
         assert (project / "models" / f"{stage}.pt").is_file()
-        loss = (project / "metrics" / "live" / stage / "plots" / "metrics" / "train" / "loss.tsv").read_text()
-        assert loss.splitlines()[0].split("\t") == ["step", "loss"] and len(loss.splitlines()) == m["epochs"] + 1
+        curves = project / "metrics" / "live" / stage
+        loss = (curves / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()
+        assert loss[0].split("\t") == ["step", "loss"]
+        assert [int(line.split("\t")[0]) for line in loss[1:]] == [
+            e * steps + s for e in range(timing["epochs"]) for s in (1, steps)]
+        val = (curves / "plots" / "metrics" / "val" / "accuracy_max.tsv").read_text().splitlines()
+        assert [int(line.split("\t")[0]) for line in val[1:]] == [e * steps for e in range(1, timing["epochs"] + 1)]
+        assert float(val[-1].split("\t")[1]) == m["val_accuracy_max"]
+        assert (curves / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for png in ("space.png", "search_plot/search.png"):
+        assert (project / "metrics" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = run([sys.executable, "-m", "dvc", "metrics", "show"], project)
+    assert max(len(line) for line in out.splitlines()) <= 200, out  # a terminal shows it
     shown = json.loads(run([sys.executable, "-m", "dvc", "metrics", "show", "--json"], project))
     files = next(iter(shown.values()))["data"]
-    assert {"metrics/train_supernet.json", "metrics/evaluate_space.json", "metrics/specialize.json"} <= set(files)
+    assert set(files) == {f"metrics/{stage}.json" for stage in STAGES[1:]}
 
 
 def test_class_names_that_are_not_a_list_of_distinct_names_are_refused(tmp_path):
@@ -373,3 +390,22 @@ def test_class_names_that_are_not_a_list_of_distinct_names_are_refused(tmp_path)
             context.load_classes(tmp_path)
     path.write_text(json.dumps(["cat", "dog"]))
     assert context.load_classes(tmp_path) == ["cat", "dog"]
+
+
+def test_the_summary_prints_the_stages_table_2_and_the_picks(repro):
+    """What make quick ends with: one line per stage, Table 2, the picks, all read back from the outputs."""
+    project, _, _ = repro
+    out = run([sys.executable, "-m", "ofa.pipeline.summary"], project)
+    width = json.loads((project / "metrics" / "shrink_width.json").read_text())
+    (line,) = [line for line in out.splitlines() if line.startswith("shrink_width ")]
+    assert line.split()[-2:] == [f"{width['accuracy_max']:.4f}", f"{width['accuracy_min']:.4f}"]
+    for stage in STAGES[1:]:
+        assert re.search(rf"^{stage} ", out, re.M), stage
+    records = json.loads((project / "metrics" / "space.json").read_text())
+    for r in records[:8]:
+        assert re.search(rf"^ *\({r['kernel']}, {r['depth']}, {r['width']}\) .* {r['accuracy']:.4f} +"
+                         rf"{r['accuracy_finetuned']:.4f}$", out, re.M), r["config"]
+    picks = json.loads((project / "metrics" / "picks.json").read_text())["budgets"]
+    for name, pick in picks.items():
+        assert re.search(rf"^ *{re.escape(name)} +{re.escape(pick['config'])} ", out, re.M), name
+    assert max(len(line) for line in out.splitlines()) <= 120

@@ -233,7 +233,8 @@ def test_a_three_width_space_trains_the_width_stage_in_two_phases_and_resumes_in
     assert sorts == [(), (3, 4)]  # before each phase; the second keeps the first phase's widths on their channels
     assert calls == [("mean", True, {3}, {3, 4}), ("mean", True, {3}, {2, 3, 4})]  # the phases' widths
     lr = (roots["whole"] / "metrics" / "live" / "shrink_width" / "plots" / "metrics" / "lr.tsv").read_text()
-    assert len(lr.splitlines()) == 4 and not list((roots["whole"] / ".resume").glob("*.pt"))
+    steps = [int(line.split("\t")[0]) for line in lr.splitlines()[1:]]  # 6 steps an epoch, a point after 1 and 6
+    assert steps == [1, 6, 7, 12, 13, 18] and not list((roots["whole"] / ".resume").glob("*.pt"))  # one curve
 
     save, saves = train_state.save, []
 
@@ -254,3 +255,23 @@ def test_a_three_width_space_trains_the_width_stage_in_two_phases_and_resumes_in
     assert sorts == [(), (3, 4)] and saves == ["shrink_width.pt"]  # only the second phase's second epoch trained
     checkpoints = [(root / "models" / "shrink_width.pt").read_bytes() for root in roots.values()]
     assert checkpoints[0] == checkpoints[1]
+
+
+def test_a_stage_draws_its_images_per_epoch_anew_each_epoch_in_every_phase(synthetic, monkeypatch):
+    """images_per_epoch sets the epoch of each phase of its stage (the first phase too) and of train_supernet;
+    null is the whole training split, and each epoch draws its images anew."""
+    params = _params(**{"width.images_per_epoch": 96})
+    first, second = recipe.phases(params, "shrink_width", PAPER_SPACE)
+    assert [recipe.schedule(params, p.schedule).images_per_epoch for p in (first, second)] == [96, 96]
+    (depth,) = recipe.phases(_params(), "shrink_depth", SEED_SPACE)
+    assert recipe.schedule(params, depth.schedule).images_per_epoch is None
+    net = ofa.OFANet(SEED_SPACE, 3, 10, units=TINY_UNITS, stem_channels=8, final_channels=32)
+    seen = []
+    real = synthetic.inputs
+    monkeypatch.setattr(synthetic, "inputs", lambda images: seen.append(images.clone()) or real(images))
+    schedule = Schedule(epochs=2, lr=0.01, batch_size=32, warmup_epochs=0, flip=False, crop_padding=0,
+                        images_per_epoch=64)
+    fit(net, synthetic, schedule, progress=False)
+    assert [len(batch) for batch in seen] == [32] * 4  # two epochs of 64 images
+    epochs = [torch.cat(seen[:2]), torch.cat(seen[2:])]
+    assert not torch.equal(epochs[0], epochs[1])  # another draw of the training split

@@ -105,6 +105,7 @@ class TrainParams:
 class PhaseParams:
     epochs: int = _rule(min=0)
     lr: float = _rule(gt=0)
+    images_per_epoch: int | None = _rule(min=1, default=None)  # drawn anew each epoch; null = the whole split
 
 
 @dataclass(frozen=True)
@@ -150,13 +151,8 @@ class ShrinkParams:
 
 
 @dataclass(frozen=True)
-class FinetuneParams(PhaseParams):
-    images_per_epoch: int | None = _rule(min=1, default=None)  # null = the whole training split
-
-
-@dataclass(frozen=True)
 class EvaluateParams:
-    finetune: FinetuneParams
+    finetune: PhaseParams
     bn_calibration_images: int = _rule(min=1, default=2000)
     sampled_configs: int = _rule(min=0, max=10_000, default=0)  # random per-block configs besides the uniform grid
 

@@ -14,6 +14,7 @@ import torch
 from ..io import write_json
 from ..model import OFANet, SubnetConfig, count_macs, count_params
 from ..train import DeviceData, calibrate_bn, distributed, evaluate, fit
+from . import figures
 from .config import Params
 from .context import METRICS, StageContext
 from .recipe import schedule
@@ -45,8 +46,9 @@ def evaluate_space(params: Params, root: Path = Path("."),
     state.unlink(missing_ok=True)
     if not w.main:
         return None
-    summary = _summary(records, ctx.net, params.evaluate.finetune.epochs)
+    summary = _summary(records, ctx.net)
     write_json(root / METRICS / "space.json", records)
+    figures.space_scatter(records, params.evaluate.finetune.epochs, root / METRICS / "space.png")
     write_json(root / METRICS / "evaluate_space.json", summary)
     ctx.write_timing(ctx.timing())
     done_path.unlink(missing_ok=True)
@@ -120,7 +122,7 @@ def _evaluate_config(params: Params, net: OFANet, cfg: SubnetConfig, data: Devic
     accuracy = evaluate(sub, data, batch_size=eval_bs, world=alone)
     macs, n_params = count_macs(sub, (1, *data.input_shape)), count_params(sub)
     ft = params.evaluate.finetune
-    fit(sub, data, schedule(params, ft, ft.images_per_epoch), seed=params.seed * 1000 + 100 + index,
+    fit(sub, data, schedule(params, ft), seed=params.seed * 1000 + 100 + index,
         desc=f"finetune {cfg}", resume=state, resume_key=key, progress=progress, world=alone)
     uniform = cfg.uniform_values()
     return {
@@ -136,26 +138,22 @@ def _evaluate_config(params: Params, net: OFANet, cfg: SubnetConfig, data: Devic
     }
 
 
-def _summary(records: list[dict], net: OFANet, finetune_epochs: int) -> dict[str, Any]:
+def _summary(records: list[dict], net: OFANet) -> dict[str, Any]:
+    """The headline figures (the metrics DVC shows): the max and the min config's test accuracy, and the mean
+    over every config evaluated, after BN calibration and after fine-tuning. space.json holds the rest."""
     by_name = {r["config"]: r for r in records}
     largest, smallest = by_name[str(net.max_config())], by_name[str(net.min_config())]
-    acc = [r["accuracy"] for r in records]
-    acc_ft = [r["accuracy_finetuned"] for r in records]
     return {
-        "configs": len(records),
-        "accuracy_largest": largest["accuracy"],
-        "accuracy_smallest": smallest["accuracy"],
-        "accuracy_mean": round(sum(acc) / len(acc), 6),
-        "accuracy_min": min(acc),
-        "accuracy_finetuned_mean": round(sum(acc_ft) / len(acc_ft), 6),
-        "macs_largest": largest["macs"],
-        "macs_smallest": smallest["macs"],
-        "finetune_epochs": finetune_epochs,
+        "accuracy_max": largest["accuracy"],
+        "accuracy_min": smallest["accuracy"],
+        "accuracy_mean": round(sum(r["accuracy"] for r in records) / len(records), 6),
+        "finetuned_mean": round(sum(r["accuracy_finetuned"] for r in records) / len(records), 6),
     }
 
 
-def table(records: list[dict], finetune_epochs: int):
-    """The source's Table 2: config, MACs, accuracy, accuracy after fine-tuning (a pandas DataFrame)."""
+def table(records: list[dict], finetune_epochs: int | None = None):
+    """The source's Table 2: config, MACs, accuracy, accuracy after fine-tuning (a pandas DataFrame); the last
+    column's heading is "Accuracy #<finetune_epochs>" as in the source, or "Fine-tuned" when not given."""
     import pandas as pd
 
     def name(r: dict) -> str:
@@ -165,5 +163,6 @@ def table(records: list[dict], finetune_epochs: int):
         "Config: (k, d, w)": [name(r) for r in records],
         "MACs": [f"{r['macs'] / 1e6:.2f}M" for r in records],
         "Accuracy": [f"{r['accuracy']:.4f}" for r in records],
-        f"Accuracy #{finetune_epochs}": [f"{r['accuracy_finetuned']:.4f}" for r in records],
+        f"Accuracy #{finetune_epochs}" if finetune_epochs is not None else "Fine-tuned":
+            [f"{r['accuracy_finetuned']:.4f}" for r in records],
     })

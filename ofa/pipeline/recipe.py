@@ -70,7 +70,8 @@ def phases(params: Params, stage: str, space: ConfigSpace) -> list[Phase]:
         return [main]
     larger = dataclasses.replace(space, **{dim: choices[1:]})
     f = p.first_phase
-    first = Phase(PhaseParams(f.epochs, f.lr), larger, n, ".phase1", warmup_epochs=f.warmup_epochs)
+    first = Phase(PhaseParams(f.epochs, f.lr, p.images_per_epoch), larger, n, ".phase1",
+                  warmup_epochs=f.warmup_epochs)
     if dim == "width":  # the second phase's sort keeps the first phase's widths on their channels
         main = Phase(p, space, n, protect=tuple(choices[1:]))
     return [first, main]
@@ -97,12 +98,12 @@ def teacher(params: Params, net: OFANet, full: Path, calibration: list[torch.Ten
     return model.requires_grad_(False).train(s.teacher_bn == "train")
 
 
-def schedule(params: Params, phase: PhaseParams, images_per_epoch: int | None = None,
-             warmup_epochs: float | None = None) -> Schedule:
-    """The optimiser schedule of a phase: its epochs and lr, the rest from train (warm-up unless given)."""
+def schedule(params: Params, phase: PhaseParams, warmup_epochs: float | None = None) -> Schedule:
+    """The optimiser schedule of a phase: its epochs, lr and images per epoch, the rest from train (warm-up unless
+    given)."""
     t = params.train
     warmup = t.warmup_epochs if warmup_epochs is None else warmup_epochs
     return Schedule(epochs=phase.epochs, lr=phase.lr, batch_size=t.batch_size, momentum=t.momentum,
                     nesterov=t.nesterov, weight_decay=t.weight_decay, warmup_epochs=warmup,
                     label_smoothing=t.label_smoothing, crop_padding=t.crop_padding, flip=t.flip,
-                    images_per_epoch=images_per_epoch)
+                    images_per_epoch=phase.images_per_epoch)

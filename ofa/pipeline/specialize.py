@@ -30,11 +30,13 @@ from ..deploy import export_onnx, save_subnet, search
 from ..io import replaced_dir, write_json
 from ..model import OFANet, Subnet, SubnetConfig
 from ..train import DeviceData, calibrate_bn, distributed, evaluate, select_device
+from . import figures
 from .config import Params
 from .context import METRICS, MODELS, RESUME, StageContext, resume_key
 
 SPECIALIZED = MODELS / "specialized"
-PLOT_DIR = METRICS / "search_plot"  # MACs vs val accuracy: every evaluated config, the Pareto front, the uniform grid
+# MACs vs val accuracy: every evaluated config, the Pareto front and the uniform grid (JSON), and search.png
+PLOT_DIR = METRICS / "search_plot"
 
 
 def budget_name(budget: int) -> str:
@@ -71,9 +73,10 @@ class _Subnets:
 
 
 def specialize(params: Params, root: Path = Path("."), progress: bool = True) -> dict[str, Any] | None:
-    """Search, pick per budget, report on test, export; writes metrics/specialize.json, search.json, models/specialized.
+    """Search, pick per budget, report on test, export; writes metrics/picks.json, specialize.json, search.json and
+    models/specialized.
 
-    Returns the summary on rank 0, None on the other ranks of a job.
+    Returns the picks (metrics/picks.json) on rank 0, None on the other ranks of a job.
     """
     # evaluate_space's calibration images: a uniform config here scores on test as in its Table 2
     ctx = StageContext.open(params, root, "specialize")
@@ -117,8 +120,8 @@ def _run_search(params: Params, root: Path, net: OFANet, shape: tuple[int, ...],
 
 def _pick_and_write(params: Params, root: Path, net: OFANet, data: DeviceData, candidates: list[search.Candidate],
                     budgets: list[int], subnets: _Subnets, progress: bool) -> dict[str, Any]:
-    """Pick, test and export per budget; writes metrics/search.json, its plot data and metrics/specialize.json,
-    and returns that summary."""
+    """Pick, test and export per budget; writes metrics/search.json, its plot data and figure, metrics/picks.json
+    (returned) and the headline metrics/specialize.json."""
     shape = data.input_shape
     mean, std = data.mean.flatten().tolist(), data.std.flatten().tolist()
     picks = export_picks(candidates, budgets, subnets, root / SPECIALIZED, shape, mean, std,
@@ -133,9 +136,16 @@ def _pick_and_write(params: Params, root: Path, net: OFANet, data: DeviceData, c
         "pareto_front": len(front),
         "budgets": picks,
     }
-    write_search(root, candidates, front, net)
-    write_json(root / METRICS / "specialize.json", summary)
+    records = write_search(root, candidates, front, net)
+    figures.search_scatter(records, picks, root / PLOT_DIR / "search.png")
+    write_json(root / METRICS / "picks.json", summary)
+    write_json(root / METRICS / "specialize.json", headline(summary))
     return summary
+
+
+def headline(summary: dict[str, Any]) -> dict[str, float]:
+    """The metrics DVC shows: each budget's pick, its test accuracy (metrics/picks.json holds the rest)."""
+    return {name: p["accuracy"] for name, p in summary["budgets"].items()}
 
 
 def search_values(params: Params) -> dict[str, Any]:
@@ -205,8 +215,10 @@ def export_picks(candidates: list[search.Candidate], budgets: list[int], subnets
     return picks
 
 
-def write_search(root: Path, candidates: list[search.Candidate], front: list[search.Candidate], net: OFANet) -> None:
-    """metrics/search.json (every evaluated config) and the scatter's data: all, the Pareto front, the uniform grid."""
+def write_search(root: Path, candidates: list[search.Candidate], front: list[search.Candidate],
+                 net: OFANet) -> list[dict]:
+    """metrics/search.json (every evaluated config, its records returned) and the scatter's data: all, the Pareto
+    front, the uniform grid."""
     on_front = {c.config for c in front}
     records = [{"config": str(c.config), "macs": c.macs, "params": net.num_params(c.config),
                 "val_accuracy": c.accuracy, "pareto": c.config in on_front, "uniform": c.uniform, "trial": c.trial,
@@ -216,6 +228,7 @@ def write_search(root: Path, candidates: list[search.Candidate], front: list[sea
                          ("uniform", [r for r in records if r["uniform"]])):
         write_json(root / PLOT_DIR / f"{name}.json",
                    [{"macs": r["macs"], "val_accuracy": r["val_accuracy"], "config": r["config"]} for r in subset])
+    return records
 
 
 def table(summary: dict[str, Any]):

@@ -17,7 +17,7 @@ import torch
 from ..io import write_json
 from ..model import OFANet
 from ..train import EpochStats, fit, subnet_accuracy
-from . import recipe
+from . import figures, recipe
 from .checkpoint import save_checkpoint
 from .config import Params
 from .context import METRICS, MODELS, RESUME, TRAINING_STAGES, StageContext
@@ -42,7 +42,7 @@ def train_stage(params: Params, stage: str, root: Path = Path("."), progress: bo
     history, states = _train_phases(ctx, teacher, key, curves, progress)
     metrics = _stage_metrics(ctx, history, shrink=previous is not None)
     train_s = sum(h.seconds for h in history)
-    timing = ctx.timing(train_s=round(train_s, 1),
+    timing = ctx.timing(epochs=len(history), train_s=round(train_s, 1),
                         images_per_s=round(sum(h.images for h in history) / train_s, 1) if train_s else None)
     if ctx.world.main:
         save_checkpoint(ctx.net, root / MODELS / f"{stage}.pt")
@@ -70,6 +70,7 @@ def _train_phases(ctx: StageContext, teacher: torch.nn.Module | None, key: str, 
     parameters = _trained_parameters(params, stage, net)
     history, states = [], []
     for phase in recipe.phases(params, stage, net.space):
+        curves.next_phase()
         if stage == "shrink_width":
             net.sort_channels(phase.protect)  # before each phase: narrower widths take the most important channels
         states.append(ctx.resume_path(f"{stage}{phase.suffix}.pt"))
@@ -87,11 +88,10 @@ def _train_phases(ctx: StageContext, teacher: torch.nn.Module | None, key: str, 
 
 
 def _stage_metrics(ctx: StageContext, history: list[EpochStats], shrink: bool) -> dict[str, Any]:
-    """Epochs, the max config's test and val accuracy (and the min config's for a shrink stage), final loss."""
+    """The max config's test and val accuracy (and the min config's for a shrink stage), the final training loss."""
     net, data, calibration, eval_bs = ctx.net, ctx.data, ctx.calibration, ctx.params.train.eval_batch_size
     val = history[-1].logged["val/accuracy_max"] if history else None  # the final weights' accuracy
     metrics: dict[str, Any] = {
-        "epochs": len(history),
         "accuracy_max": subnet_accuracy(net, net.max_config(), data, calibration, eval_bs),
         "val_accuracy_max": val if val is not None else subnet_accuracy(
             net, net.max_config(), data, calibration, eval_bs, "val"),
@@ -103,26 +103,35 @@ def _stage_metrics(ctx: StageContext, history: list[EpochStats], shrink: bool) -
 
 
 class _Curves:
-    """A stage's per-epoch curves (DVCLive, rank 0 only): written beside the resume state while the stage runs,
-    moved to metrics/live/<stage> when it succeeds, so a failed stage leaves none in its outputs."""
+    """A stage's curves (DVCLive, rank 0 only), a point every few steps, and their figure (curves.png): written
+    beside the resume state while the stage runs, moved to metrics/live/<stage> when it succeeds, so a failed
+    stage leaves none in its outputs."""
 
     def __init__(self, root: Path, stage: str, main: bool) -> None:
-        self.dir, self.final = root / RESUME / "live" / stage, root / METRICS / "live" / stage
-        self.live = None
+        self.stage, self.dir, self.final = stage, root / RESUME / "live" / stage, root / METRICS / "live" / stage
+        self.live, self.points = None, []
+        self.offset = 0  # the steps of the stage's earlier phases: a phase's curve goes on where the last one ended
         if main:
             from dvclive import Live
 
             shutil.rmtree(self.dir, ignore_errors=True)
             self.live = Live(dir=str(self.dir), save_dvc_exp=False, dvcyaml=None)
 
-    def log(self, entry: dict[str, float]) -> None:  # rank 0 only (fit logs nowhere else)
-        for name, value in entry.items():
-            self.live.log_metric(name, value)
-        self.live.next_step()
+    def next_phase(self) -> None:
+        self.offset = self.points[-1]["step"] if self.points else 0
+
+    def log(self, point: dict[str, float]) -> None:  # rank 0 only (fit logs nowhere else)
+        point = {**point, "step": self.offset + point["step"]}
+        self.points.append(point)
+        self.live.step = point["step"]
+        for name, value in point.items():
+            if name != "step":
+                self.live.log_metric(name, value)
 
     def publish(self) -> None:
         self.live.end()
+        self.dir.mkdir(parents=True, exist_ok=True)  # DVCLive writes nothing when there are no epochs
+        figures.training_curves(self.points, self.stage, self.dir / "curves.png")
         shutil.rmtree(self.final, ignore_errors=True)
         self.final.parent.mkdir(parents=True, exist_ok=True)
-        self.dir.mkdir(parents=True, exist_ok=True)  # DVCLive writes nothing when there are no epochs
         self.dir.rename(self.final)

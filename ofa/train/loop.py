@@ -75,7 +75,8 @@ class EpochStats:
     lr: float
     images: int
     seconds: float
-    logged: dict  # what went to the curves: train/loss, train/accuracy, lr and the epoch_metrics
+    logged: dict  # the epoch's figures: train/loss, train/accuracy, lr and the epoch_metrics
+    points: list[dict]  # the curves' points: {"step", "train/loss", "train/accuracy", "lr"} every SYNC_EVERY steps
 
 
 def fit(
@@ -104,10 +105,12 @@ def fit(
     what the optimizer updates (default: all). With a `teacher` and kd_ratio > 0 the loss adds kd_ratio x soft
     cross entropy against the teacher's predictions; the teacher runs in the mode it is given (train mode:
     batch statistics, as in official OFA). Every random draw comes from `seed`, dropout's too: the call seeds
-    torch's global generator. After each epoch the curves entry (training loss/accuracy, lr, plus
-    `epoch_metrics()`) goes to `log`, and with `resume` the whole training state is saved there; a later call
-    with the same `resume_key` continues after the last finished epoch and ends exactly where an uninterrupted
-    run would. A non-finite loss raises DivergenceError naming the epoch, step and learning rate of its first
+    torch's global generator. With `log`, the curves go there point by point: every SYNC_EVERY steps and at
+    each epoch's end, the training loss and accuracy (the first config's) of the steps since the last point, the
+    lr and the step (counted over the whole schedule); `epoch_metrics()` joins each epoch's last point. After
+    each epoch, with `resume`, the whole training state is saved there; a later call with the same
+    `resume_key` continues after the last finished epoch (its points replayed to `log`) and ends exactly where
+    an uninterrupted run would. A non-finite loss raises DivergenceError naming the epoch, step and learning rate of its first
     occurrence; it is noted on the device and read back every SYNC_EVERY steps and at each epoch's end, before
     anything is saved or logged.
 
@@ -120,13 +123,15 @@ def fit(
     """
     w = world or distributed.world()
     loop = _new_loop(model, data, schedule, w, sample=sample, parameters=parameters, teacher=teacher,
-                     kd_ratio=kd_ratio, reduce=reduce, seed=seed, desc=desc, progress=progress, sync_bn=sync_bn)
+                     kd_ratio=kd_ratio, reduce=reduce, seed=seed, desc=desc, progress=progress, sync_bn=sync_bn,
+                     curves=log is not None)
     history = loop.resume(resume, resume_key, log)
     model.train()
     for epoch in range(len(history), schedule.epochs):
         history.append(_train_epoch(loop, epoch, epoch_metrics))
         if log is not None and w.main:
-            log(history[-1].logged)
+            for point in history[-1].points:
+                log(point)
         if resume is not None:
             loop.save(resume, resume_key, history)
     return history
@@ -135,7 +140,7 @@ def fit(
 def _new_loop(model: nn.Module, data: DeviceData, schedule: Schedule, w: World, *,
               sample: Callable[[random.Random], Sequence[SubnetConfig | None]],
               parameters: Iterable[nn.Parameter] | None, teacher: nn.Module | None, kd_ratio: float, reduce: str,
-              seed: int, desc: str, progress: bool, sync_bn: bool) -> _Loop:
+              seed: int, desc: str, progress: bool, sync_bn: bool, curves: bool) -> _Loop:
     """Check fit's `reduce`, then set up its optimizer and its training loop (the teacher only when kd_ratio > 0)."""
     if reduce not in REDUCE:
         raise ValueError(f"reduce {reduce!r} is not allowed ({' or '.join(REDUCE)})")
@@ -143,19 +148,23 @@ def _new_loop(model: nn.Module, data: DeviceData, schedule: Schedule, w: World, 
     return _Loop(model=model, data=data, schedule=schedule, steps=_Steps.plan(len(data.train), schedule, w),
                  params=params, optimizer=optimizer, sample=sample,
                  soft_targets=teacher if teacher is not None and kd_ratio > 0 else None, kd_ratio=kd_ratio,
-                 reduce=reduce, desc=desc, show=progress and w.main, world=w, sync_bn=sync_bn, seed=seed)
+                 reduce=reduce, desc=desc, show=progress and w.main, curves=curves and w.main, world=w,
+                 sync_bn=sync_bn, seed=seed)
 
 
 def _train_epoch(loop: _Loop, epoch: int, epoch_metrics: Callable[[], dict[str, float]] | None) -> EpochStats:
-    """Train one epoch; its stats, with the curves entry (training loss/accuracy, lr, then `epoch_metrics()`)."""
-    loss_sum, correct, lr, seconds = loop.epoch(epoch)
+    """Train one epoch; its stats (training loss/accuracy, lr, then `epoch_metrics()`, also on its last point)."""
+    loss_sum, correct, lr, seconds, points = loop.epoch(epoch)
     steps = loop.steps.per_epoch
     mean_loss = float(loss_sum) / max(1, steps)
     accuracy = int(correct) / max(1, steps * loop.steps.batch)
     logged = {"train/loss": round(mean_loss, 6), "train/accuracy": round(accuracy, 6), "lr": lr}
     if epoch_metrics is not None:
-        logged.update(epoch_metrics())
-    return EpochStats(epoch + 1, mean_loss, accuracy, lr, steps * loop.steps.batch, seconds, logged)
+        figures = epoch_metrics()
+        logged.update(figures)
+        if points:
+            points[-1].update(figures)
+    return EpochStats(epoch + 1, mean_loss, accuracy, lr, steps * loop.steps.batch, seconds, logged, points)
 
 
 def _optimizer(model: nn.Module, parameters: Iterable[nn.Parameter] | None,
@@ -211,6 +220,7 @@ class _Loop:
     reduce: str
     desc: str
     show: bool  # the progress bar: rank 0's only
+    curves: bool  # the curves' points: rank 0's only, when fit logs them
     world: World
     sync_bn: bool
     seed: int
@@ -238,8 +248,8 @@ class _Loop:
             print(f"{self.desc}: resuming after epoch {len(history)}/{self.schedule.epochs} from {path}",
                   file=sys.stderr)
             for h in history:
-                if log is not None:
-                    log(h.logged)
+                for point in h.points if log is not None else ():
+                    log(point)
         return history
 
     def save(self, path: Path, key: str, history: list[EpochStats]) -> None:
@@ -249,9 +259,12 @@ class _Loop:
             "history": [asdict(h) for h in history],
         }, self.data.device)
 
-    def epoch(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor, float, float]:
-        """Train one epoch: its summed step losses and first-config hits (every rank's), last lr and seconds."""
+    def epoch(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor, float, float, list[dict]]:
+        """Train one epoch: its summed step losses and first-config hits (every rank's), last lr, seconds and the
+        curves' points (this rank's images; none unless `curves`)."""
         steps, w, device = self.steps, self.world, self.data.device
+        points: list[dict] = []
+        last = (0, 0.0, 0)  # steps, summed loss and hits at the last point
         order = torch.randperm(steps.images, generator=self.shuffle)[: steps.per_epoch * steps.batch].to(device)
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
@@ -268,6 +281,13 @@ class _Loop:
             loss_sum += step_loss
             if step % SYNC_EVERY == 0 or step == steps.per_epoch - 1:  # the only host reads of the loop
                 guard.check(lambda s: f"epoch {epoch + 1} step {s + 1} (lr {self.lr(epoch, s):.4g})")  # noqa: B023
+                if self.curves:
+                    now = (step + 1, float(loss_sum), int(correct))
+                    n = now[0] - last[0]
+                    points.append({"step": epoch * steps.per_epoch + now[0],
+                                   "train/loss": round((now[1] - last[1]) / n, 6),
+                                   "train/accuracy": round((now[2] - last[2]) / (n * steps.local), 6), "lr": lr})
+                    last = now
                 if self.show:
                     seen = (step + 1) * steps.batch  # this rank's loss and accuracy, every rank's images per second
                     bar.set_postfix(loss=f"{float(loss_sum) / (step + 1):.3f}",
@@ -277,7 +297,7 @@ class _Loop:
         if w.active:  # the epoch's figures over every rank's images; running statistics averaged
             loss_sum, correct = distributed.all_sum_(torch.stack([loss_sum.double() / w.size, correct.double()]), w)
             distributed.average_buffers(self.model, w)
-        return loss_sum, correct, lr, time.perf_counter() - start
+        return loss_sum, correct, lr, time.perf_counter() - start, points
 
     def _step(self, idx: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
         """One update on the batch `idx` at `lr`: its mean loss over the sampled configs and the first's hits."""

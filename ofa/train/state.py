@@ -13,6 +13,8 @@ from ..io import atomic_write
 from . import distributed
 from .distributed import World
 
+FORMAT = 2  # of the saved state; 2: each epoch's stats hold its curve points. Another format is not resumed.
+
 
 def load(path: Path | None, key: str) -> dict | None:
     """The state saved at `path` under `key`; None when there is none (missing, unreadable, another key)."""
@@ -22,7 +24,9 @@ def load(path: Path | None, key: str) -> dict | None:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # noqa: BLE001 - an unreadable resume state is only a lost shortcut
         return None
-    return state if isinstance(state, dict) and state.get("key") == key else None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        return None
+    return state if state.get("key") == key else None
 
 
 def restore(state: dict, model: nn.Module, optimizer: torch.optim.Optimizer, rng: random.Random,
@@ -42,6 +46,7 @@ def save(path: Path, w: World, state: dict, device: torch.device) -> None:
     """Rank 0 writes the training state; dropout's generator (torch's global one) is every rank's own."""
     rngs = distributed.gather(_global_rng(device), w)
     if w.main:
+        state["format"] = FORMAT
         state["global_rng"] = rngs[0]
         if w.active:
             state["global_rngs"] = rngs
