@@ -152,11 +152,11 @@ def test_a_failed_export_leaves_no_partial_models_folder(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("channels", [3, 1])
-def test_the_readme_runs_an_exported_model_on_one_image(tmp_path, monkeypatch, capsys, channels):
-    """The README's onnxruntime snippet, run as written, names the class PyTorch's subnet picks (colour and grey)."""
+def test_the_deploy_doc_runs_an_exported_model_on_one_image(tmp_path, monkeypatch, capsys, channels):
+    """docs/deploy.md's onnxruntime snippet, run as written, names the class PyTorch's subnet picks (colour and grey)."""
     from PIL import Image
 
-    (snippet,) = re.findall(r"```python\n(import json\n.*?)```", (ROOT / "README.md").read_text(), re.S)
+    (snippet,) = re.findall(r"```python\n(import json\n.*?)```", (ROOT / "docs" / "deploy.md").read_text(), re.S)
     classes = [f"class-{k}" for k in range(10)]
     net = perturb(ofa.OFANet(SEED_SPACE, channels, 10, units=TINY_UNITS, stem_channels=8, final_channels=32,
                              classes=classes)).eval()
@@ -172,16 +172,17 @@ def test_the_readme_runs_an_exported_model_on_one_image(tmp_path, monkeypatch, c
     with torch.no_grad():
         logits = sub((pixels - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1))
     monkeypatch.chdir(tmp_path)
-    exec(compile(snippet, "README.md", "exec"), {})
+    exec(compile(snippet, "docs/deploy.md", "exec"), {})
     assert capsys.readouterr().out == f"{classes[int(logits.argmax())]}\n"
 
 
-def test_the_readme_library_snippet_runs_as_written(tmp_path, monkeypatch):
-    """The README's tour of the library, run as written: its names exist and its calls fit their signatures."""
-    (snippet,) = re.findall(r"```python\n(import ofa, random, torch\n.*?)```", (ROOT / "README.md").read_text(), re.S)
+def test_the_library_doc_snippet_runs_as_written(tmp_path, monkeypatch):
+    """docs/library.md's tour of the library, run as written: its names exist and its calls fit their signatures."""
+    (snippet,) = re.findall(r"```python\n(import ofa, random, torch\n.*?)```", (ROOT / "docs" / "library.md").read_text(),
+                            re.S)
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
-    exec(compile(snippet, "README.md", "exec"), scope)
+    exec(compile(snippet, "docs/library.md", "exec"), scope)
     sub, cfg, net = scope["sub"], scope["cfg"], scope["net"]
     assert isinstance(sub, ofa.Subnet) and sub.config == cfg
     assert net.macs(cfg, (3, 32, 32)) == ofa.count_macs(sub, (1, 3, 32, 32))
