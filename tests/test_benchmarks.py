@@ -33,11 +33,12 @@ def test_the_projection_is_the_schedule_times_the_measured_speeds(schedule_bench
     raw["evaluate"]["finetune"].update(epochs=2, images_per_epoch=None)
     raw["specialize"].update(trials=20, budgets=[800000, 900000, 1000000], population=None)
     params = parse_params(raw)
-    rows = [{"stage": "train_supernet", "phase": "-", "epochs": 2, "subnets": 1, "images_per_s": 100.0},
-            {"stage": "shrink_kernel", "phase": "-", "epochs": 1, "subnets": 1, "images_per_s": 50.0},
-            {"stage": "shrink_depth", "phase": "-", "epochs": 1, "subnets": 2, "images_per_s": 40.0},
-            {"stage": "shrink_width", "phase": "phase1", "epochs": 2, "subnets": 2, "images_per_s": 25.0},
-            {"stage": "shrink_width", "phase": "-", "epochs": 1, "subnets": 2, "images_per_s": 20.0}]
+    rows = [{"stage": "train_supernet", "phase": "-", "epochs": 2, "images": None, "subnets": 1, "images_per_s": 100.0},
+            {"stage": "shrink_kernel", "phase": "-", "epochs": 1, "images": 400, "subnets": 1, "images_per_s": 50.0},
+            {"stage": "shrink_depth", "phase": "-", "epochs": 1, "images": None, "subnets": 2, "images_per_s": 40.0},
+            {"stage": "shrink_width", "phase": "phase1", "epochs": 2, "images": None, "subnets": 2,
+             "images_per_s": 25.0},
+            {"stage": "shrink_width", "phase": "-", "epochs": 1, "images": None, "subnets": 2, "images_per_s": 20.0}]
     small = {"calibrate_s": 1.0, "evaluate_per_s": 1000.0, "finetune_per_s": 200.0}
     large = {"calibrate_s": 3.0, "evaluate_per_s": 500.0, "finetune_per_s": 100.0}
     subnets = {"smallest": small, "largest": large, "middling": {"calibrate_s": 2.0, "evaluate_per_s": 750.0,
@@ -45,6 +46,7 @@ def test_the_projection_is_the_schedule_times_the_measured_speeds(schedule_bench
     parts = schedule_bench.project(params, rows, subnets, n_train=1000, n_val=300, n_test=1500, grid=12)
     got = {(stage, what.split(",")[0].split(":")[0]): seconds for stage, what, seconds, _ in parts}
     assert got[("train_supernet", "train 2 epochs x 1000 images")] == 2 * 1000 / 100
+    assert got[("shrink_kernel", "train 1 epochs x 400 images")] == 400 / 50  # its images_per_epoch
     assert got[("shrink_width", "train 2 epochs x 1000 images")] == 2 * 1000 / 25  # the first phase
     assert got[("shrink_width", "train 1 epochs x 1000 images")] == 1000 / 20
     assert got[("train_supernet", "val after each of 2 epochs")] == 2 * (3 + 300 / 500) + (3 + 1500 / 500)
