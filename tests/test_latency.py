@@ -1,0 +1,124 @@
+"""Latency: the table's prediction is the sum of its parts, it round-trips and refuses another architecture, and
+both runtimes time real models; the command line builds a table from an architecture file alone."""
+
+from __future__ import annotations
+
+import builtins
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import ofa
+from conftest import SEED_SPACE, TINY_UNITS, tiny_net
+from ofa.deploy import latency
+from ofa.model.subnet import MBBlock, block_shapes
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPE = (3, 16, 16)
+
+
+def fake_ms(model, input_shape, runtime, batch_size, threads, device) -> float:
+    """A runtime whose costs are known: 0.5 ms for any run, plus each part's own."""
+    if isinstance(model, latency._Overhead):
+        return 0.5
+    if isinstance(model, MBBlock):  # grows with the kernel, the expanded channels and the input's area
+        return 0.5 + model.depthwise.kernel_size[0] / 8 + model.depthwise.out_channels / 64 + input_shape[1] / 4
+    if isinstance(model, latency._Head):
+        return 0.5 + 3.0
+    return 0.5 + 2.0  # the stem
+
+
+@pytest.fixture
+def fake_table(monkeypatch):
+    monkeypatch.setattr(latency, "_time_module", fake_ms)
+    return latency.LatencyTable.build(tiny_net(SEED_SPACE), SHAPE, progress=False)
+
+
+def test_a_fake_runtime_with_known_costs_gives_exact_predictions(fake_table):
+    net = tiny_net(SEED_SPACE)
+    rng = random.Random(0)
+    for cfg in [*net.uniform_configs(), *(net.sample_config(rng) for _ in range(20))]:
+        expected = 0.5 + 2.0 + 3.0
+        for u, blocks in enumerate(block_shapes(net.arch, cfg)):
+            for b, block in enumerate(blocks):
+                size = 8 if u == 1 and b > 0 else 16  # the tiny net: 16x16 until unit 1's first block (stride 2)
+                expected += block.kernel / 8 + block.mid_channels / 64 + size / 4
+        assert fake_table.predict(cfg) == pytest.approx(expected, abs=1e-9), str(cfg)
+    # every distinct variant once, 2 kernels x 2 widths each: unit 0's blocks all take 8 channels at 16x16 (one
+    # variant per choice), unit 1's first block and its others differ (input, stride)
+    assert len(fake_table.blocks) == 12 and fake_table.overhead_ms == 0.5
+
+
+def test_a_saved_table_round_trips_and_another_architecture_is_refused(fake_table, tmp_path):
+    path = tmp_path / "table.json"
+    fake_table.save(path)
+    net = tiny_net(SEED_SPACE)
+    loaded = latency.LatencyTable.load(path, net.arch, SHAPE)
+    assert loaded == fake_table
+    saved = json.loads(path.read_text())
+    assert saved["format"] == latency.FORMAT and saved["runtime"] == "onnxruntime"
+    assert {"cpu", "cores", "gpu"} <= set(saved["host"]) and saved["threads"] == 1 and saved["batch_size"] == 1
+    other = ofa.OFANet(SEED_SPACE, 3, 10, units=TINY_UNITS, stem_channels=8, final_channels=64)
+    with pytest.raises(latency.LatencyError, match=r"^\S+table\.json: built for another architecture "
+                                                   r"\(final_channels differ\); build it for this one"):
+        latency.LatencyTable.load(path, other.arch, SHAPE)
+    with pytest.raises(latency.LatencyError, match=r"built for input \[3, 16, 16\], the data has \[3, 32, 32\]"):
+        latency.LatencyTable.load(path, net.arch, (3, 32, 32))
+    renamed = ofa.OFANet(SEED_SPACE, 3, 10, units=TINY_UNITS, stem_channels=8, final_channels=32,
+                         classes=[f"c{k}" for k in range(10)])
+    assert latency.LatencyTable.load(path, renamed.arch, SHAPE) == fake_table  # class names cost nothing
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(latency.LatencyError, match=r"bad\.json: not a latency table of this version"):
+        latency.LatencyTable.load(tmp_path / "bad.json")
+
+
+def test_bad_runtimes_and_devices_are_one_line(monkeypatch):
+    net = tiny_net(SEED_SPACE)
+    with pytest.raises(ValueError, match=r"^runtime 'tensorrt' is not allowed \(onnxruntime or torch\)$"):
+        latency.LatencyTable.build(net, SHAPE, runtime="tensorrt")
+    with pytest.raises(ValueError, match=r"^runtime onnxruntime runs on the CPU here"):
+        latency.measure_latency(net, SHAPE, device="cuda")
+    real_import = builtins.__import__
+
+    def no_onnxruntime(name, *args, **kwargs):
+        if name == "onnxruntime":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_onnxruntime)
+    with pytest.raises(ValueError, match=r"^runtime onnxruntime: the onnxruntime package is not installed"):
+        latency.measure_latency(net, SHAPE)
+
+
+def test_both_runtimes_time_a_real_subnet():
+    net = tiny_net(SEED_SPACE)
+    small, large = (net.extract(c).eval() for c in (net.min_config(), net.max_config()))
+    for runtime in latency.RUNTIMES:
+        ms = [latency.measure_latency(sub, SHAPE, runtime=runtime, batch_size=8) for sub in (small, large)]
+        assert 0 < ms[0] < ms[1] < 1000, (runtime, ms)
+
+
+def test_the_command_line_builds_a_table_from_an_architecture_file_alone(tmp_path):
+    net = tiny_net(SEED_SPACE)
+    (tmp_path / "arch.json").write_text(json.dumps({"arch": net.arch, "input_shape": list(SHAPE)}))
+    result = subprocess.run([sys.executable, "-m", "ofa.deploy.latency", "build", "--arch", "arch.json", "--out",
+                             "table.json", "--runtime", "torch", "--threads", "1"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300, env={"PYTHONPATH": str(ROOT),
+                                                                              "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("table.json: 12 block variants, stem, head and overhead in ")
+    table = latency.LatencyTable.load(tmp_path / "table.json", net.arch, SHAPE)
+    assert table.runtime == "torch" and table.runtime_version == f"torch {torch.__version__}"
+    small, large = table.predict(net.min_config()), table.predict(net.max_config())
+    assert 0 < small < large
+    (tmp_path / "arch.json").write_text("{}")
+    result = subprocess.run([sys.executable, "-m", "ofa.deploy.latency", "build", "--arch", "arch.json", "--out",
+                             "t2.json"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                            env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 2 and result.stderr.startswith("error: arch.json: ")
+    assert len(result.stderr.splitlines()) == 1 and not (tmp_path / "t2.json").exists()
