@@ -50,5 +50,6 @@ bench: setup
 	$(PY) benchmarks/cost.py
 	$(PY) benchmarks/scaling.py
 	$(PY) benchmarks/stage_exit.py
+	$(PY) benchmarks/latency.py
 	# the quick profile's schedule projected from measured speeds (make quick measures it whole)
 	$(PY) benchmarks/schedule.py $(addprefix -S ,$(QUICK_PARAMS))

@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 
 from ofa.pipeline.config import parse_params
@@ -122,3 +123,23 @@ def test_the_cost_benchmark_checks_every_config_and_prints_both_ratios():
     assert [line.split()[0] for line in out[2:]] == ["macs", "num_params", "both"]
     for line in out[2:]:  # from the config; on the extracted subnet and the ratio; with extraction and the ratio
         assert re.fullmatch(r"\w+ +[\d.]+ us +[\d.]+ ms +\d+x +[\d.]+ ms +\d+x", line), line
+
+
+def test_the_latency_benchmark_prints_the_tables_figures():
+    out = _bench("latency.py", "--configs", "2", "--runtime", "torch")
+    assert out[0].startswith(f"torch {torch.__version__}, 1 thread(s), batch 1, ")
+    assert re.match(r"^table: 24 block variants, stem, head, overhead \d+\.\d{4} ms; built in \d+\.\d s$", out[1])
+    assert re.match(r"^10 configs measured whole in \d+\.\d s: \d+\.\d{4}-\d+\.\d{4} ms$", out[2]), out[2]
+    assert re.match(r"^predicted vs measured: Kendall tau -?\d\.\d{3}, mean abs error \d+\.\d%, within \+-10%: "
+                    r"\d+%, mean predicted / measured \d+\.\d{3}$", out[3]), out[3]
+    assert re.match(r"^MACs vs measured: Kendall tau -?\d\.\d{3}$", out[4]), out[4]
+
+
+def test_kendall_tau_b_counts_concordant_discordant_and_tied_pairs():
+    spec = importlib.util.spec_from_file_location("latency_bench", ROOT / "benchmarks" / "latency.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.kendall_tau([1, 2, 3, 4], [10, 20, 30, 40]) == 1.0
+    assert bench.kendall_tau([1, 2, 3, 4], [4, 3, 2, 1]) == -1.0
+    # tau-b with a tie: 5 concordant pairs, 1 tied in the first list only: 5 / sqrt((5 + 1) * 5)
+    assert abs(bench.kendall_tau([1, 2, 2, 3], [1, 3, 2, 4]) - 5 / 30 ** 0.5) < 1e-12
