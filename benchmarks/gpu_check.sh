@@ -3,7 +3,7 @@
 # augmentation test), then the projected wall time of the params' whole schedule from speeds measured there
 # (images/s of every training phase, calibration, evaluation and fine-tuning; the peak GPU memory). It needs
 # only torch, pyyaml, tqdm, Pillow, onnx, onnxruntime and pytest on that machine, not this project's
-# environment (the stages' own test is skipped without dvclive, optuna and calflops). Logs go to $OUT
+# environment (the stages' own test is skipped without dvclive, optuna, calflops and matplotlib). Logs go to $OUT
 # (default /tmp/gpu-check).
 #
 #   bash benchmarks/gpu_check.sh                                   # on the GPU machine, from the project root

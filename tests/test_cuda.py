@@ -146,8 +146,8 @@ def test_a_subnet_trained_on_the_device_exports_and_reloads(trained, synthetic, 
 
 
 def test_the_stages_run_on_the_device(device, tmp_path):
-    for module in ("dvclive", "optuna", "calflops"):  # the stages' own imports, absent from a bare GPU image
-        pytest.importorskip(module)
+    for module in ("dvclive", "optuna", "calflops", "matplotlib"):  # the stages' own imports, absent from a bare
+        pytest.importorskip(module)  # GPU image
     from ofa.pipeline import context, download, evaluate_space, specialize, training
     from ofa.pipeline.config import parse_params
     from test_pipeline import tiny_params
