@@ -70,10 +70,11 @@ def check_runtime(runtime: str, device: str) -> None:
         raise ValueError("device cuda: no CUDA device on this machine (device cpu)")
 
 
-def _median_ms(run, synchronize=None) -> float:
+def _median_ms(run, times_itself: bool = False) -> float:
     """The least of ROUNDS medians of `run()`'s milliseconds, each over MIN_REPEATS runs and MIN_SECONDS at least,
     after WARMUP runs: a median ignores single slow runs, the least of a few ignores a slow spell of the machine
-    (here one in eight medians of the same model read 1.5x the others)."""
+    (here one in eight medians of the same model read 1.5x the others). `times_itself`: `run()` returns its own
+    milliseconds (CUDA events), else it is timed here."""
     for _ in range(WARMUP):
         run()
     medians = []
@@ -81,7 +82,7 @@ def _median_ms(run, synchronize=None) -> float:
         times: list[float] = []
         start = time.perf_counter()
         while len(times) < MIN_REPEATS or time.perf_counter() - start < MIN_SECONDS:
-            times.append(run() if synchronize is not None else _timed(run))
+            times.append(run() if times_itself else _timed(run))
         medians.append(statistics.median(times))
     return min(medians)
 
@@ -127,7 +128,7 @@ def _torch_ms(model: nn.Module, x: torch.Tensor, threads: int, device: str) -> f
             return start.elapsed_time(end)
 
         with torch.no_grad():
-            return _median_ms(run, synchronize=True)
+            return _median_ms(run, times_itself=True)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

@@ -28,8 +28,6 @@ from .device_data import DeviceData
 from .distributed import World
 from .evaluation import autocast, run_model
 
-
-SPLITS = ("train", "val", "test")
 SYNC_EVERY = 20  # training steps between host reads of the loss (progress bar, divergence check)
 REDUCE = ("sum", "mean")  # a step's subnet losses: summed (official OFA) | averaged
 
@@ -281,8 +279,9 @@ class _Loop:
             loss_sum += step_loss
             if step % SYNC_EVERY == 0 or step == steps.per_epoch - 1:  # the only host reads of the loop
                 guard.check(lambda s: f"epoch {epoch + 1} step {s + 1} (lr {self.lr(epoch, s):.4g})")  # noqa: B023
-                if self.curves:
+                if self.curves or self.show:  # one read of the running sums serves both
                     now = (step + 1, float(loss_sum), int(correct))
+                if self.curves:
                     n = now[0] - last[0]
                     points.append({"step": epoch * steps.per_epoch + now[0],
                                    "train/loss": round((now[1] - last[1]) / n, 6),
@@ -290,9 +289,9 @@ class _Loop:
                     last = now
                 if self.show:
                     seen = (step + 1) * steps.batch  # this rank's loss and accuracy, every rank's images per second
-                    bar.set_postfix(loss=f"{float(loss_sum) / (step + 1):.3f}",
-                                    acc=f"{int(correct) / ((step + 1) * steps.local):.3f}", lr=f"{lr:.3g}",
-                                    img_s=f"{seen / (time.perf_counter() - start):.0f}", refresh=False)
+                    bar.set_postfix(loss=f"{now[1] / now[0]:.3f}", acc=f"{now[2] / (now[0] * steps.local):.3f}",
+                                    lr=f"{lr:.3g}", img_s=f"{seen / (time.perf_counter() - start):.0f}",
+                                    refresh=False)
         bar.close()
         if w.active:  # the epoch's figures over every rank's images; running statistics averaged
             loss_sum, correct = distributed.all_sum_(torch.stack([loss_sum.double() / w.size, correct.double()]), w)
