@@ -13,38 +13,18 @@ not depend on them.
 from __future__ import annotations
 
 import argparse
-import random
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ofa.deploy.latency import RUNTIMES, LatencyTable, measure_latency  # noqa: E402
+from ofa.deploy.latency import RUNTIMES, LatencyTable, validate, validation_configs  # noqa: E402
+from ofa.deploy.timing import measure_many  # noqa: E402
 from ofa.model import ConfigSpace, OFANet, Subnet, UnitSpec  # noqa: E402
 
 QUICK_UNITS = [UnitSpec(16, 2, "relu", False), UnitSpec(32, 1, "relu", True), UnitSpec(48, 2, "hswish", True)]
 SHAPE = (1, 28, 28)
-
-
-def kendall_tau(a: list[float], b: list[float]) -> float:
-    """Kendall's tau-b of two paired lists (ties in either count as neither concordant nor discordant)."""
-    concordant = discordant = ties_a = ties_b = 0
-    for i in range(len(a)):
-        for j in range(i + 1, len(a)):
-            da, db = a[i] - a[j], b[i] - b[j]
-            if da == 0 and db == 0:
-                continue
-            if da == 0:
-                ties_a += 1
-            elif db == 0:
-                ties_b += 1
-            elif (da > 0) == (db > 0):
-                concordant += 1
-            else:
-                discordant += 1
-    pairs = concordant + discordant
-    return (concordant - discordant) / ((pairs + ties_a) * (pairs + ties_b)) ** 0.5
 
 
 def main() -> None:
@@ -58,26 +38,22 @@ def main() -> None:
                  stem_channels=16, stem_stride=2, final_channels=256)
     table = LatencyTable.build(net.arch, SHAPE, runtime=args.runtime, batch_size=args.batch_size,
                                threads=args.threads, progress=False)
-    rng = random.Random(0)
-    configs = list(dict.fromkeys([*net.uniform_configs(), *(net.sample_config(rng) for _ in range(args.configs))]))
-    predicted, measured, macs = [], [], []
+    configs = validation_configs(net.arch, args.configs, seed=0)
     start = time.perf_counter()
-    for cfg in configs:
-        predicted.append(table.predict(cfg))
-        measured.append(measure_latency(Subnet.build(net.arch, cfg), SHAPE, runtime=args.runtime,
-                                        batch_size=args.batch_size, threads=args.threads))
-        macs.append(net.macs(cfg, SHAPE))
-    errors = [abs(p - m) / m for p, m in zip(predicted, measured)]
+    figures, records = validate(table, configs, lambda cfgs: measure_many(
+        [Subnet.build(net.arch, cfg) for cfg in cfgs], SHAPE, runtime=args.runtime, batch_size=args.batch_size,
+        threads=args.threads))
+    measured = [r["measured_ms"] for r in records]
+    predicted = [r["predicted_ms"] for r in records]
     print(f"{table.runtime_version}, {args.threads} thread(s), batch {args.batch_size}, {table.host['cpu']}")
     print(f"table: {len(table.blocks)} block variants, stem, head, overhead {table.overhead_ms:.4f} ms; "
           f"built in {table.build_s:.1f} s")
     print(f"{len(configs)} configs measured whole in {time.perf_counter() - start:.1f} s: "
           f"{min(measured):.4f}-{max(measured):.4f} ms")
-    within = sum(e <= 0.1 for e in errors) / len(errors)
-    print(f"predicted vs measured: Kendall tau {kendall_tau(predicted, measured):.3f}, mean abs error "
-          f"{100 * sum(errors) / len(errors):.1f}%, within +-10%: {100 * within:.0f}%, mean predicted / measured "
+    print(f"predicted vs measured: Kendall tau {figures['kendall_tau']:.3f}, mean abs error "
+          f"{figures['mape_pct']:.1f}%, within +-10%: {100 * figures['within_10pct']:.0f}%, mean predicted / measured "
           f"{sum(predicted) / sum(measured):.3f}")
-    print(f"MACs vs measured: Kendall tau {kendall_tau(macs, measured):.3f}")
+    print(f"MACs vs measured: Kendall tau {figures['macs_kendall_tau']:.3f}")
 
 
 if __name__ == "__main__":

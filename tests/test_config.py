@@ -112,6 +112,18 @@ BAD = [
     ("specialize.trials", 5, r"^specialize\.trials: 5 is fewer than the 8 uniform configs the search starts with"),
     ("specialize.population", 4, r"^specialize\.population: 4 is smaller than the 8 uniform configs"),
     ("specialize.budgets", KeyError, r"^specialize\.budgets: missing \(a list of a number\)$"),
+    ("specialize.cost", "flops", r"^specialize\.cost: 'flops' is not allowed \(one of macs, latency\)$"),
+    ("latency.runtime", "tensorrt", r"^latency\.runtime: 'tensorrt' is not allowed \(one of onnxruntime, torch\)$"),
+    ("latency.threads", 0, r"^latency\.threads: 0 is out of range \(>= 1\)$"),
+    ("latency.batch_size", 0, r"^latency\.batch_size: 0 is out of range \(>= 1\)$"),
+    ("latency.validate", -1, r"^latency\.validate: -1 is out of range \(>= 0\)$"),
+    ("latency.hardware", "tpu", r"^latency\.hardware: 'tpu' is not allowed \(one of cpu, cuda\)$"),
+    ("latency.hardware", "cuda", r"^latency\.hardware: cuda is not allowed with latency\.runtime onnxruntime \(cpu"),
+    ("latency.device", " ", r"^latency\.device: empty \(a name for the target device"),
+    ("latency.table", "/tmp/pi4.json", r"^latency\.table: /tmp/pi4\.json is not allowed \(a file under latency_tables/, "
+                                       r"the latency stage's DVC dependency"),
+    ("latency.table", "models/latency_table.json", r"^latency\.table: models/latency_table\.json is not allowed"),
+    ("latency.table", "latency_tables/../x.json", r"^latency\.table: latency_tables/\.\./x\.json is not allowed"),
 ]
 
 
@@ -120,6 +132,17 @@ def test_bad_params_raise_one_line_naming_the_key(path, value, message):
     with pytest.raises(ParamsError, match=message) as info:
         parse_params(with_change(path, value))
     assert "\n" not in str(info.value)
+
+
+def test_latency_budgets_are_positive_milliseconds():
+    raw = with_change("specialize.cost", "latency")
+    raw["specialize"]["budgets"] = [0.5, 0]
+    with pytest.raises(ParamsError, match=r"^specialize\.budgets\[1\]: 0 is not allowed \(with specialize\.cost latency: "
+                                          r"milliseconds per batch of latency\.batch_size, a positive number\)$"):
+        parse_params(raw)
+    raw["specialize"]["budgets"] = [0.5, 0.25]
+    params = parse_params(raw)  # well below a MACs budget's smallest: milliseconds
+    assert params.specialize.budget_values() == [0.5, 0.25] and params.specialize.macs_budgets() == []
 
 
 def test_a_folder_dataset_needs_its_image_size():

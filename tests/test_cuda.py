@@ -1,6 +1,7 @@
 """The CUDA path, each part checked against the same work on the CPU: training (bf16 autocast, channels_last,
 data and augmentation on the GPU), BN re-calibration and evaluation, resume, the divergence guard, export of a
-subnet trained on the GPU, and the stages run in one process on ``train.device: cuda``.
+subnet trained on the GPU, latency on the GPU (torch runtime, CUDA events), and the stages run in one process on
+``train.device: cuda``, the latency table built there.
 
 Skipped without CUDA. ``OFA_TEST_DEVICE=cpu`` runs them on the CPU instead, which checks the tests themselves
 (there every comparison with the CPU is exact).
@@ -148,14 +149,17 @@ def test_a_subnet_trained_on_the_device_exports_and_reloads(trained, synthetic, 
 def test_the_stages_run_on_the_device(device, tmp_path):
     for module in ("dvclive", "optuna", "calflops", "matplotlib"):  # the stages' own imports, absent from a bare
         pytest.importorskip(module)  # GPU image
-    from ofa.pipeline import context, download, evaluate_space, specialize, training
+    from ofa.pipeline import context, download, evaluate_space, latency, specialize, training
     from ofa.pipeline.config import parse_params
     from test_pipeline import tiny_params
 
     raw = tiny_params()
     raw["train"]["device"] = DEVICE
+    raw["latency"].update(runtime="torch", hardware=device.type, validate=2)
     params = parse_params(raw)
     download.download(params, tmp_path)
+    checked = latency.latency(params, tmp_path, progress=False)
+    assert checked["configs"] == 10 and checked["fastest_ms"] > 0
     for stage in context.TRAINING_STAGES:
         training.train_stage(params, stage, tmp_path, progress=False)
     evaluate_space.evaluate_space(params, tmp_path, progress=False)
@@ -167,3 +171,18 @@ def test_the_stages_run_on_the_device(device, tmp_path):
     space = json.loads((metrics / "space.json").read_text())
     assert len(space) == 9 and all(r["accuracy"] > 0.3 for r in space)
     assert all(b["onnx_max_abs_diff"] <= 1e-4 and b["macs"] <= b["budget"] for b in summary["budgets"].values())
+    assert all(b["measured_torch_ms"] > 0 and b["predicted_ms"] > 0 for b in summary["budgets"].values())
+
+
+def test_latency_on_the_device_is_timed_with_cuda_events(device):
+    """The torch runtime on the GPU: a larger subnet takes longer, and a table of its parts predicts both."""
+    from ofa.deploy import LatencyTable
+
+    net = tiny_net(SEED_SPACE)
+    small, large = (net.extract(c).eval() for c in (net.min_config(), net.max_config()))
+    ms = [ofa.measure_latency(sub, (3, 16, 16), runtime="torch", batch_size=64, device=device.type)
+          for sub in (small, large)]
+    assert 0 < ms[0] < ms[1] < 1000, ms
+    table = LatencyTable.build(net, (3, 16, 16), runtime="torch", batch_size=64, device=device.type, progress=False)
+    assert table.device == device.type and (table.host["gpu"] is not None) == (device.type == "cuda")
+    assert 0 < table.predict(net.min_config()) < table.predict(net.max_config())

@@ -31,7 +31,7 @@ from ofa.data import memory
 from ofa.train import distributed, launch, sync_bn
 from ofa.pipeline.config import ParamsError, parse_params
 from ofa.train import DeviceData, DivergenceError, Schedule, calibrate_bn, evaluate, fit
-from test_pipeline import ROOT, STAGES, new_project, ran, run, tiny_params
+from test_pipeline import ROOT, STAGES, TRAINING, new_project, ran, run, tiny_params
 
 
 def _free_port() -> int:
@@ -600,9 +600,9 @@ def test_repro_with_two_processes_runs_every_stage_on_two_ranks(two_process_repr
     project, out, _ = two_process_repro
     assert ran(out) == STAGES
     assert out.count("error") == 0 and len(re.findall(r"^\[1/9\]", out, re.M)) == 1  # rank 0 alone reports
-    for stage in STAGES[1:]:
+    for stage in STAGES[2:]:  # latency runs as one process: timings of two at once would slow each other
         assert json.loads((project / "metrics" / "timing" / f"{stage}.json").read_text())["processes"] == 2
-    for stage in STAGES[1:5]:
+    for stage in TRAINING:
         m = json.loads((project / "metrics" / f"{stage}.json").read_text())
         timing = json.loads((project / "metrics" / "timing" / f"{stage}.json").read_text())
         assert timing["epochs"] >= 1 and m["accuracy_max"] > 0.2  # chance is 0.1

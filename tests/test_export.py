@@ -131,7 +131,7 @@ def test_a_failed_export_leaves_no_partial_models_folder(tmp_path, monkeypatch):
     picks = specialize.export_picks(cands, [900_000], subnets, out, shape, [128.0] * 3, [64.0] * 3,
                                     check_inputs=val.images[:4].float(), progress=False)
     assert sorted(p.name for p in out.iterdir()) == ["macs-0.9M.onnx", "macs-0.9M.pt"]
-    best = max((c for c in cands if c.macs <= 900_000), key=lambda c: (c.accuracy, -c.macs))
+    best = max((c for c in cands if c.cost <= 900_000), key=lambda c: (c.accuracy, -c.cost))
     assert picks["macs-0.9M"]["config"] == str(best.config) and picks["macs-0.9M"]["macs"] <= 900_000
     assert picks["macs-0.9M"]["accuracy"] == subnets.test[best.config]  # tested once, the exported subnet
     calls.clear()

@@ -33,10 +33,14 @@ def fake_ms(model, input_shape, runtime, batch_size, threads, device) -> float:
     return 0.5 + 2.0  # the stem
 
 
+def fake_modules(items, runtime, batch_size, threads, device, progress=None) -> list[float]:
+    return [fake_ms(model, shape, runtime, batch_size, threads, device) for model, shape in items]
+
+
 @pytest.fixture
 def fake_table(monkeypatch):
-    monkeypatch.setattr(latency, "_time_module", fake_ms)
-    return latency.LatencyTable.build(tiny_net(SEED_SPACE), SHAPE, progress=False)
+    monkeypatch.setattr(latency, "_time_modules", fake_modules)
+    return latency.LatencyTable.build(tiny_net(SEED_SPACE), SHAPE, calibrate=0, progress=False)
 
 
 def test_a_fake_runtime_with_known_costs_gives_exact_predictions(fake_table):
@@ -52,6 +56,28 @@ def test_a_fake_runtime_with_known_costs_gives_exact_predictions(fake_table):
     # every distinct variant once, 2 kernels x 2 widths each: unit 0's blocks all take 8 channels at 16x16 (one
     # variant per choice), unit 1's first block and its others differ (input, stride)
     assert len(fake_table.blocks) == 12 and fake_table.overhead_ms == 0.5
+
+
+def test_a_table_is_scaled_to_whole_subnets_measured_beside_it(fake_table, monkeypatch):
+    """Whole subnets that cost 10% more than their parts (beyond the fixed cost): the table's scale is 1.1, fitted
+    on random per-block configs, and every prediction follows."""
+    from ofa.model import Subnet
+
+    def whole_costs_more(items, *args, **kwargs):
+        return [0.5 + 1.1 * (fake_table.predict(model.config) - 0.5) if isinstance(model, Subnet)
+                else fake_ms(model, shape, *args) for model, shape in items]
+
+    monkeypatch.setattr(latency, "_time_modules", whole_costs_more)
+    net = tiny_net(SEED_SPACE)
+    table = latency.LatencyTable.build(net, SHAPE, calibrate=2, progress=False)
+    assert table.scale == pytest.approx(1.1, abs=1e-5) and fake_table.scale == 1.0
+    calibrated = [c["config"] for c in table.calibration]
+    assert len(set(calibrated)) == 2 and all(c.startswith("kxw-") for c in calibrated)  # per-block, not uniform
+    assert calibrated == [str(c) for c in latency.calibration_configs(net.arch, 2)]  # the same on every machine
+    for cfg in [*net.uniform_configs(), *(net.sample_config(random.Random(1)) for _ in range(5))]:
+        assert table.predict(cfg) == pytest.approx(0.5 + 1.1 * (fake_table.predict(cfg) - 0.5), rel=1e-4)
+    checked = latency.validation_configs(net.arch, 40, seed=0, exclude=calibrated)
+    assert not set(calibrated) & {str(c) for c in checked}  # a check is out of sample
 
 
 def test_a_saved_table_round_trips_and_another_architecture_is_refused(fake_table, tmp_path):
@@ -82,7 +108,7 @@ def test_bad_runtimes_and_devices_are_one_line(monkeypatch):
     with pytest.raises(ValueError, match=r"^runtime 'tensorrt' is not allowed \(onnxruntime or torch\)$"):
         latency.LatencyTable.build(net, SHAPE, runtime="tensorrt")
     with pytest.raises(ValueError, match=r"^runtime onnxruntime runs on the CPU here"):
-        latency.measure_latency(net, SHAPE, device="cuda")
+        ofa.measure_latency(net, SHAPE, device="cuda")
     real_import = builtins.__import__
 
     def no_onnxruntime(name, *args, **kwargs):
@@ -92,33 +118,75 @@ def test_bad_runtimes_and_devices_are_one_line(monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", no_onnxruntime)
     with pytest.raises(ValueError, match=r"^runtime onnxruntime: the onnxruntime package is not installed"):
-        latency.measure_latency(net, SHAPE)
+        ofa.measure_latency(net, SHAPE)
 
 
 def test_both_runtimes_time_a_real_subnet():
     net = tiny_net(SEED_SPACE)
     small, large = (net.extract(c).eval() for c in (net.min_config(), net.max_config()))
     for runtime in latency.RUNTIMES:
-        ms = [latency.measure_latency(sub, SHAPE, runtime=runtime, batch_size=8) for sub in (small, large)]
+        ms = [ofa.measure_latency(sub, SHAPE, runtime=runtime, batch_size=8) for sub in (small, large)]
         assert 0 < ms[0] < ms[1] < 1000, (runtime, ms)
 
 
 def test_the_command_line_builds_a_table_from_an_architecture_file_alone(tmp_path):
     net = tiny_net(SEED_SPACE)
     (tmp_path / "arch.json").write_text(json.dumps({"arch": net.arch, "input_shape": list(SHAPE)}))
-    result = subprocess.run([sys.executable, "-m", "ofa.deploy.latency", "build", "--arch", "arch.json", "--out",
+    result = subprocess.run([sys.executable, "-m", "ofa.latency", "build", "--arch", "arch.json", "--out",
                              "table.json", "--runtime", "torch", "--threads", "1"], cwd=tmp_path,
                             capture_output=True, text=True, timeout=300, env={"PYTHONPATH": str(ROOT),
                                                                               "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("table.json: 12 block variants, stem, head and overhead in ")
+    assert "Warning" not in result.stderr  # python -m runs the command without importing it first
     table = latency.LatencyTable.load(tmp_path / "table.json", net.arch, SHAPE)
     assert table.runtime == "torch" and table.runtime_version == f"torch {torch.__version__}"
     small, large = table.predict(net.min_config()), table.predict(net.max_config())
     assert 0 < small < large
     (tmp_path / "arch.json").write_text("{}")
-    result = subprocess.run([sys.executable, "-m", "ofa.deploy.latency", "build", "--arch", "arch.json", "--out",
+    result = subprocess.run([sys.executable, "-m", "ofa.latency", "build", "--arch", "arch.json", "--out",
                              "t2.json"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
                             env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
-    assert result.returncode == 2 and result.stderr.startswith("error: arch.json: ")
-    assert len(result.stderr.splitlines()) == 1 and not (tmp_path / "t2.json").exists()
+    assert result.returncode == 2 and not (tmp_path / "t2.json").exists()
+    assert result.stderr == ('error: arch.json: not an architecture file ({"arch": ..., "input_shape": [C, H, W]}, '
+                             "as the latency stage writes models/arch.json)\n")
+
+
+def test_kendall_tau_b_counts_concordant_discordant_and_tied_pairs():
+    assert latency.kendall_tau([1, 2, 3, 4], [10, 20, 30, 40]) == 1.0
+    assert latency.kendall_tau([1, 2, 3, 4], [4, 3, 2, 1]) == -1.0
+    # tau-b with a tie: 5 concordant pairs, 1 tied in the first list only: 5 / sqrt((5 + 1) * 5)
+    assert abs(latency.kendall_tau([1, 2, 2, 3], [1, 3, 2, 4]) - 5 / 30 ** 0.5) < 1e-12
+    assert latency.kendall_tau([1, 1, 1], [1, 2, 3]) == 0.0  # a constant list ranks nothing
+
+
+def test_the_fastest_subnet_is_the_least_prediction_of_the_whole_space(fake_table):
+    """fastest() is exact: no config of the tiny space (every depth, kernel and width of every block) predicts less."""
+    import itertools
+
+    net = tiny_net(SEED_SPACE)
+    config, ms = fake_table.fastest()
+    assert fake_table.predict(config) == pytest.approx(ms, abs=1e-9)
+    space = SEED_SPACE
+    per_unit = []  # every (depth, kernels, widths) of one unit, inactive slots at the smallest choice
+    for depth in space.depth:
+        for choice in itertools.product(itertools.product(space.kernel, space.width), repeat=depth):
+            pad = [(space.kernel[0], space.width[0])] * (space.max_depth - depth)
+            per_unit.append((depth, [k for k, _ in choice] + [k for k, _ in pad], [w for _, w in choice] + [w for _, w in pad]))
+    least = min(fake_table.predict(ofa.SubnetConfig(kernel=[u[1] for u in units], depth=[u[0] for u in units],
+                                                    width=[u[2] for u in units]))
+                for units in itertools.product(per_unit, repeat=net.num_units))
+    assert ms == pytest.approx(least, abs=1e-9)
+
+
+def test_validation_checks_every_uniform_config_and_random_ones_against_the_table(fake_table):
+    """validate() measures each config whole: with a measurement 10% above the table, every figure follows."""
+    net = tiny_net(SEED_SPACE)
+    configs = latency.validation_configs(net.arch, 5, seed=0)
+    assert configs[:8] == net.uniform_configs() and len(set(configs)) == 13
+    assert latency.validation_configs(net.arch, 5, seed=0) == configs  # seeded
+    figures, records = latency.validate(fake_table, configs, lambda cfgs: [fake_table.predict(c) * 1.1 for c in cfgs])
+    assert figures["configs"] == 13 and figures["kendall_tau"] == 1.0 and figures["within_10pct"] == 1.0
+    assert figures["mape_pct"] == pytest.approx(100 * 0.1 / 1.1, abs=0.01)
+    assert [r["config"] for r in records] == [str(c) for c in configs]
+    assert all(r["macs"] == net.macs(c, SHAPE) for r, c in zip(records, configs))

@@ -4,6 +4,7 @@ image folders (PNG and JPEG of several sizes, one grayscale): classes and input 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -18,12 +19,15 @@ import yaml
 from conftest import FOLDER_CLASSES, committed_params, write_folder
 from ofa import data as data_mod
 from ofa.data import memory
+from ofa.model import ConfigSpace
 from ofa.pipeline import context, download, training
-from ofa.pipeline.config import parse_params
+from ofa.pipeline.config import ParamsError, parse_params
 from ofa.train import DeviceData
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["download", "train_supernet", "shrink_kernel", "shrink_depth", "shrink_width", "evaluate_space", "specialize"]
+STAGES = ["download", "latency", "train_supernet", "shrink_kernel", "shrink_depth", "shrink_width", "evaluate_space",
+          "specialize"]  # in the order dvc repro runs them
+TRAINING = STAGES[2:6]
 
 
 def tiny_params(**data) -> dict:
@@ -40,7 +44,8 @@ def tiny_params(**data) -> dict:
     p["shrink"]["width"]["subnets_per_step"] = 2  # of 4: the tests need the mechanics, not the schedule
     p["evaluate"].update(bn_calibration_images=128, sampled_configs=1)
     p["evaluate"]["finetune"].update(epochs=1, lr=0.01, images_per_epoch=128)
-    p["specialize"] = {"budgets": [800000, 1500000], "trials": 14, "population": 8}  # the space: 0.62M-2.55M MACs
+    p["specialize"].update(budgets=[800000, 1500000], trials=14, population=8)  # the space: 0.62M-2.55M MACs
+    p.setdefault("latency", {}).update(runtime="torch", validate=2)  # eager: no export per part, seconds in all
     return p
 
 
@@ -60,7 +65,7 @@ def new_project(repo: Path, params: dict) -> Path:
     """A git repo holding the pipeline (dvc.yaml, stages, ofa) and `params` as params.yaml, committed."""
     for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
         shutil.copy(ROOT / name, repo / name)
-    for name in ("stages", "ofa", ".dvc"):
+    for name in ("stages", "ofa", ".dvc", "latency_tables"):
         shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache"))
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     git = ["git", "-C", str(repo)]
@@ -349,14 +354,13 @@ def test_outputs_have_the_documented_shape(repro):
     summary = json.loads((project / "metrics" / "evaluate_space.json").read_text())
     assert summary == {  # the headline figures; space.json holds every config's
         "accuracy_max": by["k7-d3-w4"]["accuracy"], "accuracy_min": by["k5-d2-w2"]["accuracy"],
-        "accuracy_mean": round(sum(r["accuracy"] for r in records) / 9, 6),
         "finetuned_mean": round(sum(r["accuracy_finetuned"] for r in records) / 9, 6)}
     import torch
 
     train = len(torch.load(project / "data" / "prepared" / "train.pt", weights_only=True)["labels"])
     batch = min(yaml.safe_load((project / "params.yaml").read_text())["train"]["batch_size"], train)
     steps = train // batch  # an epoch's: a curve point after its first step and its last
-    for stage in STAGES[1:5]:
+    for stage in TRAINING:
         m = json.loads((project / "metrics" / f"{stage}.json").read_text())
         shrink = {"accuracy_min"} if stage != "train_supernet" else set()  # the min config is trained from here on
         assert set(m) == {"accuracy_max", "val_accuracy_max", "train_loss", *shrink}
@@ -413,3 +417,149 @@ def test_the_summary_prints_the_stages_table_2_and_the_picks(repro):
     for name, pick in picks.items():
         assert re.search(rf"^ *{re.escape(name)} +{re.escape(pick['config'])} ", out, re.M), name
     assert max(len(line) for line in out.splitlines()) <= 120
+
+
+def test_exp_run_with_new_latency_threads_reruns_latency_and_specialize_only(repro):
+    """The table is the architecture's on the device: a latency param reruns it and the stage that uses it, and a
+    MACs search, which does not depend on the table, is reused whole; every pick records its MACs, its predicted
+    latency and its measured latency here."""
+    project, _, _ = repro
+    out = run([sys.executable, "-m", "dvc", "exp", "run", "-S", "latency.threads=2"], project)
+    assert ran(out) == ["latency", "specialize"]
+    assert "search: reusing the first 14 of 14 trials" in out and "search 1/" not in out
+    table = json.loads((project / "models" / "latency_table.json").read_text())
+    assert table["threads"] == 2 and table["runtime"] == "torch" and table["arch"]["units"][1]["channels"] == 16
+    arch = json.loads((project / "models" / "arch.json").read_text())
+    assert arch["input_shape"] == [3, 16, 16] and arch["arch"]["classes"] == FOLDER_CLASSES
+    checked = json.loads((project / "metrics" / "latency_validation.json").read_text())
+    records = checked.pop("records")
+    assert len(records) == 8 + 2 and sum(r["uniform"] for r in records) == 8  # the grid and latency.validate more
+    assert checked["configs"] == 10 and checked["threads"] == 2 and checked["fastest_ms"] > 0
+    errors = [abs(r["predicted_ms"] - r["measured_ms"]) / r["measured_ms"] for r in records]
+    assert checked["mape_pct"] == round(100 * sum(errors) / 10, 2) and checked["host"].endswith(" cores")
+    metrics = json.loads((project / "metrics" / "latency.json").read_text())
+    assert metrics == {k: checked[k] for k in ("kendall_tau", "mape_pct", "within_10pct")}
+    assert (project / "metrics" / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((project / "metrics" / "picks.json").read_text())
+    assert summary["cost"] == "macs" and summary["latency"]["threads"] == 2
+    for name, p in summary["budgets"].items():
+        assert p["macs"] <= p["budget"] and p["predicted_ms"] > 0 and p["uniform"]["predicted_ms"] > 0
+        assert p["measured_onnx_ms"] > 0 and p["measured_torch_ms"] > 0, name
+
+
+def test_specialize_on_latency_picks_the_best_config_within_each_budget_by_prediction(repro):
+    """specialize.cost latency: budgets in ms, the search's cost the table's prediction, a budget below every
+    scored config met by the fastest subnet; a change of cost reruns specialize alone."""
+    from ofa.deploy import LatencyTable
+    from ofa.pipeline.specialize import budget_name
+
+    project, _, _ = repro
+    table = LatencyTable.load(project / "models" / "latency_table.json")
+    fastest_config, fastest = table.fastest()
+    largest = ConfigSpace(**table.arch["space"]).max_config(len(table.arch["units"]))
+    budgets = [math.ceil(fastest * 1e5) / 1e5, round((fastest + table.predict(largest)) / 2, 5)]
+    macs_search = project.parent / "macs_search.json"
+    shutil.copy(project / "metrics" / "search.json", macs_search)
+    out = run([sys.executable, "-m", "dvc", "exp", "run", "-S", "specialize.cost=latency", "-S",
+               f"specialize.budgets={json.dumps(budgets)}"], project)
+    assert ran(out) == ["specialize"]
+    summary = json.loads((project / "metrics" / "picks.json").read_text())
+    records = json.loads((project / "metrics" / "search.json").read_text())
+    assert summary["cost"] == "latency" and list(summary["budgets"]) == [budget_name(b, "latency") for b in budgets]
+    for b, p in zip(budgets, summary["budgets"].values()):
+        fits = [r for r in records if r["predicted_ms"] <= b]
+        assert p["budget"] == b and p["predicted_ms"] <= b and p["val_accuracy"] == max(r["val_accuracy"] for r in fits)
+    assert summary["budgets"][budget_name(budgets[0], "latency")]["config"] == str(fastest_config)
+    assert (project / "models" / "specialized" / f"{budget_name(budgets[1], 'latency')}.onnx").is_file()
+    # benchmarks/latency_search.py sets each pick beside the MACs search's and the best uniform config, timed here
+    bench = run([sys.executable, str(ROOT / "benchmarks" / "latency_search.py"), "--macs-search", str(macs_search)],
+                project)
+    rows = [line.split(" | ") for line in bench.splitlines() if re.match(r"^\| [\d.]+ \| ", line)]
+    assert [r[1] for r in rows] == ["latency search", "MACs search, fits measured", "best uniform, fits measured"] * 2
+    for row, (name, p) in zip(rows[::3], summary["budgets"].items()):
+        assert row[2] == f"`{p['config']}`" and row[4] == f"{p['measured_onnx_ms']:.4f}", name
+
+
+def _copy_inputs(project: Path, root: Path) -> None:
+    """The prepared data and the latency table of `project` under `root`: another project of the same
+    architecture, whose params a test may change without touching the module's project."""
+    shutil.copytree(project / "data" / "prepared", root / "data" / "prepared")
+    (root / "models").mkdir()
+    shutil.copy(project / "models" / "latency_table.json", root / "models" / "latency_table.json")
+
+
+def test_bad_latency_settings_are_one_line_before_any_work(repro, tmp_path, monkeypatch):
+    """A budget below the fastest subnet's prediction, a table built for another architecture or with other
+    latency params, a runtime whose package is missing: one line naming the key or file, before any work."""
+    import builtins
+
+    from ofa.deploy import LatencyError, LatencyTable
+    from ofa.pipeline import latency, specialize
+
+    project, _, _ = repro
+    _copy_inputs(project, tmp_path)
+    raw = tiny_params(dataset="folder", source_dir=str(tmp_path / "absent"), image_size=16, val_images=12)
+    raw["latency"].update(threads=2)  # as the table in the project now
+    table = LatencyTable.load(tmp_path / "models" / "latency_table.json")
+    fastest_config, fastest = table.fastest()
+    raw["specialize"].update(cost="latency", budgets=[round(fastest * 2, 5), round(fastest * 0.9, 5)])
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started")
+
+    monkeypatch.setattr(specialize.StageContext, "open", no_work)
+    monkeypatch.setattr(LatencyTable, "build", no_work)
+    with pytest.raises(ParamsError, match=rf"^specialize\.budgets\[1\]: {round(fastest * 0.9, 5):g} ms is below the "
+                                          rf"fastest subnet's predicted latency on this-machine \({re.escape(str(fastest_config))}: "
+                                          rf"{fastest:.4f} ms\); at least {fastest:.4f}$"):
+        specialize.specialize(parse_params(raw), tmp_path, progress=False)
+
+    (tmp_path / "latency_tables").mkdir()
+    other = json.loads((tmp_path / "models" / "latency_table.json").read_text())
+    other["arch"]["final_channels"] = 64
+    (tmp_path / "latency_tables" / "other.json").write_text(json.dumps(other))
+    raw["latency"]["table"] = "latency_tables/other.json"
+    with pytest.raises(LatencyError, match=r"^\S+other\.json: built for another architecture \(final_channels differ\)"):
+        latency.latency(parse_params(raw), tmp_path, progress=False)
+    shutil.copy(tmp_path / "models" / "latency_table.json", tmp_path / "latency_tables" / "here.json")
+    raw["latency"].update(table="latency_tables/here.json", runtime="onnxruntime")
+    with pytest.raises(ParamsError, match=r"^latency\.table: latency_tables/here\.json was built with runtime torch, 2 "
+                                          r"thread\(s\), batch 1 on cpu; set latency\.runtime"):
+        latency.latency(parse_params(raw), tmp_path, progress=False)
+    raw["latency"].update(runtime="torch")  # as built: taken as it is, nothing measured, nothing checked here
+    assert "kendall_tau" not in latency.latency(parse_params(raw), tmp_path, progress=False)
+    assert LatencyTable.load(tmp_path / "models" / "latency_table.json") == table
+    assert json.loads((tmp_path / "metrics" / "latency_validation.json").read_text())["records"] == []
+    assert json.loads((tmp_path / "metrics" / "latency.json").read_text()) == {}
+
+    raw["latency"].update(table=None, runtime="onnxruntime", threads=1)
+    real_import = builtins.__import__
+
+    def no_onnxruntime(name, *args, **kwargs):
+        if name == "onnxruntime":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_onnxruntime)
+    with pytest.raises(ValueError, match=r"^runtime onnxruntime: the onnxruntime package is not installed"):
+        latency.latency(parse_params(raw), tmp_path, progress=False)
+    raw["specialize"].update(cost="macs", budgets=[1500000])
+    with pytest.raises(ValueError, match=r"^runtime onnxruntime: the onnxruntime package is not installed"):
+        specialize.specialize(parse_params(raw), tmp_path, progress=False)  # it times the exported picks
+
+
+def test_a_table_built_on_the_target_replaces_the_measurement(repro):
+    """The README's round trip: a table from another machine, put under latency_tables/ and named by
+    latency.table, is taken as it is (checked against the architecture, not measured here), and specialize
+    predicts with it."""
+    project, _, _ = repro
+    built = json.loads((project / "models" / "latency_table.json").read_text())
+    built["host"]["cpu"] = "the target's CPU"
+    (project / "latency_tables" / "target.json").write_text(json.dumps(built))
+    out = run([sys.executable, "-m", "dvc", "exp", "run", "-S", "latency.table=latency_tables/target.json", "-S",
+               "latency.device=target"], project)
+    assert ran(out) == ["latency", "specialize"] and "latency check" not in out  # nothing measured here
+    assert json.loads((project / "models" / "latency_table.json").read_text()) == built
+    assert json.loads((project / "metrics" / "latency.json").read_text()) == {}
+    summary = json.loads((project / "metrics" / "picks.json").read_text())
+    assert summary["latency"]["device"] == "target" and summary["latency"]["table_host"] == "the target's CPU"

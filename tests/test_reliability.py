@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -47,9 +48,20 @@ def stages_in_one_process(names: list[str], cwd: Path) -> str:
 
 
 def outputs(root: Path) -> dict[str, bytes]:
-    """Every file the pipeline wrote except wall-clock timings."""
+    """Every file the pipeline wrote except wall-clock timings; the picks without their measured latencies."""
     files = [p for d in ("models", "metrics", "data/prepared") for p in (root / d).rglob("*") if p.is_file()]
-    return {str(p.relative_to(root)): p.read_bytes() for p in files if "timing" not in p.parts}
+    found = {str(p.relative_to(root)): p.read_bytes() for p in files if "timing" not in p.parts}
+    picks = json.loads(found["metrics/picks.json"])
+    for pick in picks["budgets"].values():
+        assert pick.pop("measured_onnx_ms") > 0 and pick.pop("measured_torch_ms") > 0
+    found["metrics/picks.json"] = json.dumps(picks).encode()
+    return found
+
+
+# The latency stage's outputs: measurements, which no two runs repeat; the second run takes the first one's, so
+# that what depends on them (the picks' predicted latency) compares.
+LATENCY_OUTPUTS = ("models/arch.json", "models/latency_table.json", "metrics/latency.json",
+                   "metrics/latency_validation.json", "metrics/latency.png")
 
 
 def kill_after_first_epoch(cwd: Path, name: str) -> int:
@@ -104,7 +116,7 @@ def two_runs(tmp_path_factory):
     train_supernet is killed after an epoch (and rerun with other params of later stages, which its progress
     does not depend on), evaluate_space after its first config and specialize mid-search, each then rerun in a
     new process."""
-    assert STAGES == ["download", "train_supernet", "shrink_kernel", "shrink_depth", "shrink_width",
+    assert STAGES == ["download", "latency", "train_supernet", "shrink_kernel", "shrink_depth", "shrink_width",
                       "evaluate_space", "specialize"]
     raw = profile()
     a, b = tmp_path_factory.mktemp("a"), tmp_path_factory.mktemp("b")
@@ -113,6 +125,9 @@ def two_runs(tmp_path_factory):
     stages_in_one_process(STAGES, a)
     log = {}
     stage("download", b)
+    for name in LATENCY_OUTPUTS:
+        (b / name).parent.mkdir(parents=True, exist_ok=True)
+        (b / name).write_bytes((a / name).read_bytes())
     log["epochs_before_kill"] = kill_after_first_epoch(b, "train_supernet")
     log["after_kill/train_supernet"] = _files(b)
     other = profile()  # rerun after a change of a later stage's params: the progress is train_supernet's still
@@ -132,7 +147,8 @@ def two_runs(tmp_path_factory):
 def test_killed_stage_leaves_no_output_and_resumes(two_runs):
     (_, _), (b, log) = two_runs
     assert 1 <= log["epochs_before_kill"] < 4
-    assert log["after_kill/train_supernet"] == ["params.yaml"]  # no checkpoint, metrics or curves of the killed stage
+    # no checkpoint, metrics or curves of the killed stage (the latency stage's files are the first run's)
+    assert log["after_kill/train_supernet"] == sorted(["params.yaml", *LATENCY_OUTPUTS])
     resumed = f"train_supernet: resuming after epoch {log['epochs_before_kill']}/4"
     assert resumed in log["resumed/train_supernet"]
     assert not (b / ".resume" / "train_supernet.pt").exists()  # removed once the outputs are written

@@ -59,7 +59,7 @@ def test_search_opens_with_every_uniform_config_and_memoises_repeats():
     assert [c.config for c in cands[:8]] == net.uniform_configs()
     assert len(calls) == len(set(calls)) == len(cands)  # each config scored once
     assert len(cands) > 8 and not all(c.uniform for c in cands)
-    assert all(c.accuracy == _score(c.config) and c.macs == net.macs(c.config, (3, 16, 16)) for c in cands)
+    assert all(c.accuracy == _score(c.config) and c.cost == net.macs(c.config, (3, 16, 16)) for c in cands)
     again = search.search(SEED_SPACE, net.num_units, _score, lambda c: net.macs(c, (3, 16, 16)),
                           trials=40, population=8, seed=0, progress=False)
     assert again == cands  # deterministic from the seed
@@ -97,7 +97,7 @@ def test_interrupted_search_resumes_without_re_evaluating(tmp_path):
     resumed = search.search(SEED_SPACE, net.num_units, counts, macs, storage=db, key="k", **kwargs)
     assert not set(first) & set(second)  # nothing finished before the kill is evaluated again
     assert len(first) + len(second) == len(whole)
-    assert [(c.config, c.macs, c.accuracy) for c in resumed] == [(c.config, c.macs, c.accuracy) for c in whole]
+    assert [(c.config, c.cost, c.accuracy) for c in resumed] == [(c.config, c.cost, c.accuracy) for c in whole]
     third: list[ofa.SubnetConfig] = []
     search.search(SEED_SPACE, net.num_units, lambda c: third.append(c) or _score(c), macs, storage=db, key="other",
                   **kwargs)
@@ -135,7 +135,7 @@ def test_a_stored_search_serves_fewer_trials_and_goes_on_for_more(tmp_path):
     calls: list[ofa.SubnetConfig] = []
 
     def run(trials: int, batch: int = 1, storage=None):
-        return [(c.config, c.macs, c.accuracy, c.trial) for c in search.search(
+        return [(c.config, c.cost, c.accuracy, c.trial) for c in search.search(
             SEED_SPACE, net.num_units, lambda c: calls.append(c) or _score(c), macs, trials=trials, population=8,
             seed=5, progress=False, batch=batch, storage=storage, key="k",
             evaluate_many=lambda cfgs: [calls.append(c) or _score(c) for c in cfgs])]
@@ -193,8 +193,8 @@ def test_a_batched_search_killed_mid_batch_resumes_to_the_uninterrupted_result(k
     monkeypatch.undo()
     resumed = search.search(SEED_SPACE, net.num_units, _score, macs, evaluate_many=many, storage=db, key="k",
                             **kwargs)
-    assert [(c.config, c.macs, c.accuracy, c.trial) for c in resumed] == [
-        (c.config, c.macs, c.accuracy, c.trial) for c in whole]
+    assert [(c.config, c.cost, c.accuracy, c.trial) for c in resumed] == [
+        (c.config, c.cost, c.accuracy, c.trial) for c in whole]
 
 
 def test_search_on_a_tiny_net_respects_budgets_and_beats_uniform_on_val():
@@ -218,9 +218,9 @@ def test_search_on_a_tiny_net_respects_budgets_and_beats_uniform_on_val():
     for budget in (net.macs(net.min_config(), shape), 900_000, 1_300_000, 3_000_000):
         pick = search.best_within(cands, budget)
         uniform = search.best_within(cands, budget, uniform_only=True)
-        assert pick.macs <= budget and uniform.macs <= budget and uniform.uniform
+        assert pick.cost <= budget and uniform.cost <= budget and uniform.uniform
         assert pick.accuracy >= uniform.accuracy
-        assert pick.accuracy == max(c.accuracy for c in cands if c.macs <= budget)
+        assert pick.accuracy == max(c.accuracy for c in cands if c.cost <= budget)
 
 
 def test_search_refuses_too_few_trials_or_a_small_population():

@@ -1,4 +1,4 @@
-"""Multi-objective search over per-block subnet configs: maximise an accuracy, minimise MACs.
+"""Multi-objective search over per-block subnet configs: maximise an accuracy, minimise a cost (MACs, latency).
 
 Built on optuna's NSGA-II sampler through its ask-and-tell interface. Optuna rather than pymoo because its
 SQLite storage keeps every finished trial on disk as it completes, so a killed search resumes where it
@@ -28,10 +28,11 @@ from ..model import ConfigSpace, SubnetConfig
 
 @dataclass(frozen=True)
 class Candidate:
-    """One evaluated subnet: its config, MACs, accuracy (on the search split) and whether it is uniform."""
+    """One evaluated subnet: its config, cost (MACs, predicted ms), accuracy (on the search split), and whether it is
+    uniform."""
 
     config: SubnetConfig
-    macs: int
+    cost: float
     accuracy: float
     trial: int  # the first trial that evaluated it (counting completed trials from 0)
 
@@ -80,18 +81,18 @@ def from_params(params: dict[str, Any], space: ConfigSpace, num_units: int) -> S
 
 
 def pareto_front(candidates: Sequence[Candidate]) -> list[Candidate]:
-    """The candidates no other beats on both objectives (higher accuracy, fewer MACs), by MACs."""
+    """The candidates no other beats on both objectives (higher accuracy, lower cost), by cost."""
     front: list[Candidate] = []
-    for c in sorted(candidates, key=lambda c: (c.macs, -c.accuracy, c.trial)):
+    for c in sorted(candidates, key=lambda c: (c.cost, -c.accuracy, c.trial)):
         if not front or c.accuracy > front[-1].accuracy:
             front.append(c)
     return front
 
 
-def best_within(candidates: Sequence[Candidate], budget: int, uniform_only: bool = False) -> Candidate | None:
-    """The most accurate candidate with at most `budget` MACs (ties: fewer MACs, then earlier); None if none fits."""
-    fits = [c for c in candidates if c.macs <= budget and (c.uniform or not uniform_only)]
-    return min(fits, key=lambda c: (-c.accuracy, c.macs, c.trial), default=None)
+def best_within(candidates: Sequence[Candidate], budget: float, uniform_only: bool = False) -> Candidate | None:
+    """The most accurate candidate costing at most `budget` (ties: the cheaper, then the earlier); None if none fits."""
+    fits = [c for c in candidates if c.cost <= budget and (c.uniform or not uniform_only)]
+    return min(fits, key=lambda c: (-c.accuracy, c.cost, c.trial), default=None)
 
 
 KEPT_SEARCHES = 4  # searches one storage holds; opening a new one drops the one used longest ago
@@ -139,7 +140,7 @@ def search(
     space: ConfigSpace,
     num_units: int,
     evaluate: Callable[[SubnetConfig], float],
-    macs: Callable[[SubnetConfig], int],
+    cost: Callable[[SubnetConfig], float],
     *,
     trials: int,
     population: int,
@@ -149,11 +150,12 @@ def search(
     progress: bool = True,
     batch: int = 1,
     evaluate_many: Callable[[list[SubnetConfig]], list[float]] | None = None,
+    cost_label: Callable[[float], str] = lambda c: f"{c / 1e6:.2f}M MACs",
 ) -> list[Candidate]:
     """Run `trials` NSGA-II trials (the first ones every uniform config); every distinct config evaluated, in order.
 
-    `evaluate(cfg)` is the accuracy to maximise, `macs(cfg)` the cost to minimise. With `storage` (an SQLite
-    file) each trial is kept there under `key`, and a later call with the same key continues where the
+    `evaluate(cfg)` is the accuracy to maximise, `cost(cfg)` the cost to minimise (`cost_label` prints it). With
+    `storage` (an SQLite file) each trial is kept there under `key`, and a later call with the same key continues where the
     last one stopped, with the same result as an uninterrupted call: after a kill; with fewer `trials` (the
     first ones are reused, nothing is evaluated); with more (the search goes on). The n-th trial does not
     depend on `trials`, so `key` need not hold it. With `batch` > 1 that many trials are asked at a time and
@@ -173,8 +175,8 @@ def search(
         # so the sampler makes the same proposals as in an uninterrupted run
         asked = _ask_batch(study, pending, first, batch, trials, uniform, space, num_units, dists, population, seed)
         pending = []
-        _score_new(asked, first, seen, evaluate_many, macs)
-        _tell(study, asked, first, seen, trials, start, len(done), progress)
+        _score_new(asked, first, seen, evaluate_many, cost)
+        _tell(study, asked, first, seen, trials, start, len(done), progress, cost_label)
         first += len(asked)
     return sorted(seen.values(), key=lambda c: c.trial)
 
@@ -193,7 +195,7 @@ def _completed_candidates(done: list, space: ConfigSpace, num_units: int) -> dic
     seen: dict[SubnetConfig, Candidate] = {}
     for i, t in enumerate(done):  # numbered by completed trials: a trial failed by a kill leaves no gap
         cfg = from_params(t.params, space, num_units)
-        seen.setdefault(cfg, Candidate(cfg, int(t.values[1]), float(t.values[0]), i))
+        seen.setdefault(cfg, Candidate(cfg, float(t.values[1]), float(t.values[0]), i))
     return seen
 
 
@@ -209,25 +211,26 @@ def _ask_batch(study, pending: list, first: int, batch: int, trials: int, unifor
 
 
 def _score_new(asked: list[tuple[Any, SubnetConfig]], first: int, seen: dict[SubnetConfig, Candidate],
-               evaluate_many: Callable[[list[SubnetConfig]], list[float]], macs: Callable[[SubnetConfig], int]) -> None:
+               evaluate_many: Callable[[list[SubnetConfig]], list[float]],
+               cost: Callable[[SubnetConfig], float]) -> None:
     """Score, all in one `evaluate_many` call, the asked configs not in `seen` yet, and add them to it."""
     new: dict[SubnetConfig, int] = {}  # each config not scored yet -> the first trial that asked for it
     for n, (_, cfg) in enumerate(asked, first):
         if cfg not in seen:
             new.setdefault(cfg, n)
     for (cfg, n), accuracy in zip(new.items(), evaluate_many(list(new))):
-        seen[cfg] = Candidate(cfg, int(macs(cfg)), float(accuracy), n)
+        seen[cfg] = Candidate(cfg, float(cost(cfg)), float(accuracy), n)
 
 
 def _tell(study, asked: list[tuple[Any, SubnetConfig]], first: int, seen: dict[SubnetConfig, Candidate],
-          trials: int, start: float, resumed: int, progress: bool) -> None:
+          trials: int, start: float, resumed: int, progress: bool, cost_label: Callable[[float], str]) -> None:
     """Tell the study each asked trial's score, in order; with `progress` a line per trial on stderr."""
     for n, (trial, cfg) in enumerate(asked, first):
         cand = seen[cfg]
-        study.tell(trial, [cand.accuracy, float(cand.macs)])
+        study.tell(trial, [cand.accuracy, cand.cost])
         if progress:
             rate = (time.perf_counter() - start) / (n + 1 - resumed)
-            print(f"search {n + 1}/{trials}: {cfg} {cand.macs / 1e6:.2f}M MACs, accuracy {cand.accuracy:.4f}"
+            print(f"search {n + 1}/{trials}: {cfg} {cost_label(cand.cost)}, accuracy {cand.accuracy:.4f}"
                   f"{' (seen)' if cand.trial != n else ''} [{rate:.1f} s/trial]", file=sys.stderr, flush=True)
 
 

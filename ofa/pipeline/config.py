@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from ..data import DATASETS, TRAIN_IMAGES
+from ..deploy.timing import RUNTIMES
 from ..model import ConfigSpace, UnitSpec
 from ..model.subnet import ACTIVATIONS as _ACTIVATIONS
 from ..model.supernet import INITS
@@ -157,14 +158,36 @@ class EvaluateParams:
     sampled_configs: int = _rule(min=0, max=10_000, default=0)  # random per-block configs besides the uniform grid
 
 
+COSTS = ("macs", "latency")  # what specialize.budgets bound: MACs per image | predicted ms per batch
+HARDWARE = ("cpu", "cuda")
+LATENCY_TABLES = Path("latency_tables")  # where latency.table files live: the latency stage depends on the folder
+
+
+@dataclass(frozen=True)
+class LatencyParams:
+    runtime: str = _rule(choices=RUNTIMES, default="onnxruntime")
+    batch_size: int = _rule(min=1, default=1)  # images per inference
+    threads: int = _rule(min=1, default=1)  # intra-op threads
+    device: str = "this-machine"  # a name for the target: a new name measures a new table
+    hardware: str = _rule(choices=HARDWARE, default="cpu")  # where the torch runtime runs (onnxruntime: cpu)
+    validate: int = _rule(min=0, default=50)  # random configs measured whole against the table, besides the uniform
+    table: str | None = None  # a table built on the target (under latency_tables/); null = measure here
+
+
 @dataclass(frozen=True)
 class SpecializeParams:
-    budgets: tuple[float, ...]  # MACs per image; one searched, exported subnet per budget
+    budgets: tuple[float, ...]  # per budget one searched, exported subnet; MACs per image, or ms (cost: latency)
+    cost: str = _rule(choices=COSTS, default="macs")  # latency: the latency table's prediction
     trials: int = _rule(min=1, default=300)  # NSGA-II trials, the uniform configs first
     population: int | None = _rule(min=2, default=None)  # NSGA-II population; null = max(16, uniform configs)
 
     def macs_budgets(self) -> list[int]:
-        return [int(b) for b in self.budgets]
+        """The budgets in MACs (cost macs); none with cost latency."""
+        return [int(b) for b in self.budgets] if self.cost == "macs" else []
+
+    def budget_values(self) -> list[float]:
+        """The budgets as the search compares them: MACs (integers) or milliseconds."""
+        return [float(b) for b in self.macs_budgets()] if self.cost == "macs" else [float(b) for b in self.budgets]
 
 
 @dataclass(frozen=True)
@@ -177,6 +200,7 @@ class Params:
     shrink: ShrinkParams
     evaluate: EvaluateParams
     specialize: SpecializeParams
+    latency: LatencyParams = field(default_factory=LatencyParams)
     seed: int = _rule(min=0, max=2**32 - 1, default=0)
 
     def search_population(self) -> int:
@@ -272,6 +296,7 @@ def parse_params(raw: Any) -> Params:
             raise ParamsError(f"space.kernel: {k} is too large (odd sizes from 1 to {MAX_KERNEL})")
     _check_data(params.data)
     _check_specialize(params)
+    _check_latency(params.latency)
     t = params.train
     if t.batch_size % t.processes:
         raise ParamsError(f"train.batch_size: {t.batch_size} images per step do not split evenly across "
@@ -297,9 +322,12 @@ def _check_data(d: DataParams) -> None:
 def _check_specialize(params: Params) -> None:
     s = params.specialize
     for i, b in enumerate(s.budgets):
-        if not b >= 1:
+        if s.cost == "macs" and not b >= 1:
             raise ParamsError(f"specialize.budgets[{i}]: {b!r} is not allowed (MACs per image, a positive number)")
-    if len(set(s.macs_budgets())) != len(s.budgets):
+        if s.cost == "latency" and not b > 0:
+            raise ParamsError(f"specialize.budgets[{i}]: {b!r} is not allowed (with specialize.cost latency: "
+                              f"milliseconds per batch of latency.batch_size, a positive number)")
+    if len(set(s.budget_values())) != len(s.budgets):
         raise ParamsError(f"specialize.budgets: duplicate budgets in {list(s.budgets)} (each budget once)")
     grid = params.space.build().grid_size()
     if s.trials < grid:
@@ -308,6 +336,19 @@ def _check_specialize(params: Params) -> None:
     if s.population is not None and s.population < grid:
         raise ParamsError(f"specialize.population: {s.population} is smaller than the {grid} uniform configs of "
                           f"the first generation (at least {grid}, or null)")
+
+
+def _check_latency(lat: LatencyParams) -> None:
+    if lat.runtime == "onnxruntime" and lat.hardware != "cpu":
+        raise ParamsError(f"latency.hardware: {lat.hardware} is not allowed with latency.runtime onnxruntime (cpu: "
+                          "its CPU execution provider; or latency.runtime torch)")
+    if not lat.device.strip():
+        raise ParamsError("latency.device: empty (a name for the target device, e.g. pi4 or this-machine)")
+    if lat.table is not None:
+        path = Path(lat.table)
+        if path.is_absolute() or path.parts[:1] != LATENCY_TABLES.parts or ".." in path.parts or len(path.parts) < 2:
+            raise ParamsError(f"latency.table: {lat.table} is not allowed (a file under {LATENCY_TABLES}/, the latency "
+                              "stage's DVC dependency, e.g. latency_tables/pi4.json; or null to measure here)")
 
 
 class _DuplicateKey(yaml.YAMLError):

@@ -24,7 +24,7 @@ from .. import data as data_mod
 from ..io import md5_file, write_json
 from ..model import OFANet, macs
 from ..train import DeviceData, distributed, select_device
-from .checkpoint import build_net, load_checkpoint
+from .checkpoint import build_arch, build_net, load_checkpoint
 from .config import Params, ParamsError
 
 PREPARED, RAW, MODELS, METRICS = Path("data/prepared"), Path("data/raw"), Path("models"), Path("metrics")
@@ -149,6 +149,14 @@ def load_classes(root: Path) -> list[str]:
             or len(set(classes)) != len(classes)):
         raise data_mod.DataError(f"{path}: not a list of at least 2 distinct class names (rerun the download stage)")
     return classes
+
+
+def architecture(params: Params, root: Path) -> tuple[dict[str, Any], tuple[int, ...]]:
+    """The supernet's architecture (``OFANet.arch``) for the prepared data, and the data's input shape (C, H, W),
+    without reading the images."""
+    train = data_mod.load_split(root / PREPARED / "train.pt", mmap=True)  # its shape, nothing read yet
+    input_shape = tuple(train.images.shape[1:])
+    return build_arch(params, input_shape, load_classes(root)), input_shape
 
 
 def prepared_files(root: Path) -> list[Path]:

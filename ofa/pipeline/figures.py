@@ -1,5 +1,6 @@
 """The stages' figures as PNG files, which ``dvc plots show`` (image plots) and any image viewer show without a
-network: a training stage's curves, evaluate_space's MACs-vs-accuracy scatter, specialize's search.
+network: a training stage's curves, evaluate_space's MACs-vs-accuracy scatter, the latency table's check,
+specialize's search.
 
 Every axis is zoomed to its data, every series has a colour of its own. Drawn with matplotlib's Agg backend:
 the same data gives the same bytes.
@@ -57,26 +58,59 @@ def space_scatter(records: Sequence[dict], finetune_epochs: int, path: Path) -> 
     _save(fig, path)
 
 
-def search_scatter(records: Sequence[dict], picks: dict[str, dict], path: Path) -> None:
-    """Every config the search scored, the uniform grid, the Pareto front as a line, and each budget's pick."""
+def latency_scatter(records: Sequence[dict], runtime: str, path: Path) -> None:
+    """Each checked config's predicted against measured milliseconds, the diagonal and its +-10% band."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    if records:
+        values = [r[k] for r in records for k in ("predicted_ms", "measured_ms")]
+        lo, hi = min(values), max(values)
+        line = [lo * 0.95, hi * 1.05]
+        ax.plot(line, line, color=COLOURS["front"], linewidth=1, label="predicted = measured")
+        ax.fill_between(line, [v / 1.1 for v in line], [v / 0.9 for v in line], color=COLOURS["budget"], alpha=0.3,
+                        label="within 10%")
+        for uniform, colour, label in ((False, COLOURS["evaluated"], "random per-block configs"),
+                                       (True, COLOURS["uniform"], "uniform configs")):
+            some = [r for r in records if r["uniform"] == uniform]
+            if not some:
+                continue
+            ax.scatter([r["predicted_ms"] for r in some], [r["measured_ms"] for r in some], s=20, color=colour,
+                       label=label, zorder=3)
+        ax.set(xlim=line, ylim=line)
+        ax.legend(fontsize=8, loc="upper left")
+    else:
+        ax.text(0.5, 0.5, "table built on another machine: checked there", ha="center", transform=ax.transAxes)
+    ax.set(title=f"latency table: predicted vs measured\n{runtime}", xlabel="predicted ms", ylabel="measured ms")
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def search_scatter(records: Sequence[dict], picks: dict[str, dict], path: Path, cost: str = "macs") -> None:
+    """Every config the search scored, the uniform grid, the Pareto front as a line, and each budget's pick,
+    against the search's cost: MACs, or the latency table's predicted ms (`cost` latency)."""
+    if cost == "latency":
+        x, label = (lambda r: r["predicted_ms"]), "predicted latency (ms)"
+        at = lambda b: b  # noqa: E731 - a budget, in the cost's own unit
+    else:
+        x, label = (lambda r: r["macs"] / 1e6), "MACs (millions)"
+        at = lambda b: b / 1e6  # noqa: E731
     fig, ax = plt.subplots(figsize=(8, 4.6))
     for name, p in picks.items():
-        ax.axvline(p["budget"] / 1e6, color=COLOURS["budget"], linestyle="--", linewidth=1)
-        ax.annotate(name, (p["budget"] / 1e6, 0), xycoords=("data", "axes fraction"), fontsize=7, rotation=90,
+        ax.axvline(at(p["budget"]), color=COLOURS["budget"], linestyle="--", linewidth=1)
+        ax.annotate(name, (at(p["budget"]), 0), xycoords=("data", "axes fraction"), fontsize=7, rotation=90,
                     xytext=(-9, 4), textcoords="offset points", color="#757575")
     searched = [r for r in records if not r["uniform"]]
     uniform = [r for r in records if r["uniform"]]
-    front = sorted((r for r in records if r["pareto"]), key=lambda r: r["macs"])
-    ax.scatter([r["macs"] / 1e6 for r in searched], [r["val_accuracy"] for r in searched], s=14,
+    front = sorted((r for r in records if r["pareto"]), key=x)
+    ax.scatter([x(r) for r in searched], [r["val_accuracy"] for r in searched], s=14,
                color=COLOURS["evaluated"], label="per-block configs scored")
-    ax.scatter([r["macs"] / 1e6 for r in uniform], [r["val_accuracy"] for r in uniform], s=28,
+    ax.scatter([x(r) for r in uniform], [r["val_accuracy"] for r in uniform], s=28,
                color=COLOURS["uniform"], label="uniform configs")
-    ax.plot([r["macs"] / 1e6 for r in front], [r["val_accuracy"] for r in front], color=COLOURS["front"],
+    ax.plot([x(r) for r in front], [r["val_accuracy"] for r in front], color=COLOURS["front"],
             drawstyle="steps-post", marker="o", markersize=4, label="Pareto front")
     chosen = {p["config"]: p for p in picks.values()}
-    ax.scatter([p["macs"] / 1e6 for p in chosen.values()], [p["val_accuracy"] for p in chosen.values()], s=90,
+    ax.scatter([x(p) for p in chosen.values()], [p["val_accuracy"] for p in chosen.values()], s=90,
                marker="*", color=COLOURS["pick"], zorder=3, label="picks")
-    ax.set(title="specialize: MACs vs val accuracy", xlabel="MACs (millions)", ylabel="val accuracy")
+    ax.set(title=f"specialize: {label.split(' (')[0]} vs val accuracy", xlabel=label, ylabel="val accuracy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     _save(fig, path)

@@ -1,10 +1,13 @@
-"""Stage specialize: the most accurate subnet within each MACs budget, searched on val, reported on test, exported.
+"""Stage specialize: the most accurate subnet within each budget, searched on val, reported on test, exported.
 
 The search (``ofa.deploy.search``) scores every candidate on the validation split after re-calibrating its batch
-norm; its cost is ``OFANet.macs`` (exact, no tracing). For each budget the pick is the most accurate
-evaluated config within it, and beside it the best uniform config within the same budget (the search
-evaluates every uniform config first, so the pick is never worse on val). Only the picks are evaluated on
-test. Each pick is exported as ONNX (raw pixels in, normalisation inside) and as a saved subnet. The
+norm; its cost is ``OFANet.macs`` (exact, no tracing), or with specialize.cost latency the latency table's
+prediction (models/latency_table.json, from the latency stage), budgets then in milliseconds per batch. For
+each budget the pick is the most accurate evaluated config within it, and beside it the best uniform config
+within the same budget (the search evaluates every uniform config first, so the pick is never worse on val).
+Only the picks are evaluated on test. Each pick is exported as ONNX (raw pixels in, normalisation inside) and
+as a saved subnet; every reported config records its MACs and its predicted latency, and each pick its
+measured latency here (its ONNX model on onnxruntime; with latency.runtime torch, its module too). The
 search's trials stay in .resume/specialize.db under ``search_key``: a rerun with other budgets, another
 number of trials or other params of other stages that leave the checkpoint as it was reuses them.
 
@@ -20,35 +23,46 @@ import hashlib
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..deploy import export_onnx, save_subnet, search
-from ..io import replaced_dir, write_json
+from ..deploy import LatencyTable, export_onnx, measure_latency, measure_onnx, save_subnet, search
+from ..deploy.timing import check_runtime
+from ..io import md5_file, replaced_dir, write_json
 from ..model import OFANet, Subnet, SubnetConfig
 from ..train import DeviceData, calibrate_bn, distributed, evaluate, select_device
 from . import figures
-from .config import Params
-from .context import METRICS, MODELS, RESUME, StageContext, resume_key
+from .config import LatencyParams, Params, ParamsError
+from .context import METRICS, MODELS, RESUME, StageContext, architecture, resume_key
+from .latency import TABLE
 
 SPECIALIZED = MODELS / "specialized"
 # MACs vs val accuracy: every evaluated config, the Pareto front and the uniform grid (JSON), and search.png
 PLOT_DIR = METRICS / "search_plot"
 
 
-def budget_name(budget: int) -> str:
-    """File-name label of a MACs budget: 2500000 -> 'macs-2.5M'."""
+def budget_name(budget: float, cost: str = "macs") -> str:
+    """File-name label of a budget: 2500000 MACs -> 'macs-2.5M', 0.25 ms -> 'ms-0.25'."""
+    if cost == "latency":
+        return "ms-" + f"{budget:.6f}".rstrip("0").rstrip(".")
     return "macs-" + f"{budget / 1e6:.6f}".rstrip("0").rstrip(".") + "M"
+
+
+def cost_label(cost: str) -> Callable[[float], str]:
+    """How the search's progress and the picks print a cost."""
+    return (lambda ms: f"{ms:.4f} ms predicted") if cost == "latency" else (lambda m: f"{m / 1e6:.2f}M MACs")
 
 
 class _Subnets:
     """Subnets of the trained supernet, extracted and BN-calibrated; the reported ones kept, tested once."""
 
-    def __init__(self, net: OFANet, data: DeviceData, calibration: list[torch.Tensor], batch_size: int) -> None:
-        self.net, self.data, self.calibration, self.batch_size = net, data, calibration, batch_size
+    def __init__(self, net: OFANet, data: DeviceData, calibration: list[torch.Tensor], batch_size: int,
+                 table: LatencyTable | None = None) -> None:
+        self.net, self.data, self.calibration, self.batch_size, self.table = net, data, calibration, batch_size, table
         self.kept: dict[SubnetConfig, Subnet] = {}
         self.test: dict[SubnetConfig, float] = {}
 
@@ -63,13 +77,38 @@ class _Subnets:
                         world=distributed.SINGLE)
 
     def report(self, c: search.Candidate) -> dict[str, Any]:
-        """MACs, params, val and test accuracy of a candidate; keeps its calibrated subnet for export."""
+        """MACs, predicted latency, params, val and test accuracy of a candidate; keeps its calibrated subnet for
+        export."""
         if c.config not in self.kept:
             self.kept[c.config] = self.calibrated(c.config)
             self.test[c.config] = evaluate(self.kept[c.config], self.data, batch_size=self.batch_size,
                                            world=distributed.SINGLE)
-        return {"config": str(c.config), "macs": c.macs, "params": self.net.num_params(c.config),
-                "val_accuracy": c.accuracy, "accuracy": self.test[c.config]}
+        predicted = {} if self.table is None else {"predicted_ms": round(self.table.predict(c.config), 5)}
+        return {"config": str(c.config), "macs": self.net.macs(c.config, self.data.input_shape), **predicted,
+                "params": self.net.num_params(c.config), "val_accuracy": c.accuracy, "accuracy": self.test[c.config]}
+
+
+class _Timings:
+    """Measured latency on this machine of the exported picks, each measured once: its ONNX model on onnxruntime
+    (raw pixels in, as deployed), and with latency.runtime torch its module too, with latency's threads, batch
+    size and hardware. (The latency stage measured every uniform config whole: metrics/latency_validation.json.)"""
+
+    def __init__(self, lat: LatencyParams, shape: tuple[int, ...]) -> None:
+        self.lat, self.shape = lat, shape
+        self.measured: dict[SubnetConfig, dict[str, float]] = {}
+
+    def of(self, sub: Subnet, onnx: Path) -> dict[str, float]:
+        """`sub`'s timings, its ONNX model exported to `onnx`."""
+        if sub.config not in self.measured:
+            lat = self.lat
+            timings = {"measured_onnx_ms": round(measure_onnx(onnx, self.shape, batch_size=lat.batch_size,
+                                                              threads=lat.threads), 5)}
+            if lat.runtime == "torch":
+                timings["measured_torch_ms"] = round(measure_latency(
+                    sub, self.shape, runtime="torch", batch_size=lat.batch_size, threads=lat.threads,
+                    device=lat.hardware), 5)
+            self.measured[sub.config] = timings
+        return self.measured[sub.config]
 
 
 def specialize(params: Params, root: Path = Path("."), progress: bool = True) -> dict[str, Any] | None:
@@ -78,25 +117,50 @@ def specialize(params: Params, root: Path = Path("."), progress: bool = True) ->
 
     Returns the picks (metrics/picks.json) on rank 0, None on the other ranks of a job.
     """
+    table = load_table(params, root)  # before any work: the budgets in ms fit it, the runtimes are here
     # evaluate_space's calibration images: a uniform config here scores on test as in its Table 2
     ctx = StageContext.open(params, root, "specialize")
     ctx.load("shrink_width")
     net, data, w = ctx.net.eval(), ctx.data, ctx.world
-    budgets = params.specialize.macs_budgets()  # each at least the smallest subnet's MACs (the context checks)
-    key = ctx.key(search_values(params))
-    subnets = _Subnets(net, data, ctx.calibration, params.train.eval_batch_size)
+    budgets = params.specialize.budget_values()  # each within the space (MACs: the context checks; ms: above)
+    key = ctx.key(search_values(params, md5_file(root / TABLE) if params.specialize.cost == "latency" else None))
+    subnets = _Subnets(net, data, ctx.calibration, params.train.eval_batch_size, table)
     if not w.main:  # score the configs rank 0 sends, until the search ends
         distributed.serve(subnets.val_accuracy, w)
         return None
-    candidates, scored, search_s = _run_search(params, root, net, data.input_shape, key, subnets, w, progress)
+    cost = table.predict if params.specialize.cost == "latency" else (lambda cfg: net.macs(cfg, data.input_shape))
+    candidates, scored, search_s = _run_search(params, root, net, cost, key, subnets, w, progress)
+    if params.specialize.cost == "latency" and any(search.best_within(candidates, b) is None for b in budgets):
+        fastest = table.fastest()[0]  # a budget no scored config fits: the fastest subnet does (checked above)
+        candidates.append(search.Candidate(fastest, table.predict(fastest), subnets.val_accuracy(fastest),
+                                           len(candidates)))
+        scored += 1
     summary = _pick_and_write(params, root, net, data, candidates, budgets, subnets, progress)
     ctx.write_timing(ctx.timing(search_s=round(search_s, 1), configs_scored=scored,
                                 configs_reused=len(candidates) - scored))
     return summary  # the search stays in .resume/specialize.db: other budgets or trials reuse its trials
 
 
-def _run_search(params: Params, root: Path, net: OFANet, shape: tuple[int, ...], key: str, subnets: _Subnets,
-                w: distributed.World, progress: bool) -> tuple[list[search.Candidate], int, float]:
+def load_table(params: Params, root: Path) -> LatencyTable:
+    """models/latency_table.json, checked against the architecture; ParamsError naming the first budget below the
+    fastest subnet's prediction (specialize.cost latency), ValueError naming a runtime that cannot run here."""
+    check_runtime("onnxruntime", "cpu")  # the picks' ONNX models are timed on it
+    if params.latency.runtime == "torch":
+        check_runtime("torch", params.latency.hardware)
+    arch, shape = architecture(params, root)
+    table = LatencyTable.load(root / TABLE, arch, shape)
+    if params.specialize.cost == "latency":
+        fastest_config, fastest = table.fastest()
+        for i, b in enumerate(params.specialize.budgets):
+            if b < fastest:
+                raise ParamsError(f"specialize.budgets[{i}]: {b:g} ms is below the fastest subnet's predicted latency "
+                                  f"on {params.latency.device} ({fastest_config}: {fastest:.4f} ms); at least "
+                                  f"{fastest:.4f}")
+    return table
+
+
+def _run_search(params: Params, root: Path, net: OFANet, cost: Callable[[SubnetConfig], float], key: str,
+                subnets: _Subnets, w: distributed.World, progress: bool) -> tuple[list[search.Candidate], int, float]:
     """Rank 0's search, each batch of new configs scored by every rank; its candidates, the number of configs
     this run scored and the search's seconds. Ends the other ranks' serving."""
     scored: list[SubnetConfig] = []  # by this run: a stored search's trials are not scored again
@@ -107,7 +171,7 @@ def _run_search(params: Params, root: Path, net: OFANet, shape: tuple[int, ...],
 
     search_start = time.perf_counter()
     candidates = search.search(
-        net.space, net.num_units, subnets.val_accuracy, lambda cfg: net.macs(cfg, shape),
+        net.space, net.num_units, subnets.val_accuracy, cost, cost_label=cost_label(params.specialize.cost),
         trials=params.specialize.trials, population=params.search_population(), seed=params.seed,
         storage=root / RESUME / "specialize.db", progress=progress,
         key=key,
@@ -119,25 +183,30 @@ def _run_search(params: Params, root: Path, net: OFANet, shape: tuple[int, ...],
 
 
 def _pick_and_write(params: Params, root: Path, net: OFANet, data: DeviceData, candidates: list[search.Candidate],
-                    budgets: list[int], subnets: _Subnets, progress: bool) -> dict[str, Any]:
-    """Pick, test and export per budget; writes metrics/search.json, its plot data and figure, metrics/picks.json
-    (returned) and the headline metrics/specialize.json."""
-    shape = data.input_shape
+                    budgets: list[float], subnets: _Subnets, progress: bool) -> dict[str, Any]:
+    """Pick, test, export and time per budget; writes metrics/search.json, its plot data and figure,
+    metrics/picks.json (returned) and the headline metrics/specialize.json."""
+    shape, cost, lat, table = data.input_shape, params.specialize.cost, params.latency, subnets.table
     mean, std = data.mean.flatten().tolist(), data.std.flatten().tolist()
     picks = export_picks(candidates, budgets, subnets, root / SPECIALIZED, shape, mean, std,
-                         check_inputs=data.val.images[:16].float().cpu(), progress=progress)
+                         check_inputs=data.val.images[:16].float().cpu(), progress=progress, cost=cost,
+                         timings=_Timings(lat, shape))
     front = search.pareto_front(candidates)
     summary = {
         "input_shape": list(shape),
         "input": {"pixels": "float32 (N, C, H, W) in 0..255", "mean": mean, "std": std},
         "classes": net.arch["classes"],  # output i of every exported model is classes[i]
+        "cost": cost,  # what the budgets bound: MACs per image, or predicted ms per batch of latency.batch_size
+        # the table predicts for latency.device; the measured_* timings are this machine's
+        "latency": {"device": lat.device, "table_host": table.host["cpu"], "runtime": table.runtime_version,
+                    "threads": lat.threads, "batch_size": lat.batch_size},
         "trials": params.specialize.trials,
         "configs_evaluated": len(candidates),
         "pareto_front": len(front),
         "budgets": picks,
     }
-    records = write_search(root, candidates, front, net)
-    figures.search_scatter(records, picks, root / PLOT_DIR / "search.png")
+    records = write_search(root, candidates, front, net, shape, table)
+    figures.search_scatter(records, picks, root / PLOT_DIR / "search.png", cost)
     write_json(root / METRICS / "picks.json", summary)
     write_json(root / METRICS / "specialize.json", headline(summary))
     return summary
@@ -148,20 +217,21 @@ def headline(summary: dict[str, Any]) -> dict[str, float]:
     return {name: p["accuracy"] for name, p in summary["budgets"].items()}
 
 
-def search_values(params: Params) -> dict[str, Any]:
+def search_values(params: Params, table_md5: str | None = None) -> dict[str, Any]:
     """What the stored search's key digests besides the stage's inputs (the data and the checkpoint, which carry
     what the other stages' params did to them): the params a trial's score and the sampler depend on.
 
     Not specialize.budgets or .trials (neither changes a trial), nor the params of other stages: a search
     survives, say, a change of evaluate.finetune that leaves the checkpoint as it was. The code that scores and
     samples is in it too (``code_version``): a changed library searches afresh instead of reporting the
-    scores its previous version stored.
+    scores its previous version stored. With specialize.cost latency the cost is the table's (`table_md5`).
     """
     t = params.train
     return {"seed": params.seed, "space": asdict(params.space), "net": asdict(params.net),
             "device": select_device(t.device).type, "eval_batch_size": t.eval_batch_size,  # auto: the one it was
             "bn_calibration_images": params.evaluate.bn_calibration_images,
-            "population": params.search_population(), "code": code_version()}
+            "population": params.search_population(), "code": code_version(), "cost": params.specialize.cost,
+            "table": table_md5}
 
 
 def search_key(params: Params, inputs: list[Path]) -> str:
@@ -182,21 +252,24 @@ def code_version() -> str:
     return h.hexdigest()
 
 
-def export_picks(candidates: list[search.Candidate], budgets: list[int], subnets: _Subnets, out: Path,
+def export_picks(candidates: list[search.Candidate], budgets: list[float], subnets: _Subnets, out: Path,
                  shape: tuple[int, ...], mean: list[float], std: list[float], check_inputs: torch.Tensor,
-                 progress: bool = True) -> dict[str, Any]:
-    """Per budget: the pick and the best uniform config within it, both tested; the pick exported under `out`.
+                 progress: bool = True, cost: str = "macs", timings: _Timings | None = None) -> dict[str, Any]:
+    """Per budget: the pick and the best uniform config within it (None where none fits), both tested and, with
+    `timings`, timed; the pick exported under `out`.
 
     The exports go to a staging folder that replaces `out` only once every one of them is written and checked.
     Budgets that pick the same subnet get copies of one export.
     """
     picks, exported = {}, {}  # exported: config -> the name it was first exported under
+    label = cost_label(cost)
     with replaced_dir(out) as staging:
         for budget in budgets:
-            name = budget_name(budget)
+            name = budget_name(budget, cost)
             chosen = search.best_within(candidates, budget)
             uniform = search.best_within(candidates, budget, uniform_only=True)
-            picks[name] = {"budget": budget, **subnets.report(chosen), "uniform": subnets.report(uniform)}
+            picks[name] = {"budget": int(budget) if cost == "macs" else budget, **subnets.report(chosen),
+                           "uniform": None if uniform is None else subnets.report(uniform)}
             if chosen.config in exported:
                 first = exported[chosen.config]
                 for suffix in (".onnx", ".pt"):
@@ -208,40 +281,54 @@ def export_picks(candidates: list[search.Candidate], budgets: list[int], subnets
                                                                std=std, check_inputs=check_inputs)
                 save_subnet(sub, staging / f"{name}.pt")
                 exported[chosen.config] = name
+            if timings is not None:
+                picks[name].update(timings.of(subnets.kept[chosen.config], staging / f"{name}.onnx"))
             if progress:
-                print(f"{name}: {chosen.config} {chosen.macs / 1e6:.2f}M MACs, val {chosen.accuracy:.4f} (best "
-                      f"uniform {uniform.config} {uniform.macs / 1e6:.2f}M, val {uniform.accuracy:.4f})",
-                      file=sys.stderr, flush=True)
+                best = "no uniform config fits" if uniform is None else (
+                    f"best uniform {uniform.config} {label(uniform.cost)}, val {uniform.accuracy:.4f}")
+                print(f"{name}: {chosen.config} {label(chosen.cost)}, val {chosen.accuracy:.4f}"
+                      f"{_measured(picks[name])} ({best})", file=sys.stderr, flush=True)
     return picks
 
 
-def write_search(root: Path, candidates: list[search.Candidate], front: list[search.Candidate],
-                 net: OFANet) -> list[dict]:
+def _measured(report: dict[str, Any]) -> str:
+    return f", {report['measured_onnx_ms']:.4f} ms measured" if "measured_onnx_ms" in report else ""
+
+
+def write_search(root: Path, candidates: list[search.Candidate], front: list[search.Candidate], net: OFANet,
+                 shape: tuple[int, ...], table: LatencyTable | None = None) -> list[dict]:
     """metrics/search.json (every evaluated config, its records returned) and the scatter's data: all, the Pareto
-    front, the uniform grid."""
+    front, the uniform grid; each config with its MACs and, with `table`, its predicted milliseconds."""
     on_front = {c.config for c in front}
-    records = [{"config": str(c.config), "macs": c.macs, "params": net.num_params(c.config),
-                "val_accuracy": c.accuracy, "pareto": c.config in on_front, "uniform": c.uniform, "trial": c.trial,
-                "subnet": c.config.to_dict()} for c in candidates]
+    records = [{"config": str(c.config), "macs": net.macs(c.config, shape),
+                **({} if table is None else {"predicted_ms": round(table.predict(c.config), 5)}),
+                "params": net.num_params(c.config), "val_accuracy": c.accuracy, "pareto": c.config in on_front,
+                "uniform": c.uniform, "trial": c.trial, "subnet": c.config.to_dict()} for c in candidates]
     write_json(root / METRICS / "search.json", records)
+    plotted = ("macs", "predicted_ms", "val_accuracy", "config")
     for name, subset in (("evaluated", records), ("pareto_front", [r for r in records if r["pareto"]]),
                          ("uniform", [r for r in records if r["uniform"]])):
-        write_json(root / PLOT_DIR / f"{name}.json",
-                   [{"macs": r["macs"], "val_accuracy": r["val_accuracy"], "config": r["config"]} for r in subset])
+        write_json(root / PLOT_DIR / f"{name}.json", [{k: r[k] for k in plotted if k in r} for r in subset])
     return records
 
 
 def table(summary: dict[str, Any]):
-    """Per budget: the searched pick beside the best uniform config within the same budget (a pandas DataFrame)."""
+    """Per budget: the searched pick (its MACs, predicted and measured ms, val and test accuracy) beside the best
+    uniform config within the same budget (MACs, predicted ms, val, test); a pandas DataFrame."""
     import pandas as pd
+
+    def ms(p: dict[str, Any], key: str) -> str:
+        return f"{p[key]:.3f}" if key in p else "-"
 
     rows = []
     for name, p in summary["budgets"].items():
-        u = p["uniform"]
+        u = p["uniform"] or {}
         rows.append({
             "budget": name, "searched": p["config"], "MACs": f"{p['macs'] / 1e6:.2f}M",
+            "ms pred": ms(p, "predicted_ms"), "ms here": ms(p, "measured_onnx_ms"),
             "val": f"{p['val_accuracy']:.4f}", "test": f"{p['accuracy']:.4f}",
-            "best uniform": u["config"], "MACs ": f"{u['macs'] / 1e6:.2f}M",
-            "val ": f"{u['val_accuracy']:.4f}", "test ": f"{u['accuracy']:.4f}",
+            "best uniform": u.get("config", "(none fits)"), "MACs ": f"{u['macs'] / 1e6:.2f}M" if u else "-",
+            "ms pred ": ms(u, "predicted_ms"), "val ": f"{u['val_accuracy']:.4f}" if u else "-",
+            "test ": f"{u['accuracy']:.4f}" if u else "-",
         })
     return pd.DataFrame(rows)

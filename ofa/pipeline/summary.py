@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ def stage_rows(root: Path) -> list[dict[str, str]]:
             "max config (test)": f"{metrics['accuracy_max']:.4f}",
             "min config (test)": f"{metrics['accuracy_min']:.4f}" if "accuracy_min" in metrics else "",
         })
-    for stage in ("evaluate_space", "specialize"):
+    for stage in ("latency", "evaluate_space", "specialize"):
         timing = _read(root / METRICS / "timing" / f"{stage}.json")
         if timing is not None:
             rows.append({"stage": stage, "epochs": "", "wall s": f"{timing['wall_s']:.0f}", "images/s": "",
@@ -59,13 +60,27 @@ def summary(root: Path = Path(".")) -> str:
     if space:
         parts.append("Table 2, test accuracy (metrics/space.json, metrics/space.png):\n"
                      + evaluate_space.table(space).to_string(index=False))
+    latency = _read(root / METRICS / "latency_validation.json")
+    if latency:
+        parts.append(textwrap.fill(latency_line(latency), width=118, subsequent_indent="  "))
     picks = _read(root / METRICS / "picks.json")
     if picks:
         parts.append(f"Picks per budget, val picks, test reports (metrics/picks.json; the models in "
                      f"{MODELS / 'specialized'}/):\n" + specialize.table(picks).to_string(index=False))
-    parts.append("Curves and figures: dvc plots show (metrics/live/<stage>/curves.png, metrics/space.png, "
-                 "metrics/search_plot/search.png)")
+    parts.append("Curves and figures: dvc plots show (metrics/live/<stage>/curves.png, metrics/space.png,\n"
+                 "  metrics/latency.png, metrics/search_plot/search.png)")
     return "\n\n".join(parts)
+
+
+def latency_line(latency: dict[str, Any]) -> str:
+    """The latency table's check in one sentence (metrics/latency_validation.json)."""
+    where = f"Latency table for {latency['device']} ({latency['host']}; models/latency_table.json)"
+    if "kendall_tau" not in latency:
+        return f"{where}: built there, not checked here"
+    return (f"{where}: {latency['configs']} subnets measured whole against its prediction: Kendall tau "
+            f"{latency['kendall_tau']:.3f}, mean abs error {latency['mape_pct']:.1f}%, "
+            f"{100 * latency['within_10pct']:.0f}% within 10% (MACs' tau {latency['macs_kendall_tau']:.3f}); "
+            f"{latency['fastest_ms']:.4f}-{latency['max_config_ms']:.4f} ms per batch (metrics/latency.png)")
 
 
 def main() -> None:
