@@ -17,11 +17,13 @@ params["supernet"].update(epochs=1, lr=9.0)
 for stage in ("kernel", "depth", "width"):
     params["shrink"][stage].update(epochs=1, lr=9.0)
 params["evaluate"]["finetune"].update(epochs=0, lr=9.0)
-params["specialize"].update(budgets=[1], trials=1)
+params["specialize"].update(budgets=[1], trials=1, cost="latency")
+params["latency"].update(runtime="torch", threads=3, validate=0, device="a-phone", table="latency_tables/phone.json")
 (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 (root / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
 for junk in ("data/prepared/train.pt", "data/prepared/classes.json", "models/train_supernet.pt",
-             "models/shrink_width.pt", "metrics/space.json", "metrics/specialize.json", ".resume/specialize.db"):
+             "models/shrink_width.pt", "models/latency_table.json", "models/arch.json", "metrics/space.json",
+             "metrics/specialize.json", "metrics/latency.json", "latency_tables/phone.json", ".resume/specialize.db"):
     (root / junk).parent.mkdir(parents=True, exist_ok=True)
     (root / junk).write_text("not what a test may read\n")
-print("workspace dirtied: params.yaml edited, junk in data/, models/, metrics/, .resume/, dvc.lock")
+print("workspace dirtied: params.yaml edited, junk in data/, models/, metrics/, latency_tables/, .resume/, dvc.lock")

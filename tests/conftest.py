@@ -3,6 +3,7 @@ synthetic data, image folders."""
 
 from __future__ import annotations
 
+import builtins
 import os
 import subprocess
 from pathlib import Path
@@ -33,6 +34,18 @@ def committed_text(name: str) -> str:
 def committed_params() -> dict:
     """The shipped params.yaml (``committed_text``), parsed as YAML."""
     return yaml.safe_load(committed_text("params.yaml"))
+
+
+def without_onnxruntime(monkeypatch) -> None:
+    """From now on in the test, `import onnxruntime` fails as on a machine without the package."""
+    real_import = builtins.__import__
+
+    def no_onnxruntime(name, *args, **kwargs):
+        if name == "onnxruntime":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_onnxruntime)
 
 
 SEED_SPACE = ofa.ConfigSpace(kernel=(5, 7), depth=(2, 3), width=(2, 4))

@@ -3,7 +3,6 @@ both runtimes time real models; the command line builds a table from an architec
 
 from __future__ import annotations
 
-import builtins
 import json
 import random
 import subprocess
@@ -14,7 +13,7 @@ import pytest
 import torch
 
 import ofa
-from conftest import SEED_SPACE, TINY_UNITS, tiny_net
+from conftest import SEED_SPACE, TINY_UNITS, tiny_net, without_onnxruntime
 from ofa.deploy import latency
 from ofa.model.subnet import MBBlock, block_shapes
 
@@ -109,14 +108,7 @@ def test_bad_runtimes_and_devices_are_one_line(monkeypatch):
         latency.LatencyTable.build(net, SHAPE, runtime="tensorrt")
     with pytest.raises(ValueError, match=r"^runtime onnxruntime runs on the CPU here"):
         ofa.measure_latency(net, SHAPE, device="cuda")
-    real_import = builtins.__import__
-
-    def no_onnxruntime(name, *args, **kwargs):
-        if name == "onnxruntime":
-            raise ImportError(name)
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_onnxruntime)
+    without_onnxruntime(monkeypatch)
     with pytest.raises(ValueError, match=r"^runtime onnxruntime: the onnxruntime package is not installed"):
         ofa.measure_latency(net, SHAPE)
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import FOLDER_CLASSES, committed_params, write_folder
+from conftest import FOLDER_CLASSES, committed_params, committed_text, without_onnxruntime, write_folder
 from ofa import data as data_mod
 from ofa.data import memory
 from ofa.model import ConfigSpace
@@ -65,8 +65,10 @@ def new_project(repo: Path, params: dict) -> Path:
     """A git repo holding the pipeline (dvc.yaml, stages, ofa) and `params` as params.yaml, committed."""
     for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
         shutil.copy(ROOT / name, repo / name)
-    for name in ("stages", "ofa", ".dvc", "latency_tables"):
+    for name in ("stages", "ofa", ".dvc"):
         shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache"))
+    (repo / "latency_tables").mkdir()  # as committed: the workspace's may hold a user's tables
+    (repo / "latency_tables" / "README.md").write_text(committed_text("latency_tables/README.md"))
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     git = ["git", "-C", str(repo)]
     run([*git, "init", "-q"], repo)
@@ -491,8 +493,6 @@ def _copy_inputs(project: Path, root: Path) -> None:
 def test_bad_latency_settings_are_one_line_before_any_work(repro, tmp_path, monkeypatch):
     """A budget below the fastest subnet's prediction, a table built for another architecture or with other
     latency params, a runtime whose package is missing: one line naming the key or file, before any work."""
-    import builtins
-
     from ofa.deploy import LatencyError, LatencyTable
     from ofa.pipeline import latency, specialize
 
@@ -533,14 +533,7 @@ def test_bad_latency_settings_are_one_line_before_any_work(repro, tmp_path, monk
     assert json.loads((tmp_path / "metrics" / "latency.json").read_text()) == {}
 
     raw["latency"].update(table=None, runtime="onnxruntime", threads=1)
-    real_import = builtins.__import__
-
-    def no_onnxruntime(name, *args, **kwargs):
-        if name == "onnxruntime":
-            raise ImportError(name)
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_onnxruntime)
+    without_onnxruntime(monkeypatch)
     with pytest.raises(ValueError, match=r"^runtime onnxruntime: the onnxruntime package is not installed"):
         latency.latency(parse_params(raw), tmp_path, progress=False)
     raw["specialize"].update(cost="macs", budgets=[1500000])
