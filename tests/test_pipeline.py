@@ -556,3 +556,19 @@ def test_a_table_built_on_the_target_replaces_the_measurement(repro):
     assert json.loads((project / "metrics" / "latency.json").read_text()) == {}
     summary = json.loads((project / "metrics" / "picks.json").read_text())
     assert summary["latency"]["device"] == "target" and summary["latency"]["table_host"] == "the target's CPU"
+
+
+def test_the_predictor_benchmark_fits_on_scored_configs_and_checks_on_held_out_ones(repro):
+    """benchmarks/predictor.py on the trained supernet: every config scored once and kept, each kind fitted per
+    sample count, a second run scores nothing again."""
+    project, _, _ = repro
+    bench = [sys.executable, str(ROOT / "benchmarks" / "predictor.py"), "--samples", "4", "8", "--held-out", "6"]
+    out = run(bench, project)
+    assert "14 configs scored for real on val (14 now, " in out
+    rows = [line.split(" | ") for line in out.splitlines() if re.match(r"^\| \d+ \| ", line)]
+    assert [(r[0], r[1]) for r in rows] == [("| 4", "ridge"), ("| 4", "mlp"), ("| 8", "ridge"), ("| 8", "mlp")]
+    assert all(-1 <= float(r[2]) <= 1 and float(r[3]) >= 0 for r in rows)
+    (scores,) = json.loads((project / ".resume" / "predictor_bench.json").read_text()).values()
+    assert len(scores) == 14 and all(0 <= v <= 1 for v in scores.values())
+    assert "(0 now, " in run(bench, project)
+
