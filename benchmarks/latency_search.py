@@ -48,7 +48,7 @@ def main() -> None:
     checked = json.loads((root / "metrics" / "latency_validation.json").read_text())
     uniform_ms = {r["config"]: r["measured_ms"] for r in checked["records"] if r["uniform"]}
     macs_search = json.loads(args.macs_search.read_text())
-    val = {r["config"]: r["val_accuracy"] for r in macs_search}
+    searched = {r["config"]: r for r in macs_search}  # config string -> its record (MACs, val, per-block config)
 
     ctx = StageContext.open(params, root, "specialize")
     ctx.load("shrink_width")
@@ -57,7 +57,7 @@ def main() -> None:
     mean, std = ctx.data.mean.flatten().tolist(), ctx.data.std.flatten().tolist()
 
     def measured(config: str) -> float:
-        sub = ctx.net.extract(SubnetConfig.from_dict(next(r["subnet"] for r in macs_search if r["config"] == config)))
+        sub = ctx.net.extract(SubnetConfig.from_dict(searched[config]["subnet"]))
         with tempfile.TemporaryDirectory() as tmp:
             export_onnx(sub.eval(), Path(tmp) / "m.onnx", shape, mean=mean, std=std)
             return measure_onnx(Path(tmp) / "m.onnx", shape, batch_size=lat.batch_size, threads=lat.threads)
@@ -68,8 +68,8 @@ def main() -> None:
           f"search's Pareto front: {len(front)} configs timed whole")
 
     def test(config: str) -> float:
-        cfg = SubnetConfig.from_dict(next(r["subnet"] for r in macs_search if r["config"] == config))
-        return subnets.report(search.Candidate(cfg, 0.0, val[config], 0))["accuracy"]
+        cfg = SubnetConfig.from_dict(searched[config]["subnet"])
+        return subnets.report(search.Candidate(cfg, 0.0, searched[config]["val_accuracy"], 0))["accuracy"]
 
     print("| budget (ms) | what | config | MACs | measured ms | fits, measured | val | test |")
     print("|---|---|---|---:|---:|---|---:|---:|")
@@ -80,9 +80,10 @@ def main() -> None:
         best = max(fits, key=lambda r: r["val_accuracy"], default=None)
         rows.append(("MACs search, fits measured", *((best["config"], best["macs"], front_ms[best["config"]],
                      best["val_accuracy"], test(best["config"])) if best else ("(none fits)", 0, 0, 0, 0))))
-        best_u = max((c for c, ms in uniform_ms.items() if ms <= budget), key=lambda c: val[c], default=None)
-        macs_u = next((r["macs"] for r in macs_search if r["config"] == best_u), 0)
-        rows.append(("best uniform, fits measured", *((best_u, macs_u, uniform_ms[best_u], val[best_u], test(best_u))
+        best_u = max((c for c, ms in uniform_ms.items() if ms <= budget),
+                     key=lambda c: searched[c]["val_accuracy"], default=None)
+        rows.append(("best uniform, fits measured", *((best_u, searched[best_u]["macs"], uniform_ms[best_u],
+                                                        searched[best_u]["val_accuracy"], test(best_u))
                                                        if best_u else ("(none fits)", 0, 0, 0, 0))))
         for what, config, macs, ms, v, t in rows:
             fits = "yes" if 0 < ms <= budget else "no" if ms else ""
