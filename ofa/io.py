@@ -1,5 +1,6 @@
 """Files every layer writes and reads: atomic writes (a stage killed at any moment leaves the old file or folder
-or the new one, never a partial one), JSON, tensor files loaded weights-only, and content digests."""
+or the new one, never a partial one), JSON, YAML refusing duplicate keys, tensor files loaded weights-only, and
+content digests."""
 
 from __future__ import annotations
 
@@ -9,9 +10,12 @@ import json
 import os
 import shutil
 import tempfile
+import typing
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
+
+import yaml
 
 
 def atomic_write(path: Path, write: Callable[[IO], None], binary: bool = False) -> None:
@@ -90,3 +94,31 @@ def load_tensors(path: Path, keys: set[str], error: type[Exception], what: str, 
     if not isinstance(obj, dict) or not keys <= obj.keys():
         raise error(f"{path}: not a {what} of this project (keys {', '.join(sorted(keys))})")
     return obj
+
+
+class DuplicateKey(yaml.YAMLError):
+    """A key given twice in one YAML mapping (`key`, at `line`)."""
+
+    def __init__(self, key: Any, line: int) -> None:
+        super().__init__(f"duplicate key {key!r}")
+        self.key, self.line = key, line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (the last one would win silently: a
+    second `train:` section would drop every key of the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, typing.Hashable):
+                if key in seen:
+                    raise DuplicateKey(key, key_node.start_mark.line + 1)
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    """YAML's safe load, raising DuplicateKey for a key given twice in one mapping."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader

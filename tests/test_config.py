@@ -47,7 +47,7 @@ def with_change(path: str, value):
     *parents, last = path.split(".")
     node = raw
     for part in parents:
-        node = node[int(part)] if isinstance(node, list) else node[part]
+        node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
     if value is KeyError:
         del node[last]
     else:
@@ -113,6 +113,13 @@ BAD = [
     ("specialize.population", 4, r"^specialize\.population: 4 is smaller than the 8 uniform configs"),
     ("specialize.budgets", KeyError, r"^specialize\.budgets: missing \(a list of a number\)$"),
     ("specialize.cost", "flops", r"^specialize\.cost: 'flops' is not allowed \(one of macs, latency\)$"),
+    ("specialize.strategy", "random", r"^specialize\.strategy: 'random' is not allowed \(one of direct, predictor\)$"),
+    ("specialize.predictor.samples", 1, r"^specialize\.predictor\.samples: 1 is out of range \(>= 2\)$"),
+    ("specialize.predictor.verify", 0, r"^specialize\.predictor\.verify: 0 is out of range \(>= 1\)$"),
+    ("specialize.predictor.held_out", 0, r"^specialize\.predictor\.held_out: 0 is out of range \(> 0 and < 1\)$"),
+    ("specialize.predictor.held_out", 1.0, r"^specialize\.predictor\.held_out: 1\.0 is out of range \(> 0 and < 1\)$"),
+    ("specialize.predictor.kind", "forest", r"^specialize\.predictor\.kind: 'forest' is not allowed \(one of ridge, mlp\)$"),
+    ("specialize.predictor.trials", 5, r"^specialize\.predictor\.trials: 5 is fewer than the 8 uniform configs the search "),
     ("latency.runtime", "tensorrt", r"^latency\.runtime: 'tensorrt' is not allowed \(one of onnxruntime, torch\)$"),
     ("latency.threads", 0, r"^latency\.threads: 0 is out of range \(>= 1\)$"),
     ("latency.batch_size", 0, r"^latency\.batch_size: 0 is out of range \(>= 1\)$"),

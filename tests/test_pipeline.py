@@ -17,9 +17,11 @@ import torch
 import yaml
 
 from conftest import FOLDER_CLASSES, committed_params, committed_text, without_onnxruntime, write_folder
+import ofa
 from ofa import data as data_mod
 from ofa.data import memory
-from ofa.model import ConfigSpace
+from ofa.deploy.latency import kendall_tau
+from ofa.model import ConfigSpace, SubnetConfig
 from ofa.pipeline import context, download, training
 from ofa.pipeline.config import ParamsError, parse_params
 from ofa.train import DeviceData
@@ -336,6 +338,45 @@ def test_exp_run_with_new_budgets_reruns_only_specialize(repro):
     assert headline == {name: p["accuracy"] for name, p in summary["budgets"].items()}
     assert sorted(p.name for p in (project / "models" / "specialized").iterdir()) == [
         "macs-0.7M.onnx", "macs-0.7M.pt", "macs-2.6M.onnx", "macs-2.6M.pt"]
+
+
+def test_exp_run_with_the_predictor_strategy_reuses_the_real_scores_and_respects_every_budget(repro):
+    """specialize.strategy predictor reruns specialize alone; the configs the direct search scored are not scored
+    again; each pick fits its budget and is the best config scored for real within it, never below the best
+    uniform one on val; metrics/predictor.json's figures come from its held-out records; the saved predictor
+    gives the predictions it reports."""
+    project, _, _ = repro
+    budgets = [800000, 1500000]
+    out = run([sys.executable, "-m", "dvc", "exp", "run", "-S", "specialize.strategy=predictor", "-S",
+               "specialize.cost=macs", "-S", f"specialize.budgets={json.dumps(budgets)}", "-S",
+               "specialize.predictor.samples=10", "-S", "specialize.predictor.held_out=0.3", "-S",
+               "specialize.predictor.trials=300", "-S", "specialize.predictor.verify=2"], project)
+    assert ran(out) == ["specialize"]
+    assert re.search(r"^sample: 18 configs to score for real, (\d+) of them stored$", out, re.M)
+    summary = json.loads((project / "metrics" / "picks.json").read_text())
+    records = json.loads((project / "metrics" / "search.json").read_text())
+    predictor = json.loads((project / "metrics" / "predictor.json").read_text())
+    timing = json.loads((project / "metrics" / "timing" / "specialize.json").read_text())
+    assert summary["strategy"] == "predictor" and summary["trials"] == 300
+    assert summary["configs_evaluated"] == len(records) == predictor["real_evaluations"] <= 8 + 10 + 2 * 2
+    assert timing["configs_reused"] >= 8 and timing["configs_scored"] + timing["configs_reused"] == len(records)
+    assert (predictor["fitted"], predictor["held_out"], len(predictor["records"])) == (8 + 7, 3, 3)
+    held = [r["measured"] for r in predictor["records"]]
+    guess = [r["predicted"] for r in predictor["records"]]
+    assert predictor["kendall_tau"] == round(kendall_tau(guess, held), 4)
+    assert predictor["rmse_points"] == round(100 * (sum((g - h) ** 2 for g, h in zip(guess, held)) / 3) ** 0.5, 3)
+    by_config = {r["config"]: r for r in records}
+    assert all(by_config[r["config"]]["val_accuracy"] == r["measured"] for r in predictor["records"])
+    for budget, (name, pick) in zip(budgets, summary["budgets"].items()):
+        assert name == f"macs-{budget / 1e6:g}M" and pick["macs"] <= budget
+        assert pick["val_accuracy"] == max(r["val_accuracy"] for r in records if r["macs"] <= budget)
+        assert pick["val_accuracy"] >= pick["uniform"]["val_accuracy"]
+        verified = predictor["verified"][name]
+        assert 1 <= len(verified) <= 2 and all(by_config[v["config"]]["macs"] <= budget for v in verified)
+    saved = ofa.AccuracyPredictor.load(project / "models" / "specialized" / "predictor.pt")
+    configs = [SubnetConfig.from_dict(r["subnet"]) for r in predictor["records"]]
+    assert [round(v, 6) for v in saved.predict(configs)] == guess
+    assert all(by_config[str(c)]["predicted_accuracy"] == g for c, g in zip(configs, guess))
 
 
 def test_outputs_have_the_documented_shape(repro):

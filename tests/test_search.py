@@ -234,21 +234,24 @@ def test_the_stored_search_is_keyed_by_what_scores_a_trial(tmp_path):
     """Budgets, trials and other stages' params (whose effect on the checkpoint is in its content) keep the stored
     search; what changes a trial's score or the sampler, or the inputs' content, starts a new one."""
     from ofa.pipeline.config import parse_params
-    from ofa.pipeline.specialize import search_key
+    from ofa.pipeline.strategy import score_values, search_key
     from test_pipeline import tiny_params
 
     inputs = [tmp_path / "shrink_width.pt"]
     inputs[0].write_bytes(b"weights")
 
-    def key(change: dict | None = None) -> str:
+    def changed_params(change: dict | None):
         raw = tiny_params()
         for path, value in (change or {}).items():
             *parents, leaf = path.split(".")
             node = raw
             for part in parents:
-                node = node[part]
+                node = node.setdefault(part, {})
             node[leaf] = value
-        return search_key(parse_params(raw), inputs)
+        return parse_params(raw)
+
+    def key(change: dict | None = None) -> str:
+        return search_key(changed_params(change), inputs)
 
     same = key()
     if not torch.cuda.is_available():  # auto is the device it resolves to: scores of the same device
@@ -259,6 +262,13 @@ def test_the_stored_search_is_keyed_by_what_scores_a_trial(tmp_path):
     for changed in ({"seed": 1}, {"specialize.population": 12}, {"evaluate.bn_calibration_images": 64},
                     {"train.eval_batch_size": 100}, {"net.final_channels": 48}, {"space.kernel": [3, 5]}):
         assert key(changed) != same, changed
+    # the real scores are kept under what a score depends on alone: any strategy, cost or population shares them
+    scores = score_values(changed_params(None))
+    for shared in ({"specialize.population": 12}, {"specialize.strategy": "predictor"}, {"specialize.cost": "latency",
+                   "specialize.budgets": [0.5]}, {"specialize.predictor.samples": 7}):
+        assert score_values(changed_params(shared)) == scores, shared
+    for changed in ({"seed": 1}, {"evaluate.bn_calibration_images": 64}, {"train.eval_batch_size": 100}):
+        assert score_values(changed_params(changed)) != scores, changed
     inputs[0].write_bytes(b"other weights")
     assert key() != same
     inputs[0].write_bytes(b"weights")
@@ -269,19 +279,19 @@ def test_the_stored_search_is_keyed_by_the_code_that_scored_it(tmp_path, monkeyp
     """A library changed since the search (its scoring, its cost, the sampler's versions) searches afresh:
     dvc reruns specialize on a change under ofa/, and the stored scores are not the new code's."""
     import optuna
-    from ofa.pipeline import specialize
+    from ofa.pipeline import strategy
     from ofa.pipeline.config import parse_params
     from test_pipeline import tiny_params
 
     inputs = [tmp_path / "shrink_width.pt"]
     inputs[0].write_bytes(b"weights")
-    version = specialize.code_version()
-    assert version == specialize.code_version() and len(version) == 64
-    same = specialize.search_key(parse_params(tiny_params()), inputs)
-    specialize.code_version.cache_clear()
+    version = strategy.code_version()
+    assert version == strategy.code_version() and len(version) == 64
+    same = strategy.search_key(parse_params(tiny_params()), inputs)
+    strategy.code_version.cache_clear()
     monkeypatch.setattr(optuna, "__version__", "0.0.1")
-    assert specialize.code_version() != version
-    specialize.code_version.cache_clear()
+    assert strategy.code_version() != version
+    strategy.code_version.cache_clear()
     monkeypatch.undo()
-    monkeypatch.setattr(specialize, "code_version", lambda: "edited library")
-    assert specialize.search_key(parse_params(tiny_params()), inputs) != same
+    monkeypatch.setattr(strategy, "code_version", lambda: "edited library")
+    assert strategy.search_key(parse_params(tiny_params()), inputs) != same

@@ -116,6 +116,8 @@ class AccuracyPredictor:
         """Predicted accuracy of each config."""
         if self.model is None:
             raise PredictorError("predict: the predictor is not fitted (fit or load it first)")
+        if not configs:
+            return []
         with torch.no_grad():
             out = self.model(self._features(configs)).squeeze(1)
         return [self.mean + self.scale * float(v) for v in out]

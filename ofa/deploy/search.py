@@ -16,6 +16,7 @@ would have.
 
 from __future__ import annotations
 
+import sqlite3
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -134,6 +135,62 @@ def _open_study(storage: Path | None, key: str, fresh: bool = False):
         study, resumed = optuna.create_study(study_name=key, storage=url, directions=directions), False
     study.set_user_attr("used", used)
     return study, resumed
+
+
+class ScoreMemo:
+    """The real scores of configs, kept in a search's SQLite storage beside its trials under `key`: what a score
+    depends on, not how the configs were chosen, so a search of another strategy or cost reuses them. Each score
+    is committed as it comes, so a killed search scores nothing twice. The storage keeps the scores of the
+    KEPT_SEARCHES keys used last; without `storage` they are kept in memory only."""
+
+    def __init__(self, storage: Path | None, key: str) -> None:
+        self.key, self.scores = key, {}  # config -> accuracy
+        self.db = None
+        if storage is None:
+            return
+        Path(storage).parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(Path(storage).resolve(), timeout=60)
+        with self.db:
+            self.db.execute("CREATE TABLE IF NOT EXISTS ofa_scores (key TEXT, config TEXT, accuracy REAL, "
+                            "PRIMARY KEY (key, config))")
+            self.db.execute("CREATE TABLE IF NOT EXISTS ofa_score_keys (key TEXT PRIMARY KEY, used INTEGER)")
+            used = self.db.execute("SELECT COALESCE(MAX(used), 0) + 1 FROM ofa_score_keys").fetchone()[0]
+            self.db.execute("INSERT OR REPLACE INTO ofa_score_keys VALUES (?, ?)", (key, used))
+            old = [k for (k,) in self.db.execute("SELECT key FROM ofa_score_keys ORDER BY used DESC LIMIT -1 OFFSET ?",
+                                                   (KEPT_SEARCHES,))]
+            for k in old:
+                self.db.execute("DELETE FROM ofa_scores WHERE key = ?", (k,))
+                self.db.execute("DELETE FROM ofa_score_keys WHERE key = ?", (k,))
+        for config, accuracy in self.db.execute("SELECT config, accuracy FROM ofa_scores WHERE key = ?", (key,)):
+            self.scores[SubnetConfig.from_json(config)] = accuracy
+
+    def __contains__(self, cfg: SubnetConfig) -> bool:
+        return cfg in self.scores
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    def memoised(self, score_many: Callable[[list[SubnetConfig]], list[float]]
+                 ) -> Callable[[list[SubnetConfig]], list[float]]:
+        """`score_many`, called only on the configs not scored yet, each new score stored."""
+
+        def scored(cfgs: list[SubnetConfig]) -> list[float]:
+            new = list(dict.fromkeys(c for c in cfgs if c not in self.scores))
+            if new:
+                for cfg, accuracy in zip(new, score_many(new)):
+                    self.scores[cfg] = float(accuracy)
+                if self.db is not None:
+                    with self.db:
+                        self.db.executemany("INSERT OR REPLACE INTO ofa_scores VALUES (?, ?, ?)",
+                                            [(self.key, c.to_json(), self.scores[c]) for c in new])
+            return [self.scores[c] for c in cfgs]
+
+        return scored
+
+    def close(self) -> None:
+        if self.db is not None:
+            self.db.close()
+            self.db = None
 
 
 def search(

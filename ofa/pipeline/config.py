@@ -18,7 +18,9 @@ from typing import Any
 import yaml
 
 from ..data import DATASETS, TRAIN_IMAGES
+from ..deploy.predictor import KINDS as PREDICTORS
 from ..deploy.timing import RUNTIMES
+from ..io import DuplicateKey, load_yaml
 from ..model import ConfigSpace, UnitSpec
 from ..model.subnet import ACTIVATIONS as _ACTIVATIONS
 from ..model.supernet import INITS
@@ -174,12 +176,30 @@ class LatencyParams:
     table: str | None = None  # a table built on the target (under latency_tables/); null = measure here
 
 
+STRATEGIES = ("direct", "predictor")  # every trial scored for real | searched on an accuracy predictor, verified
+
+
+@dataclass(frozen=True)
+class PredictorParams:  # specialize.strategy predictor (ofa.deploy.predictor_search)
+    kind: str = _rule(choices=PREDICTORS, default="ridge")
+    samples: int = _rule(min=2, default=100)  # random configs scored for real (besides the uniform grid)
+    held_out: float = _rule(gt=0, lt=1, default=0.2)  # share of the samples kept out of the fit, to validate it
+    trials: int = _rule(min=1, default=3000)  # NSGA-II trials on the predictions
+    verify: int = _rule(min=1, default=5)  # best predicted configs per budget scored for real
+
+    def population(self, opening: int) -> int:
+        """NSGA-II population on the predictions: 25 generations, at least `opening` (the direct search's)."""
+        return max(opening, self.trials // 25)
+
+
 @dataclass(frozen=True)
 class SpecializeParams:
     budgets: tuple[float, ...]  # per budget one searched, exported subnet; MACs per image, or ms (cost: latency)
     cost: str = _rule(choices=COSTS, default="macs")  # latency: the latency table's prediction
-    trials: int = _rule(min=1, default=300)  # NSGA-II trials, the uniform configs first
+    strategy: str = _rule(choices=STRATEGIES, default="direct")
+    trials: int = _rule(min=1, default=300)  # NSGA-II trials, the uniform configs first (strategy direct)
     population: int | None = _rule(min=2, default=None)  # NSGA-II population; null = max(16, uniform configs)
+    predictor: PredictorParams = field(default_factory=PredictorParams)
 
     def macs_budgets(self) -> list[int]:
         """The budgets in MACs (cost macs); none with cost latency."""
@@ -333,6 +353,9 @@ def _check_specialize(params: Params) -> None:
     if s.trials < grid:
         raise ParamsError(f"specialize.trials: {s.trials} is fewer than the {grid} uniform configs the search "
                           f"starts with (at least {grid})")
+    if s.predictor.trials < grid:
+        raise ParamsError(f"specialize.predictor.trials: {s.predictor.trials} is fewer than the {grid} uniform configs "
+                          f"the search on predictions starts with (at least {grid})")
     if s.population is not None and s.population < grid:
         raise ParamsError(f"specialize.population: {s.population} is smaller than the {grid} uniform configs of "
                           f"the first generation (at least {grid}, or null)")
@@ -351,37 +374,16 @@ def _check_latency(lat: LatencyParams) -> None:
                               "stage's DVC dependency, e.g. latency_tables/pi4.json; or null to measure here)")
 
 
-class _DuplicateKey(yaml.YAMLError):
-    def __init__(self, key: Any, line: int) -> None:
-        super().__init__(f"duplicate key {key!r}")
-        self.key, self.line = key, line
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader, refusing a key given twice in one mapping (the last one would win silently: a
-    second `train:` section would drop every key of the first)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen: set = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, typing.Hashable):
-                if key in seen:
-                    raise _DuplicateKey(key, key_node.start_mark.line + 1)
-                seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate params.yaml."""
     path = Path(path)
     try:
-        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+        raw = load_yaml(path.read_text())
     except FileNotFoundError:
         raise ParamsError(f"{path}: file not found (run from the project root)") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ParamsError(f"{path}: cannot read it ({type(e).__name__}: {' '.join(str(e).split())})") from None
-    except _DuplicateKey as e:
+    except DuplicateKey as e:
         raise ParamsError(f"{path}: line {e.line}: {e.key} is given twice (each key once in a mapping; the second "
                           "would replace the first)") from None
     except yaml.YAMLError as e:

@@ -1,43 +1,40 @@
 """Stage specialize: the most accurate subnet within each budget, searched on val, reported on test, exported.
 
-The search (``ofa.deploy.search``) scores every candidate on the validation split after re-calibrating its batch
-norm; its cost is ``OFANet.macs`` (exact, no tracing), or with specialize.cost latency the latency table's
-prediction (models/latency_table.json, from the latency stage), budgets then in milliseconds per batch. For
-each budget the pick is the most accurate evaluated config within it, and beside it the best uniform config
-within the same budget (the search evaluates every uniform config first, so the pick is never worse on val).
-Only the picks are evaluated on test. Each pick is exported as ONNX (raw pixels in, normalisation inside) and
-as a saved subnet; every reported config records its MACs and its predicted latency, and each pick its
-measured latency here (its ONNX model on onnxruntime; with latency.runtime torch, its module too). The
-search's trials stay in .resume/specialize.db under ``search_key``: a rerun with other budgets, another
-number of trials or other params of other stages that leave the checkpoint as it was reuses them.
+Every candidate is scored on the validation split after re-calibrating its batch norm; its cost is
+``OFANet.macs`` (exact, no tracing), or with specialize.cost latency the latency table's prediction
+(models/latency_table.json, from the latency stage), budgets then in milliseconds per batch. specialize.strategy
+chooses how candidates are found (``ofa.pipeline.strategy``): direct NSGA-II on real scores, or NSGA-II on an
+accuracy predictor fitted on a scored sample, its best predicted configs verified for real. Either way the
+uniform grid is scored, and for each budget the pick is the most accurate config scored for real within it,
+beside it the best uniform config within the same budget, so the pick is never worse on val. Only the picks are
+evaluated on test. Each pick is exported as ONNX (raw pixels in, normalisation inside) and as a saved subnet;
+every reported config records its MACs and its predicted latency, and each pick its measured latency here (its
+ONNX model on onnxruntime; with latency.runtime torch, its module too). The real scores and the direct search's
+trials stay in .resume/specialize.db: a rerun with other budgets, another strategy or number of trials, or other
+params of other stages that leave the checkpoint as it was, reuses them.
 
-With several processes the search asks as many trials at a time as there are ranks and each rank scores
-one of their configs alone (``distributed.lead`` / ``serve``); rank 0 keeps the search state, picks, tests
-and exports.
+With several processes each batch of new configs is dealt out, one config per rank (``distributed.lead`` /
+``serve``); rank 0 keeps the search state, picks, tests and exports.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import shutil
 import sys
-import time
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..deploy import LatencyTable, export_onnx, measure_latency, measure_onnx, save_subnet, search
+from ..deploy import AccuracyPredictor, LatencyTable, export_onnx, measure_latency, measure_onnx, save_subnet, search
 from ..deploy.timing import check_runtime
 from ..io import md5_file, replaced_dir, write_json
 from ..model import OFANet, Subnet, SubnetConfig
-from ..train import DeviceData, calibrate_bn, distributed, evaluate, select_device
-from . import figures
+from ..train import DeviceData, calibrate_bn, distributed, evaluate
+from . import figures, strategy
 from .config import LatencyParams, Params, ParamsError
-from .context import METRICS, MODELS, RESUME, StageContext, architecture, resume_key
+from .context import METRICS, MODELS, StageContext, architecture
 from .latency import TABLE
 
 SPECIALIZED = MODELS / "specialized"
@@ -123,22 +120,22 @@ def specialize(params: Params, root: Path = Path("."), progress: bool = True) ->
     ctx.load("shrink_width")
     net, data, w = ctx.net.eval(), ctx.data, ctx.world
     budgets = params.specialize.budget_values()  # each within the space (MACs: the context checks; ms: above)
-    key = ctx.key(search_values(params, md5_file(root / TABLE) if params.specialize.cost == "latency" else None))
+    stored = strategy.keys(params, ctx, md5_file(root / TABLE) if params.specialize.cost == "latency" else None)
     subnets = _Subnets(net, data, ctx.calibration, params.train.eval_batch_size, table)
     if not w.main:  # score the configs rank 0 sends, until the search ends
         distributed.serve(subnets.val_accuracy, w)
         return None
     cost = table.predict if params.specialize.cost == "latency" else (lambda cfg: net.macs(cfg, data.input_shape))
-    candidates, scored, search_s = _run_search(params, root, net, cost, key, subnets, w, progress)
-    if params.specialize.cost == "latency" and any(search.best_within(candidates, b) is None for b in budgets):
+    found = strategy.find(params, root, w, net, cost, cost_label(params.specialize.cost), budgets,
+                          subnets.val_accuracy, stored, progress)
+    if params.specialize.cost == "latency" and any(search.best_within(found.candidates, b) is None for b in budgets):
         fastest = table.fastest()[0]  # a budget no scored config fits: the fastest subnet does (checked above)
-        candidates.append(search.Candidate(fastest, table.predict(fastest), subnets.val_accuracy(fastest),
-                                           len(candidates)))
-        scored += 1
-    summary = _pick_and_write(params, root, net, data, candidates, budgets, subnets, progress)
-    ctx.write_timing(ctx.timing(search_s=round(search_s, 1), configs_scored=scored,
-                                configs_reused=len(candidates) - scored))
-    return summary  # the search stays in .resume/specialize.db: other budgets or trials reuse its trials
+        found.add(search.Candidate(fastest, table.predict(fastest), subnets.val_accuracy(fastest),
+                                   len(found.candidates)))
+    summary = _pick_and_write(params, root, net, data, found, budgets, subnets, progress)
+    ctx.write_timing(ctx.timing(search_s=round(found.search_s, 1), configs_scored=found.scored,
+                                configs_reused=len(found.candidates) - found.scored))
+    return summary  # the scores and the direct search's trials stay in .resume/specialize.db: see ofa.pipeline.strategy
 
 
 def load_table(params: Params, root: Path) -> LatencyTable:
@@ -159,39 +156,18 @@ def load_table(params: Params, root: Path) -> LatencyTable:
     return table
 
 
-def _run_search(params: Params, root: Path, net: OFANet, cost: Callable[[SubnetConfig], float], key: str,
-                subnets: _Subnets, w: distributed.World, progress: bool) -> tuple[list[search.Candidate], int, float]:
-    """Rank 0's search, each batch of new configs scored by every rank; its candidates, the number of configs
-    this run scored and the search's seconds. Ends the other ranks' serving."""
-    scored: list[SubnetConfig] = []  # by this run: a stored search's trials are not scored again
-
-    def score(cfgs: list[SubnetConfig]) -> list[float]:
-        scored.extend(cfgs)
-        return distributed.lead(subnets.val_accuracy, cfgs, w)
-
-    search_start = time.perf_counter()
-    candidates = search.search(
-        net.space, net.num_units, subnets.val_accuracy, cost, cost_label=cost_label(params.specialize.cost),
-        trials=params.specialize.trials, population=params.search_population(), seed=params.seed,
-        storage=root / RESUME / "specialize.db", progress=progress,
-        key=key,
-        batch=w.size, evaluate_many=score,
-    )
-    distributed.dismiss(w)  # (were the search to fail, rank 0's exit would make the launcher stop the others)
-    search_s = time.perf_counter() - search_start  # the search alone: no setup, no export
-    return candidates, len(scored), search_s
-
-
-def _pick_and_write(params: Params, root: Path, net: OFANet, data: DeviceData, candidates: list[search.Candidate],
+def _pick_and_write(params: Params, root: Path, net: OFANet, data: DeviceData, found: strategy.Found,
                     budgets: list[float], subnets: _Subnets, progress: bool) -> dict[str, Any]:
     """Pick, test, export and time per budget; writes metrics/search.json, its plot data and figure,
-    metrics/picks.json (returned) and the headline metrics/specialize.json."""
+    metrics/predictor.json, metrics/picks.json (returned) and the headline metrics/specialize.json."""
     shape, cost, lat, table = data.input_shape, params.specialize.cost, params.latency, subnets.table
     mean, std = data.mean.flatten().tolist(), data.std.flatten().tolist()
+    candidates, predictor = found.candidates, found.predicted and found.predicted.predictor
     picks = export_picks(candidates, budgets, subnets, root / SPECIALIZED, shape, mean, std,
                          check_inputs=data.val.images[:16].float().cpu(), progress=progress, cost=cost,
-                         timings=_Timings(lat, shape))
+                         timings=_Timings(lat, shape), predictor=predictor)
     front = search.pareto_front(candidates)
+    s = params.specialize
     summary = {
         "input_shape": list(shape),
         "input": {"pixels": "float32 (N, C, H, W) in 0..255", "mean": mean, "std": std},
@@ -200,12 +176,14 @@ def _pick_and_write(params: Params, root: Path, net: OFANet, data: DeviceData, c
         # the table predicts for latency.device; the measured_* timings are this machine's
         "latency": {"device": lat.device, "table_host": table.host["cpu"], "runtime": table.runtime_version,
                     "threads": lat.threads, "batch_size": lat.batch_size},
-        "trials": params.specialize.trials,
-        "configs_evaluated": len(candidates),
+        "strategy": s.strategy,  # direct: NSGA-II on real scores; predictor: on predictions, the best verified
+        "trials": s.trials if s.strategy == "direct" else s.predictor.trials,
+        "configs_evaluated": len(candidates),  # on val, for real
         "pareto_front": len(front),
         "budgets": picks,
     }
-    records = write_search(root, candidates, front, net, shape, table)
+    strategy.write_predictor(root, params, found, {b: budget_name(b, cost) for b in budgets})
+    records = write_search(root, candidates, front, net, shape, table, predictor)
     figures.search_scatter(records, picks, root / PLOT_DIR / "search.png", cost)
     write_json(root / METRICS / "picks.json", summary)
     write_json(root / METRICS / "specialize.json", headline(summary))
@@ -217,46 +195,12 @@ def headline(summary: dict[str, Any]) -> dict[str, float]:
     return {name: p["accuracy"] for name, p in summary["budgets"].items()}
 
 
-def search_values(params: Params, table_md5: str | None = None) -> dict[str, Any]:
-    """What the stored search's key digests besides the stage's inputs (the data and the checkpoint, which carry
-    what the other stages' params did to them): the params a trial's score and the sampler depend on.
-
-    Not specialize.budgets or .trials (neither changes a trial), nor the params of other stages: a search
-    survives, say, a change of evaluate.finetune that leaves the checkpoint as it was. The code that scores and
-    samples is in it too (``code_version``): a changed library searches afresh instead of reporting the
-    scores its previous version stored. With specialize.cost latency the cost is the table's (`table_md5`).
-    """
-    t = params.train
-    return {"seed": params.seed, "space": asdict(params.space), "net": asdict(params.net),
-            "device": select_device(t.device).type, "eval_batch_size": t.eval_batch_size,  # auto: the one it was
-            "bn_calibration_images": params.evaluate.bn_calibration_images,
-            "population": params.search_population(), "code": code_version(), "cost": params.specialize.cost,
-            "table": table_md5}
-
-
-def search_key(params: Params, inputs: list[Path]) -> str:
-    """The stored search's key for these inputs (``search_values``)."""
-    return resume_key(search_values(params), "specialize", inputs)
-
-
-@functools.cache
-def code_version() -> str:
-    """Digest of this library's sources and the torch and optuna versions: what a stored trial's score and the
-    sampler's proposals were computed with."""
-    import optuna
-
-    h = hashlib.sha256(f"torch {torch.__version__} optuna {optuna.__version__}".encode())
-    library = Path(__file__).parents[1]  # the whole ofa package
-    for source in sorted(library.rglob("*.py")):
-        h.update(str(source.relative_to(library)).encode() + b"\0" + source.read_bytes())
-    return h.hexdigest()
-
-
 def export_picks(candidates: list[search.Candidate], budgets: list[float], subnets: _Subnets, out: Path,
                  shape: tuple[int, ...], mean: list[float], std: list[float], check_inputs: torch.Tensor,
-                 progress: bool = True, cost: str = "macs", timings: _Timings | None = None) -> dict[str, Any]:
+                 progress: bool = True, cost: str = "macs", timings: _Timings | None = None,
+                 predictor: AccuracyPredictor | None = None) -> dict[str, Any]:
     """Per budget: the pick and the best uniform config within it (None where none fits), both tested and, with
-    `timings`, timed; the pick exported under `out`.
+    `timings`, timed; the pick exported under `out`, and `predictor` as out/predictor.pt.
 
     The exports go to a staging folder that replaces `out` only once every one of them is written and checked.
     Budgets that pick the same subnet get copies of one export.
@@ -288,6 +232,8 @@ def export_picks(candidates: list[search.Candidate], budgets: list[float], subne
                     f"best uniform {uniform.config} {label(uniform.cost)}, val {uniform.accuracy:.4f}")
                 print(f"{name}: {chosen.config} {label(chosen.cost)}, val {chosen.accuracy:.4f}"
                       f"{_measured(picks[name])} ({best})", file=sys.stderr, flush=True)
+        if predictor is not None:
+            predictor.save(staging / "predictor.pt")
     return picks
 
 
@@ -296,12 +242,17 @@ def _measured(report: dict[str, Any]) -> str:
 
 
 def write_search(root: Path, candidates: list[search.Candidate], front: list[search.Candidate], net: OFANet,
-                 shape: tuple[int, ...], table: LatencyTable | None = None) -> list[dict]:
+                 shape: tuple[int, ...], table: LatencyTable | None = None,
+                 predictor: AccuracyPredictor | None = None) -> list[dict]:
     """metrics/search.json (every evaluated config, its records returned) and the scatter's data: all, the Pareto
-    front, the uniform grid; each config with its MACs and, with `table`, its predicted milliseconds."""
+    front, the uniform grid; each config with its MACs and, with `table`, its predicted milliseconds, with
+    `predictor` its predicted val accuracy."""
     on_front = {c.config for c in front}
+    guess = {} if predictor is None else dict(zip((c.config for c in candidates),
+                                                  predictor.predict([c.config for c in candidates])))
     records = [{"config": str(c.config), "macs": net.macs(c.config, shape),
                 **({} if table is None else {"predicted_ms": round(table.predict(c.config), 5)}),
+                **({} if predictor is None else {"predicted_accuracy": round(guess[c.config], 6)}),
                 "params": net.num_params(c.config), "val_accuracy": c.accuracy, "pareto": c.config in on_front,
                 "uniform": c.uniform, "trial": c.trial, "subnet": c.config.to_dict()} for c in candidates]
     write_json(root / METRICS / "search.json", records)
