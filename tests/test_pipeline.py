@@ -120,6 +120,8 @@ def test_specialize_picks_within_budget_beat_uniform_on_val_and_export_what_they
     assert (timing["configs_scored"], timing["configs_reused"]) == (len(searched), 0)  # a first search
     assert [r["uniform"] for r in searched[:8]] == [True] * 8  # the first generation holds every uniform config
     assert len({r["config"] for r in searched}) == len(searched)
+    assert json.loads((project / "metrics" / "predictor.json").read_text()) == {"strategy": "direct", "records": []}
+    assert json.loads((project / "metrics" / "search_plot" / "predictor_held_out.json").read_text()) == []
     front = [r for r in searched if r["pareto"]]
     assert summary["pareto_front"] == len(front) >= 1
     point = lambda r: (r["macs"], r["val_accuracy"])  # noqa: E731
@@ -369,6 +371,8 @@ def _predictor_strategy_run(project):
     assert summary["configs_evaluated"] == len(records) == predictor["real_evaluations"] <= 8 + 10 + 2 * 2
     assert timing["configs_reused"] >= 8 and timing["configs_scored"] + timing["configs_reused"] == len(records)
     assert (predictor["fitted"], predictor["held_out"], len(predictor["records"])) == (8 + 7, 3, 3)
+    plotted = json.loads((project / "metrics" / "search_plot" / "predictor_held_out.json").read_text())
+    assert plotted == predictor["records"]
     held = [r["measured"] for r in predictor["records"]]
     guess = [r["predicted"] for r in predictor["records"]]
     assert predictor["kendall_tau"] == round(kendall_tau(guess, held), 4)
@@ -621,3 +625,26 @@ def test_the_predictor_benchmark_fits_on_scored_configs_and_checks_on_held_out_o
     assert len(scores) == 14 and all(0 <= v <= 1 for v in scores.values())
     assert "(0 now, " in run(bench, project)
 
+
+
+def test_the_strategies_benchmark_compares_picks_at_the_same_number_of_real_evaluations(repro):
+    """benchmarks/strategies.py: per setting, the predictor search's pick, the direct search's pick after as many
+    distinct real evaluations, and the best uniform config, each within its budget and neither pick below the
+    uniform one on val; a rerun scores nothing again."""
+    project, _, _ = repro
+    bench = [sys.executable, str(ROOT / "benchmarks" / "strategies.py"), "--settings", "6:2",
+             "-S", "specialize.cost=macs", "-S", "specialize.budgets=[800000,1500000]",
+             "-S", "specialize.predictor.trials=200"]
+    out = run(bench, project)
+    fits = [line.split(" | ") for line in out.splitlines() if re.match(r"^\| \d+:\d+ \| ", line)]
+    assert [(f[0], int(f[2]), int(f[3])) for f in fits] == [("| 6:2", 8 + 5, 1)]
+    rows = [line.strip("| ").split(" | ") for line in out.splitlines() if line.startswith("| macs-")]
+    assert len(rows) == 2 * 3
+    for i in range(0, len(rows), 3):
+        (budget, n, *_), names = rows[i], [r[2] for r in rows[i:i + 3]]
+        assert names[1:] == ["direct", "best uniform"] and names[0].startswith("predictor ")
+        assert {r[1] for r in rows[i:i + 3]} == {n} and 8 + 6 <= int(n) <= 8 + 6 + 2 * 2
+        assert all(float(r[4].rstrip("M")) <= float(budget[5:].rstrip("M")) for r in rows[i:i + 3])
+        uniform = float(rows[i + 2][5])
+        assert float(rows[i][5]) >= uniform and float(rows[i + 1][5]) >= uniform
+    assert re.findall(r"configs scored for real \((\d+) new", run(bench, project)) == ["0"]

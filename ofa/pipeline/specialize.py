@@ -182,7 +182,8 @@ def _pick_and_write(params: Params, root: Path, net: OFANet, data: DeviceData, f
         "pareto_front": len(front),
         "budgets": picks,
     }
-    strategy.write_predictor(root, params, found, {b: budget_name(b, cost) for b in budgets})
+    strategy.write_predictor(root, params, found, {b: budget_name(b, cost) for b in budgets},
+                             root / PLOT_DIR / "predictor_held_out.json")
     records = write_search(root, candidates, front, net, shape, table, predictor)
     figures.search_scatter(records, picks, root / PLOT_DIR / "search.png", cost)
     write_json(root / METRICS / "picks.json", summary)

@@ -92,9 +92,12 @@ def find(params: Params, root: Path, w: distributed.World, net: OFANet, cost: Ca
     return Found(candidates, len(scored), time.perf_counter() - start, predicted)
 
 
-def write_predictor(root: Path, params: Params, found: Found, budget_names: dict[float, str]) -> dict[str, Any]:
+def write_predictor(root: Path, params: Params, found: Found, budget_names: dict[float, str],
+                    plot: Path) -> dict[str, Any]:
     """metrics/predictor.json: with the predictor strategy its counts, held-out tau and RMSE and records, and per
-    budget the verified configs (predicted, measured); with direct, the strategy alone and no records."""
+    budget the verified configs (predicted, measured); with direct, the strategy alone and no records. `plot`
+    gets the held-out records as a plain list, the scatter's series (empty with direct: DVC shows no plot for an
+    empty list, where an empty list inside an object is an error)."""
     p = found.predicted
     if p is None:
         summary: dict[str, Any] = {"strategy": "direct", "records": []}
@@ -108,6 +111,7 @@ def write_predictor(root: Path, params: Params, found: Found, budget_names: dict
             "verified": {budget_names[b]: v for b, v in p.verified.items()},
             "records": p.held_out,  # every held-out config: predicted and measured val accuracy
         }
+    write_json(plot, summary["records"])
     write_json(root / PREDICTOR, summary)
     return summary
 
