@@ -29,18 +29,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ofa.deploy import export_onnx, measure_onnx, search  # noqa: E402
 from ofa.model import SubnetConfig  # noqa: E402
-from ofa.pipeline import specialize  # noqa: E402
-from ofa.pipeline.config import load_params  # noqa: E402
-from ofa.pipeline.context import StageContext  # noqa: E402
+from trained import add_project_options, open_trained  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--macs-search", type=Path, required=True, help="metrics/search.json of a MACs search")
-    parser.add_argument("--root", type=Path, default=Path("."), help="the project (default: here)")
+    add_project_options(parser, overrides=False)
     args = parser.parse_args()
     root = args.root
-    params = load_params(root / "params.yaml")
     picks = json.loads((root / "metrics" / "picks.json").read_text())
     if picks["cost"] != "latency":
         sys.exit(f"error: {root / 'metrics/picks.json'}: a MACs search's picks; run specialize with "
@@ -50,9 +47,8 @@ def main() -> None:
     macs_search = json.loads(args.macs_search.read_text())
     searched = {r["config"]: r for r in macs_search}  # config string -> its record (MACs, val, per-block config)
 
-    ctx = StageContext.open(params, root, "specialize")
-    ctx.load("shrink_width")
-    subnets = specialize._Subnets(ctx.net.eval(), ctx.data, ctx.calibration, params.train.eval_batch_size)
+    trained = open_trained(parser, args)
+    params, ctx, subnets = trained.params, trained.ctx, trained.subnets
     shape, lat = ctx.data.input_shape, params.latency
     mean, std = ctx.data.mean.flatten().tolist(), ctx.data.std.flatten().tolist()
 

@@ -26,9 +26,7 @@ from ofa.deploy.latency import kendall_tau  # noqa: E402
 from ofa.deploy.predictor import KINDS, AccuracyPredictor  # noqa: E402
 from ofa.io import md5_file, write_json  # noqa: E402
 from ofa.model import SubnetConfig  # noqa: E402
-from ofa.pipeline import specialize  # noqa: E402
-from ofa.pipeline.context import StageContext  # noqa: E402
-from schedule import read_params  # noqa: E402
+from trained import add_project_options, open_trained  # noqa: E402
 
 CACHE = Path(".resume") / "predictor_bench.json"
 
@@ -37,15 +35,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, nargs="+", default=[40, 80, 160], help="configs fitted on")
     parser.add_argument("--held-out", type=int, default=80, help="configs it is checked on")
-    parser.add_argument("--root", type=Path, default=Path("."), help="the project (default: here)")
-    parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a param of the project's params.yaml, in dvc exp run -S's syntax")
+    add_project_options(parser)
     args = parser.parse_args()
     root = args.root
-    params = read_params(parser, root / "params.yaml", args.set)
-    ctx = StageContext.open(params, root, "specialize")
-    checkpoint = ctx.load("shrink_width")
-    subnets = specialize._Subnets(ctx.net.eval(), ctx.data, ctx.calibration, params.train.eval_batch_size)
+    trained = open_trained(parser, args)
+    params, ctx, checkpoint, subnets = trained.params, trained.ctx, trained.checkpoint, trained.subnets
     space, units = ctx.net.space, ctx.net.num_units
 
     rng = random.Random(params.seed)

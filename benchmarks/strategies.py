@@ -28,9 +28,8 @@ from ofa.deploy import search  # noqa: E402
 from ofa.deploy.predictor_search import predictor_search  # noqa: E402
 from ofa.io import md5_file  # noqa: E402
 from ofa.pipeline import specialize  # noqa: E402
-from ofa.pipeline.context import StageContext  # noqa: E402
 from ofa.train import distributed, evaluate  # noqa: E402
-from schedule import read_params  # noqa: E402
+from trained import add_project_options, open_trained  # noqa: E402
 
 STORAGE = Path(".resume") / "strategies_bench.db"
 
@@ -47,16 +46,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--settings", type=setting, nargs="+", default=[(20, 3), (100, 5)],
                         help="SAMPLES:VERIFY of each predictor search (default: 20:3 100:5)")
-    parser.add_argument("--root", type=Path, default=Path("."), help="the project (default: here)")
-    parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a param of the project's params.yaml, in dvc exp run -S's syntax")
+    add_project_options(parser)
     args = parser.parse_args()
     root = args.root
-    params = read_params(parser, root / "params.yaml", args.set)
-    ctx = StageContext.open(params, root, "specialize")
-    key = md5_file(ctx.load("shrink_width"))
-    net, data = ctx.net.eval(), ctx.data
-    subnets = specialize._Subnets(net, data, ctx.calibration, params.train.eval_batch_size)
+    trained = open_trained(parser, args)
+    params, net, data, subnets = trained.params, trained.ctx.net, trained.ctx.data, trained.subnets
+    key = md5_file(trained.checkpoint)
     space, units, p = net.space, net.num_units, params.specialize.predictor
     budgets = params.specialize.budget_values()
     if params.specialize.cost != "macs":
