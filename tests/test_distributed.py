@@ -630,6 +630,42 @@ def test_evaluate_space_on_two_ranks_records_what_one_process_does(two_process_r
         run(["git", "-C", str(project), "checkout", "params.yaml"], project)
 
 
+def test_the_predictor_strategy_on_latency_deals_out_its_scoring_and_picks_what_one_process_does(two_process_repro):
+    """specialize.strategy predictor with specialize.cost latency on two ranks: each new config is scored by one
+    rank, every pick fits its budget in predicted milliseconds, and one process scoring everything afresh fits
+    the same predictor and picks the same."""
+    project, _, _ = two_process_repro
+    checked = json.loads((project / "metrics" / "latency_validation.json").read_text())
+    budget = sorted(r["predicted_ms"] for r in checked["records"] if r["uniform"])[4]  # room for half the grid
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    raw["specialize"].update(strategy="predictor", cost="latency", budgets=[budget])
+    raw["specialize"]["predictor"] = {"samples": 6, "held_out": 0.3, "trials": 200, "verify": 2}
+    results = {}
+    try:
+        for processes in (2, 1):
+            raw["train"]["processes"] = processes
+            (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+            shutil.rmtree(project / ".resume", ignore_errors=True)  # score every config afresh
+            result = _stage("specialize", project)
+            assert result.returncode == 0, result.stderr
+            picks = json.loads((project / "metrics" / "picks.json").read_text())
+            results[processes] = (json.loads((project / "metrics" / "predictor.json").read_text()),
+                                  {n: (p["config"], p["val_accuracy"]) for n, p in picks["budgets"].items()})
+            assert picks["strategy"] == "predictor" and picks["cost"] == "latency"
+            assert all(p["predicted_ms"] <= budget for p in picks["budgets"].values())
+            timing = json.loads((project / "metrics" / "timing" / "specialize.json").read_text())
+            assert timing["processes"] == processes and timing["configs_scored"] == picks["configs_evaluated"]
+    finally:
+        run(["git", "-C", str(project), "checkout", "params.yaml"], project)
+    predictor, chosen = results[2]
+    assert (predictor["fitted"], predictor["held_out"]) == (8 + 4, 2) and len(predictor["records"]) == 2
+    for r in results.values():
+        r[0].pop("search_s")
+    diff = {k: (v, results[1][0].get(k)) for k, v in results[2][0].items() if results[1][0].get(k) != v}
+    assert not diff, diff
+    assert results[1] == results[2]
+
+
 def _resume_space_rank(rank: int, out: Path, project: Path) -> None:
     """evaluate_space on two ranks: whole; stopped one fine-tuning epoch into the second round; resumed."""
     from ofa.pipeline import evaluate_space
