@@ -648,3 +648,22 @@ def test_the_strategies_benchmark_compares_picks_at_the_same_number_of_real_eval
         uniform = float(rows[i + 2][5])
         assert float(rows[i][5]) >= uniform and float(rows[i + 1][5]) >= uniform
     assert re.findall(r"configs scored for real \((\d+) new", run(bench, project)) == ["0"]
+
+
+def test_the_from_scratch_benchmark_trains_each_config_alone_beside_the_supernets(repro):
+    """benchmarks/from_scratch.py: the schedule's images (scaled) for each config alone, its test accuracy beside
+    the supernet subnet's from metrics/space.json; a config the project never evaluated is one line."""
+    project, _, _ = repro
+    bench = [sys.executable, str(ROOT / "benchmarks" / "from_scratch.py"), "--scale", "10"]
+    out = run([*bench, "--configs", "min", "max"], project)
+    space = {r["config"]: r for r in json.loads((project / "metrics" / "space.json").read_text())}
+    rows = [line.strip("| ").split(" | ") for line in out.splitlines() if line.startswith("| `")]
+    assert [r[0].strip("`") for r in rows] == ["k5-d2-w2", "k7-d3-w4"]
+    for config, supernet, finetuned, alone, _ in (r[:5] for r in rows):
+        record = space[config.strip("`")]
+        assert float(supernet) == round(record["accuracy"], 4)
+        assert float(finetuned) == round(record["accuracy_finetuned"], 4)
+        assert 0.6 < float(alone) <= 1  # three classes: chance is 1/3
+    assert re.search(r"^from scratch: \d+ epochs of \d+ images", out, re.M)
+    bad = subprocess.run([*bench, "--configs", "k3-d9-w9"], cwd=project, capture_output=True, text=True)
+    assert bad.returncode == 2 and "--configs: k3-d9-w9 not in metrics/space.json" in bad.stderr.splitlines()[-1]
