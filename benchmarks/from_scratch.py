@@ -6,14 +6,14 @@ from the trained supernet.
 
 Run in a project where specialize has run, with the params it ran with (`-S` overrides of params.yaml, as
 `dvc exp run -S` takes them: the Makefile's QUICK_PARAMS for the quick profile). A config is `min`, `max` or a
-config string as evaluate_space and specialize print it (`k5-d2-w4`, `kxw-...`), found in metrics/space.json
-or metrics/search.json. Each one is extracted from the supernet as train_supernet builds it (the seed's init)
-and trained alone with train_supernet's recipe (its lr, train's batch size, warm-up, label smoothing and
-augmentation) for as many epochs as the schedule's phases (train_supernet and the three shrink stages, first
-phases included) and as many images in all: `--scale` times those. Its test accuracy is set beside the
-supernet subnet's (metrics/space.json: BN re-calibrated, and fine-tuned; for a config evaluate_space did not
-evaluate, specialize's test figure of its pick), and its training seconds beside the four training stages'
-(metrics/timing/). One process, the params' device; nothing is kept.
+config string as evaluate_space and specialize print it (`k5-d2-w4`, `kxw-...`). Each one is extracted from
+the supernet as train_supernet builds it (the seed's init) and trained alone with train_supernet's recipe
+(its lr, train's batch size, warm-up, label smoothing and augmentation) for as many epochs as the schedule's
+phases (train_supernet and the three shrink stages, first phases included) and as many images in all:
+`--scale` times those. Its test accuracy is set beside the supernet subnet's (metrics/space.json: BN
+re-calibrated, and fine-tuned; for a config evaluate_space did not evaluate, specialize's test figure where
+it is a pick, else n/a), and its training seconds beside the four training stages' (metrics/timing/). One
+process, the params' device; nothing is kept.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ofa.model import SubnetConfig  # noqa: E402
 from ofa.pipeline import recipe  # noqa: E402
 from ofa.pipeline.config import PhaseParams  # noqa: E402
 from ofa.pipeline.context import METRICS, TRAINING_STAGES, StageContext  # noqa: E402
@@ -48,15 +47,11 @@ def schedule_images(params, space, train_images: int) -> tuple[int, int]:
 
 
 def supernet_figures(root: Path) -> dict[str, dict]:
-    """config string -> its subnet (a dict), and the supernet's test accuracy of it where a stage reported one."""
-    found: dict[str, dict] = {}
-    for r in json.loads((root / METRICS / "search.json").read_text()):
-        found[r["config"]] = {"subnet": r["subnet"]}
-    picks = json.loads((root / METRICS / "picks.json").read_text())["budgets"].values()
-    for p in picks:
-        found.setdefault(p["config"], {})["accuracy"] = p["accuracy"]
+    """config string -> the supernet's test accuracy of it (and fine-tuned), where a stage reported one."""
+    found = {p["config"]: {"accuracy": p["accuracy"]}
+             for p in json.loads((root / METRICS / "picks.json").read_text())["budgets"].values()}
     for r in json.loads((root / METRICS / "space.json").read_text()):
-        found[r["config"]] = {"subnet": r["subnet"], "accuracy": r["accuracy"], "finetuned": r["accuracy_finetuned"]}
+        found[r["config"]] = {"accuracy": r["accuracy"], "finetuned": r["accuracy_finetuned"]}
     return found
 
 
@@ -72,10 +67,10 @@ def main() -> None:
     ctx = StageContext.open(params, root, "train_supernet")  # the seed's fresh supernet, as train_supernet starts
     net, data = ctx.net, ctx.data
     named = {"min": net.min_config(), "max": net.max_config()}
-    unknown = [c for c in args.configs if c not in named and c not in found]
-    if unknown:
-        parser.error(f"--configs: {', '.join(unknown)} not in metrics/space.json or metrics/search.json "
-                     "(min, max or a config string they hold)")
+    try:
+        configs = [named.get(c) or net.space.parse(c, net.num_units) for c in args.configs]
+    except ValueError as e:
+        parser.error(f"--configs: {e}")
     epochs, images = schedule_images(params, net.space, len(data.train))
     epochs = max(1, round(epochs * args.scale))
     per_epoch = round(images * args.scale / epochs)
@@ -84,8 +79,7 @@ def main() -> None:
     print(f"from scratch: {epochs} epochs of {per_epoch} images ({epochs * per_epoch} in all; the schedule's "
           f"{images} x {args.scale:g}), lr {params.supernet.lr}", file=sys.stderr, flush=True)
     rows = []
-    for i, name in enumerate(args.configs):
-        cfg = named.get(name) or SubnetConfig.from_dict(found[name]["subnet"])
+    for i, cfg in enumerate(configs):
         sub = ctx.net.extract(cfg)  # the fresh init's weights: ctx.net is never trained
         plan = recipe.schedule(params, PhaseParams(epochs, params.supernet.lr, per_epoch))
         start = time.perf_counter()

@@ -652,7 +652,7 @@ def test_the_strategies_benchmark_compares_picks_at_the_same_number_of_real_eval
 
 def test_the_from_scratch_benchmark_trains_each_config_alone_beside_the_supernets(repro):
     """benchmarks/from_scratch.py: the schedule's images (scaled) for each config alone, its test accuracy beside
-    the supernet subnet's from metrics/space.json; a config the project never evaluated is one line."""
+    the supernet subnet's from metrics/space.json; a string that is not a config of the space is one line."""
     project, _, _ = repro
     bench = [sys.executable, str(ROOT / "benchmarks" / "from_scratch.py"), "--scale", "10"]
     out = run([*bench, "--configs", "min", "max"], project)
@@ -665,5 +665,6 @@ def test_the_from_scratch_benchmark_trains_each_config_alone_beside_the_supernet
         assert float(finetuned) == round(record["accuracy_finetuned"], 4)
         assert 0.6 < float(alone) <= 1  # three classes: chance is 1/3
     assert re.search(r"^from scratch: \d+ epochs of \d+ images", out, re.M)
-    bad = subprocess.run([*bench, "--configs", "k3-d9-w9"], cwd=project, capture_output=True, text=True)
-    assert bad.returncode == 2 and "--configs: k3-d9-w9 not in metrics/space.json" in bad.stderr.splitlines()[-1]
+    bad = subprocess.run([*bench, "--configs", "k3-d2-w4"], cwd=project, capture_output=True, text=True)
+    assert bad.returncode == 2 and "--configs: 'k3-d2-w4' is not a config of the space (unit 0 block 0: kernel 3 " \
+        "not in space.kernel [5, 7])" in bad.stderr.splitlines()[-1]

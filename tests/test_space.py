@@ -128,3 +128,32 @@ def test_space_check_names_what_is_wrong():
         SEED_SPACE.check(ofa.SubnetConfig(kernel=[[5] * 4], depth=[2], width=[[2] * 4]), 1)
     with pytest.raises(ValueError, match="from_dict|keys kernel, depth, width"):
         ofa.SubnetConfig.from_dict({"kernel": [[5]], "depth": [1]})
+
+
+def test_parse_reads_back_every_config_str_prints():
+    """ConfigSpace.parse is str's inverse: the uniform grid, random per-block configs, and widths that hold a dot
+    themselves ("7x1.5.5x1" is two blocks)."""
+    rng = random.Random(0)
+    fractional = ofa.ConfigSpace(kernel=(3, 5, 7), depth=(2, 3, 4), width=(0.75, 1, 1.5))
+    for space, units in ((SEED_SPACE, 3), (PAPER_SPACE, 5), (fractional, 4)):
+        configs = space.uniform_grid(units) + [space.sample(units, rng) for _ in range(300)]
+        assert all(space.parse(str(c), units) == c for c in configs)
+    two = fractional.parse("kxw-7x1.5.5x1|3x0.75.3x1.5", 2)
+    assert (two.kernel, two.depth) == (((7, 5, 0, 0), (3, 3, 0, 0)), (2, 2))
+    assert two.width == ((1.5, 1, 0, 0), (0.75, 1.5, 0, 0))
+
+
+@pytest.mark.parametrize("text, why", [
+    ("k3-d2-w4", " (unit 0 block 0: kernel 3 not in space.kernel [5, 7])"),
+    ("k5-d4-w4", ""),  # deeper than the space's slots
+    ("kxw-7x4.5x4|5x4.5x2", ""),  # two units, the net has three
+    ("kxw-7x4|5x4.5x2|7x2.7x2", " (unit 0: depth 1 not in space.depth [2, 3])"),
+    ("kxw-7x3.5x4|5x4.5x2|7x2.7x2", ""),  # width 3 is no choice
+    ("k5_d2_w4", ""),
+])
+def test_parse_names_the_string_and_the_space_when_it_is_no_config(text, why):
+    with pytest.raises(ValueError) as e:
+        SEED_SPACE.parse(text, 3)
+    assert str(e.value) == (f"{text!r} is not a config of the space{why}: k<kernel>-d<depth>-w<width> or "
+                            "kxw-<kernel>x<width>.<...>|<...> (3 units; kernels [5, 7], depths [2, 3], "
+                            "widths ['2', '4'])")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import random
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,23 @@ def _check_choices(name: str, values: Any, kind: type | tuple[type, ...]) -> tup
     if len(set(values)) != len(values):
         raise ValueError(f"space.{name}: duplicate choices in {list(values)}")
     return tuple(sorted(values))
+
+
+def _blocks(unit: str, widths: dict[str, Number]) -> list[tuple[int, Number]] | None:
+    """The (kernel, width) blocks of one unit of a `kxw-` string ("7x4.5x2"), or None if it is not one. A width
+    may hold a dot itself ("7x1.5.5x1"): a token that leaves no block after it is taken back."""
+    m = re.match(r"(\d+)x", unit)
+    if m is None:
+        return None
+    rest = unit[m.end():]
+    for token, width in widths.items():
+        if rest == token:
+            return [(int(m[1]), width)]
+        if rest.startswith(token + "."):
+            tail = _blocks(rest[len(token) + 1:], widths)
+            if tail is not None:
+                return [(int(m[1]), width), *tail]
+    return None
 
 
 @dataclass(frozen=True)
@@ -95,6 +113,33 @@ class ConfigSpace:
         kernels = tuple(tuple(pick(self.kernel, kernel) for _ in range(n)) for _ in range(num_units))
         widths = tuple(tuple(pick(self.width, width) for _ in range(n)) for _ in range(num_units))
         return SubnetConfig(kernel=kernels, depth=depths, width=widths)
+
+    def parse(self, text: str, num_units: int) -> SubnetConfig:
+        """The config a string names, as ``str(SubnetConfig)`` prints it: `k5-d2-w4` (one kernel, depth and width
+        everywhere) or `kxw-7x4.5x4|5x4.5x2` (kernel x width of each active block, blocks separated by `.`, units
+        by `|`; a unit's depth is its number of blocks). ValueError, naming the string, unless it is a config of
+        this space for `num_units` units."""
+        widths = {_fmt(w): w for w in sorted(self.width, key=lambda w: -len(_fmt(w)))}  # longest token first
+        form = (f"k<kernel>-d<depth>-w<width> or kxw-<kernel>x<width>.<...>|<...> ({num_units} units; kernels "
+                f"{list(self.kernel)}, depths {list(self.depth)}, widths {[_fmt(w) for w in self.width]})")
+        w_re = "|".join(re.escape(t) for t in widths)
+        uniform = re.fullmatch(rf"k(\d+)-d(\d+)-w({w_re})", text) if isinstance(text, str) else None
+        units = text[4:].split("|") if isinstance(text, str) and text.startswith("kxw-") else None
+        blocks = [_blocks(u, widths) for u in units] if units is not None and len(units) == num_units else None
+        pad = lambda row: (*row, *(0,) * (self.max_depth - len(row)))  # noqa: E731
+        try:
+            if uniform is not None and int(uniform[2]) <= self.max_depth:
+                k, d, w = int(uniform[1]), int(uniform[2]), widths[uniform[3]]
+                cfg = SubnetConfig((pad([k] * d),) * num_units, (d,) * num_units, (pad([w] * d),) * num_units)
+            elif blocks is not None and all(b is not None and len(b) <= self.max_depth for b in blocks):
+                cfg = SubnetConfig(tuple(pad([k for k, _ in b]) for b in blocks), tuple(len(b) for b in blocks),
+                                   tuple(pad([w for _, w in b]) for b in blocks))
+            else:
+                raise ValueError("")
+            self.check(cfg, num_units)
+        except ValueError as e:
+            raise ValueError(f"{text!r} is not a config of the space{f' ({e})' if str(e) else ''}: {form}") from None
+        return cfg
 
     def check(self, cfg: SubnetConfig, num_units: int) -> None:
         """Raise ValueError unless cfg has num_units units of max_depth slots with every active choice in the space."""
