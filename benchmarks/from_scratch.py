@@ -62,15 +62,18 @@ def main() -> None:
     add_project_options(parser)
     args = parser.parse_args()
     root = args.root
+    if args.scale <= 0:
+        parser.error(f"--scale {args.scale:g}: a positive number")
     params = read_params(parser, root / "params.yaml", args.set)
+    space, units = params.space.build(), len(params.net.unit_specs())
+    named = {"min": space.min_config(units), "max": space.max_config(units)}
+    try:  # before any work
+        configs = [named.get(c) or space.parse(c, units) for c in args.configs]
+    except ValueError as e:
+        parser.error(f"--configs: {e}")
     found = supernet_figures(root)
     ctx = StageContext.open(params, root, "train_supernet")  # the seed's fresh supernet, as train_supernet starts
     net, data = ctx.net, ctx.data
-    named = {"min": net.min_config(), "max": net.max_config()}
-    try:
-        configs = [named.get(c) or net.space.parse(c, net.num_units) for c in args.configs]
-    except ValueError as e:
-        parser.error(f"--configs: {e}")
     epochs, images = schedule_images(params, net.space, len(data.train))
     epochs = max(1, round(epochs * args.scale))
     per_epoch = round(images * args.scale / epochs)
