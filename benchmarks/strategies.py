@@ -28,7 +28,6 @@ from ofa.deploy import search  # noqa: E402
 from ofa.deploy.predictor_search import predictor_search  # noqa: E402
 from ofa.io import md5_file  # noqa: E402
 from ofa.pipeline import specialize  # noqa: E402
-from ofa.train import distributed, evaluate  # noqa: E402
 from trained import add_project_options, open_trained  # noqa: E402
 
 STORAGE = Path(".resume") / "strategies_bench.db"
@@ -58,14 +57,6 @@ def main() -> None:
         parser.error("specialize.cost: latency is not compared here (macs: the budgets are MACs)")
     cost = lambda cfg: net.macs(cfg, data.input_shape)  # noqa: E731
     memo = search.ScoreMemo(root / STORAGE, key)
-    test: dict = {}
-
-    def test_accuracy(c: search.Candidate) -> float:
-        if c.config not in test:
-            test[c.config] = evaluate(subnets.calibrated(c.config), data, batch_size=params.train.eval_batch_size,
-                                      world=distributed.SINGLE)
-        return test[c.config]
-
     def scored_with(calls: list):
         def score(cfgs):
             calls.extend(c for c in cfgs if c not in memo)
@@ -96,7 +87,7 @@ def main() -> None:
                                 ("best uniform", [c for c in found.candidates if c.uniform])):
                 c = search.best_within(cands, budget)
                 rows.append((specialize.budget_name(budget), n, name, str(c.config), c.cost, c.accuracy,
-                             test_accuracy(c)))
+                             subnets.report(c)["accuracy"]))
     print("| samples:verify | real evaluations | fitted on | held out | Kendall tau | RMSE (points) | "
           "configs searched | search s |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")

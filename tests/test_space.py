@@ -145,7 +145,7 @@ def test_parse_reads_back_every_config_str_prints():
 
 @pytest.mark.parametrize("text, why", [
     ("k3-d2-w4", " (unit 0 block 0: kernel 3 not in space.kernel [5, 7])"),
-    ("k5-d4-w4", ""),  # deeper than the space's slots
+    ("k5-d4-w4", " (SubnetConfig: unit 0 depth 4 not in 1..3 (its block slots))"),
     ("kxw-7x4.5x4|5x4.5x2", ""),  # two units, the net has three
     ("kxw-7x4|5x4.5x2|7x2.7x2", " (unit 0: depth 1 not in space.depth [2, 3])"),
     ("kxw-7x3.5x4|5x4.5x2|7x2.7x2", ""),  # width 3 is no choice

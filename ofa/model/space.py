@@ -128,15 +128,14 @@ class ConfigSpace:
         blocks = [_blocks(u, widths) for u in units] if units is not None and len(units) == num_units else None
         pad = lambda row: (*row, *(0,) * (self.max_depth - len(row)))  # noqa: E731
         try:
-            if uniform is not None and int(uniform[2]) <= self.max_depth:
-                k, d, w = int(uniform[1]), int(uniform[2]), widths[uniform[3]]
-                cfg = SubnetConfig((pad([k] * d),) * num_units, (d,) * num_units, (pad([w] * d),) * num_units)
+            if uniform is not None:
+                cfg = self.uniform(num_units, int(uniform[1]), int(uniform[2]), widths[uniform[3]])
             elif blocks is not None and all(b is not None and len(b) <= self.max_depth for b in blocks):
                 cfg = SubnetConfig(tuple(pad([k for k, _ in b]) for b in blocks), tuple(len(b) for b in blocks),
                                    tuple(pad([w for _, w in b]) for b in blocks))
+                self.check(cfg, num_units)
             else:
                 raise ValueError("")
-            self.check(cfg, num_units)
         except ValueError as e:
             raise ValueError(f"{text!r} is not a config of the space{f' ({e})' if str(e) else ''}: {form}") from None
         return cfg
