@@ -21,7 +21,7 @@ from ..data import DATASETS, TRAIN_IMAGES
 from ..deploy.predictor import KINDS as PREDICTORS
 from ..deploy.timing import RUNTIMES
 from ..io import DuplicateKey, load_yaml
-from ..model import ConfigSpace, UnitSpec
+from ..model import ConfigSpace, SubnetConfig, UnitSpec
 from ..model.subnet import ACTIVATIONS as _ACTIVATIONS
 from ..model.supernet import INITS
 from ..train import REDUCE
@@ -41,8 +41,8 @@ class ParamsError(ValueError):
 
 def _rule(*, min: float | None = None, gt: float | None = None, max: float | None = None,
           lt: float | None = None, choices: tuple | None = None, help: str = "", default: Any = dataclasses.MISSING,
-          default_factory: Any = dataclasses.MISSING) -> Any:
-    meta = {"min": min, "gt": gt, "max": max, "lt": lt, "choices": choices, "help": help}
+          default_factory: Any = dataclasses.MISSING, empty: bool = False) -> Any:
+    meta = {"min": min, "gt": gt, "max": max, "lt": lt, "choices": choices, "help": help, "empty": empty}
     return field(default=default, default_factory=default_factory, metadata=meta)
 
 
@@ -210,6 +210,32 @@ class SpecializeParams:
         return [float(b) for b in self.macs_budgets()] if self.cost == "macs" else [float(b) for b in self.budgets]
 
 
+CONFIG_NAMES = ("min", "max")  # baseline.configs' names for the space's smallest and largest config
+
+
+@dataclass(frozen=True)
+class BaselineParams:  # stage baseline: configs trained alone from the seed's init (ofa.pipeline.baseline)
+    configs: tuple[str, ...] = _rule(default=CONFIG_NAMES, empty=True)  # min | max | a config string; [] = none
+    epochs: int | None = _rule(min=1, default=None)  # null: the whole progressive-shrinking schedule's
+    lr: float | None = _rule(gt=0, default=None)  # null: supernet.lr
+    kd: bool = False  # true: distil from train_supernet's full network (official OFA's distillation)
+
+    def resolve(self, space: ConfigSpace, num_units: int) -> list[SubnetConfig]:
+        """The configs baseline.configs names, in order; ParamsError naming the first that is not a config of the
+        space, or a config named twice."""
+        named = {"min": space.min_config(num_units), "max": space.max_config(num_units)}
+        configs: dict[SubnetConfig, str] = {}
+        for i, text in enumerate(self.configs):
+            try:
+                cfg = named.get(text) or space.parse(text, num_units)
+            except ValueError as e:
+                raise ParamsError(f"baseline.configs[{i}]: {e}; or min, max") from None
+            if cfg in configs:
+                raise ParamsError(f"baseline.configs[{i}]: {text!r} is {configs[cfg]!r} again ({cfg}; each config once)")
+            configs[cfg] = text
+        return list(configs)
+
+
 @dataclass(frozen=True)
 class Params:
     data: DataParams
@@ -221,6 +247,7 @@ class Params:
     evaluate: EvaluateParams
     specialize: SpecializeParams
     latency: LatencyParams = field(default_factory=LatencyParams)
+    baseline: BaselineParams = field(default_factory=BaselineParams)
     seed: int = _rule(min=0, max=2**32 - 1, default=0)
 
     def search_population(self) -> int:
@@ -239,19 +266,19 @@ def _type_name(tp: Any) -> str:
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null"}[tp]
 
 
-def _convert(value: Any, tp: Any, path: str) -> Any:
+def _convert(value: Any, tp: Any, path: str, empty: bool = False) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in typing.get_args(tp):
             return None
         (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _convert(value, inner, path)
+        return _convert(value, inner, path, empty)
     if dataclasses.is_dataclass(tp):
         return _parse(tp, value, path)
     if origin is tuple:
         if not isinstance(value, list):
             raise ParamsError(f"{path}: got {value!r} ({_type_name(tp)})")
-        if not value:
+        if not value and not empty:
             raise ParamsError(f"{path}: empty list (at least one entry)")
         return tuple(_convert(v, typing.get_args(tp)[0], f"{path}[{i}]") for i, v in enumerate(value))
     ok = {
@@ -299,7 +326,7 @@ def _parse(cls: type, raw: Any, path: str) -> Any:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise ParamsError(f"{key}: missing ({_type_name(hints[name])})")
             continue
-        values[name] = _convert(raw[name], hints[name], key)
+        values[name] = _convert(raw[name], hints[name], key, f.metadata.get("empty", False))
         _check_range(values[name], f.metadata, key)
     return cls(**values)
 
@@ -317,6 +344,7 @@ def parse_params(raw: Any) -> Params:
     _check_data(params.data)
     _check_specialize(params)
     _check_latency(params.latency)
+    params.baseline.resolve(params.space.build(), len(params.net.units))
     t = params.train
     if t.batch_size % t.processes:
         raise ParamsError(f"train.batch_size: {t.batch_size} images per step do not split evenly across "

@@ -51,6 +51,11 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "evaluate_space": ("seed", "space", "net", "train.batch_size", "train.eval_batch_size", "train.momentum",
                        "train.nesterov", "train.weight_decay", "train.warmup_epochs", "train.label_smoothing",
                        "train.crop_padding", "train.flip", "train.device", "train.processes", "evaluate"),
+    # the schedule's length (baseline.epochs null) and train_supernet's recipe; not the shrink stages' lr
+    "baseline": ("seed", "space", "net", "train", "supernet", "shrink.kernel.epochs", "shrink.kernel.images_per_epoch",
+                 "shrink.depth.epochs", "shrink.depth.images_per_epoch", "shrink.depth.first_phase.epochs",
+                 "shrink.width.epochs", "shrink.width.images_per_epoch", "shrink.width.first_phase.epochs",
+                 "baseline"),
 }
 
 

@@ -1,6 +1,6 @@
 """The stages' figures as PNG files, which ``dvc plots show`` (image plots) and any image viewer show without a
 network: a training stage's curves, evaluate_space's MACs-vs-accuracy scatter, the latency table's check,
-specialize's search.
+specialize's search, the baseline beside the supernet's subnets.
 
 Every axis is zoomed to its data, every series has a colour of its own. Drawn with matplotlib's Agg backend:
 the same data gives the same bytes.
@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402 - after the backend is chosen
 from ..io import atomic_write  # noqa: E402
 
 COLOURS = {"train": "#1f77b4", "val": "#d62728", "finetuned": "#2ca02c", "evaluated": "#9e9e9e",
-           "uniform": "#1f77b4", "front": "#ff7f0e", "pick": "#d62728", "budget": "#bdbdbd"}
+           "uniform": "#1f77b4", "front": "#ff7f0e", "pick": "#d62728", "budget": "#bdbdbd", "alone": "#9467bd"}
 
 
 def training_curves(points: Sequence[dict], title: str, path: Path) -> None:
@@ -113,6 +113,33 @@ def search_scatter(records: Sequence[dict], picks: dict[str, dict], path: Path, 
     ax.set(title=f"specialize: {label.split(' (')[0]} vs val accuracy", xlabel=label, ylabel="val accuracy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
+    _save(fig, path)
+
+
+def baseline_scatter(rows: Sequence[dict], path: Path) -> None:
+    """Each baseline config: MACs against test accuracy trained alone and as the supernet's subnet (BN
+    re-calibrated, and fine-tuned where evaluate_space has it), each pair joined by a line."""
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for r in rows:
+        x, ys = r["macs"] / 1e6, [r["alone"]["accuracy"], r["supernet"]["accuracy"]]
+        ax.plot([x, x], ys, color=COLOURS["budget"], zorder=1)
+        label = r["config"] if len(r["config"]) <= 12 else "per-block"
+        ax.annotate(f"{label} ({r['name']})" if r["name"] in ("min", "max") else label, (x, max(ys)), fontsize=7,
+                    xytext=(3, 3), textcoords="offset points")
+    macs = [r["macs"] / 1e6 for r in rows]
+    ax.scatter(macs, [r["alone"]["accuracy"] for r in rows], color=COLOURS["alone"], zorder=2,
+               label="trained alone (baseline)")
+    ax.scatter(macs, [r["supernet"]["accuracy"] for r in rows], color=COLOURS["train"], zorder=2,
+               label="supernet subnet, BN re-calibrated")
+    tuned = [(x, r["supernet"]["accuracy_finetuned"]) for x, r in zip(macs, rows)
+             if r["supernet"]["accuracy_finetuned"] is not None]
+    if tuned:
+        ax.scatter(*zip(*tuned), color=COLOURS["finetuned"], marker="^", zorder=2, label="supernet subnet, fine-tuned")
+    ax.set(title="baseline: trained alone vs the supernet's subnets", xlabel="MACs (millions)",
+           ylabel="test accuracy")
+    ax.grid(alpha=0.3)
+    if rows:
+        ax.legend(fontsize=8)
     _save(fig, path)
 
 

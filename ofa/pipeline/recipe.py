@@ -90,12 +90,18 @@ def teacher(params: Params, net: OFANet, full: Path, calibration: list[torch.Ten
     if s.teacher == "full":
         source = build_net(params, input_shape, net.arch["classes"])
         load_checkpoint(source, full)
+    return frozen_max(source, next(net.parameters()).device, calibration if s.teacher_bn == "eval" else None)
+
+
+def frozen_max(source: OFANet, device: torch.device, calibration: list[torch.Tensor] | None = None) -> nn.Module:
+    """`source`'s max network as a frozen teacher on `device`: batch statistics in its BN (official OFA), or
+    running statistics re-calibrated on `calibration` when given."""
     # in the memory format the stages train in: a network rebuilt from the checkpoint is not yet
-    model = source.extract(source.max_config()).to(next(net.parameters()).device, memory_format=torch.channels_last)
+    model = source.extract(source.max_config()).to(device, memory_format=torch.channels_last)
     model.dropout = None  # official OFA builds its teacher with dropout_rate=0, also in train mode
-    if s.teacher_bn == "eval":
+    if calibration is not None:
         calibrate_bn(model, calibration)  # running statistics that fit the max network
-    return model.requires_grad_(False).train(s.teacher_bn == "train")
+    return model.requires_grad_(False).train(calibration is None)
 
 
 def schedule(params: Params, phase: PhaseParams, warmup_epochs: float | None = None) -> Schedule:

@@ -12,7 +12,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from . import evaluate_space, specialize
+from . import compare, evaluate_space, specialize
 from .context import METRICS, MODELS, TRAINING_STAGES
 
 
@@ -36,7 +36,7 @@ def stage_rows(root: Path) -> list[dict[str, str]]:
             "max config (test)": f"{metrics['accuracy_max']:.4f}",
             "min config (test)": f"{metrics['accuracy_min']:.4f}" if "accuracy_min" in metrics else "",
         })
-    for stage in ("latency", "evaluate_space", "specialize"):
+    for stage in ("latency", "evaluate_space", "baseline", "compare", "specialize"):
         timing = _read(root / METRICS / "timing" / f"{stage}.json")
         if timing is not None:
             rows.append({"stage": stage, "epochs": "", "wall s": f"{timing['wall_s']:.0f}", "images/s": "",
@@ -60,6 +60,12 @@ def summary(root: Path = Path(".")) -> str:
     if space:
         parts.append("Table 2, test accuracy (metrics/space.json, metrics/space.png):\n"
                      + evaluate_space.table(space).to_string(index=False))
+    trained_alone = _read(root / METRICS / "baseline.json")
+    if trained_alone and trained_alone["configs"]:
+        parts.append("Trained alone (baseline) vs the supernet's subnets, test accuracy (metrics/baseline.json, "
+                     "metrics/baseline.png;\n  the models in models/baseline/):\n"
+                     + compare.table(trained_alone).to_string(index=False) + "\n"
+                     + textwrap.fill(compare.totals_line(trained_alone), width=118, subsequent_indent="  "))
     latency = _read(root / METRICS / "latency_validation.json")
     if latency:
         parts.append(textwrap.fill(latency_line(latency), width=118, subsequent_indent="  "))
@@ -68,7 +74,7 @@ def summary(root: Path = Path(".")) -> str:
         parts.append(f"Picks per budget, val picks, test reports (metrics/picks.json; the models in "
                      f"{MODELS / 'specialized'}/):\n" + specialize.table(picks).to_string(index=False))
     parts.append("Curves and figures: dvc plots show (metrics/live/<stage>/curves.png, metrics/space.png,\n"
-                 "  metrics/latency.png, metrics/search_plot/search.png)")
+                 "  metrics/latency.png, metrics/search_plot/search.png, metrics/baseline.png)")
     return "\n\n".join(parts)
 
 
