@@ -131,6 +131,17 @@ BAD = [
                                        r"the latency stage's DVC dependency"),
     ("latency.table", "models/latency_table.json", r"^latency\.table: models/latency_table\.json is not allowed"),
     ("latency.table", "latency_tables/../x.json", r"^latency\.table: latency_tables/\.\./x\.json is not allowed"),
+    ("baseline.configs", ["min", "k3-d2-w4"], r"^baseline\.configs\[1\]: 'k3-d2-w4' is not a config of the space "
+                                              r"\(unit 0 block 0: kernel 3 not in space\.kernel \[5, 7\]\): "
+                                              r"k<kernel>-d<depth>-w<width> or kxw-.* \(5 units; .*\); or min, max$"),
+    ("baseline.configs", ["kxw-7x4|7x4"], r"^baseline\.configs\[0\]: 'kxw-7x4\|7x4' is not a config of the space"),
+    ("baseline.configs", ["max", "k7-d3-w4"], r"^baseline\.configs\[1\]: 'k7-d3-w4' is 'max' again \(k7-d3-w4; each "
+                                              r"config once\)$"),
+    ("baseline.configs", "max", r"^baseline\.configs: got 'max' \(a list of a string\)$"),
+    ("baseline.configs", [5], r"^baseline\.configs\[0\]: got 5 \(a string\)$"),
+    ("baseline.epochs", 0, r"^baseline\.epochs: 0 is out of range \(>= 1\)$"),
+    ("baseline.lr", 0, r"^baseline\.lr: 0 is out of range \(> 0\)$"),
+    ("baseline.kd", "yes", r"^baseline\.kd: got 'yes' \(true or false\)$"),
 ]
 
 
@@ -139,6 +150,19 @@ def test_bad_params_raise_one_line_naming_the_key(path, value, message):
     with pytest.raises(ParamsError, match=message) as info:
         parse_params(with_change(path, value))
     assert "\n" not in str(info.value)
+
+
+def test_baseline_configs_name_configs_of_the_space_in_any_printed_form():
+    """min and max, Table 2's strings and specialize's per-block strings; [] trains none."""
+    space = RAW["space"]
+    pick = "kxw-7x4.5x2.7x4|7x2.5x2|5x4.5x4|7x4.7x2|5x2.5x2.7x2"  # 5 units: 3 + 2 + 2 + 2 + 3 blocks
+    params = parse_params(with_change("baseline.configs", ["k5-d3-w4", pick, "max"]))
+    built = params.space.build()
+    configs = params.baseline.resolve(built, 5)
+    assert [str(c) for c in configs] == ["k5-d3-w4", pick, "k7-d3-w4"] and space["kernel"] == [5, 7]
+    assert configs[2] == built.max_config(5)
+    assert parse_params(with_change("baseline.configs", [])).baseline.resolve(built, 5) == []
+    assert parse_params(RAW).baseline.configs == ("min", "max")  # the default: the space's two ends
 
 
 def test_latency_budgets_are_positive_milliseconds():

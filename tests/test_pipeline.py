@@ -27,8 +27,8 @@ from ofa.pipeline.config import ParamsError, parse_params
 from ofa.train import DeviceData
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["download", "latency", "train_supernet", "shrink_kernel", "shrink_depth", "shrink_width", "evaluate_space",
-          "specialize"]  # in the order dvc repro runs them
+STAGES = ["download", "latency", "train_supernet", "shrink_kernel", "shrink_depth", "shrink_width", "baseline",
+          "evaluate_space", "compare", "specialize"]  # in the order dvc repro runs them
 TRAINING = STAGES[2:6]
 
 
@@ -323,7 +323,7 @@ def test_exp_run_with_new_width_lr_reruns_exactly_the_stages_after_it(repro):
     run(["git", "-C", str(project), "add", "-A"], project)
     run(["git", "-C", str(project), "commit", "-qm", "results"], project)
     out = run([sys.executable, "-m", "dvc", "exp", "run", "-S", "shrink.width.lr=0.02"], project)
-    assert ran(out) == ["shrink_width", "evaluate_space", "specialize"]
+    assert ran(out) == ["shrink_width", "evaluate_space", "compare", "specialize"]  # not baseline
     assert yaml.safe_load((project / "params.yaml").read_text())["shrink"]["width"]["lr"] == 0.02
 
 
@@ -438,7 +438,7 @@ def test_outputs_have_the_documented_shape(repro):
     assert max(len(line) for line in out.splitlines()) <= 200, out  # a terminal shows it
     shown = json.loads(run([sys.executable, "-m", "dvc", "metrics", "show", "--json"], project))
     files = next(iter(shown.values()))["data"]
-    assert set(files) == {f"metrics/{stage}.json" for stage in STAGES[1:]}
+    assert set(files) == {f"metrics/{stage}.json" for stage in STAGES[1:] if stage != "baseline"}  # compare's
 
 
 def test_class_names_that_are_not_a_list_of_distinct_names_are_refused(tmp_path):
@@ -650,21 +650,72 @@ def test_the_strategies_benchmark_compares_picks_at_the_same_number_of_real_eval
     assert re.findall(r"configs scored for real \((\d+) new", run(bench, project)) == ["0"]
 
 
-def test_the_from_scratch_benchmark_trains_each_config_alone_beside_the_supernets(repro):
-    """benchmarks/from_scratch.py: the schedule's images (scaled) for each config alone, its test accuracy beside
-    the supernet subnet's from metrics/space.json; a string that is not a config of the space is one line."""
+def test_baseline_trains_each_config_alone_and_compare_sets_it_beside_the_supernets_subnet(repro):
+    """baseline.configs [min, max] trained alone for the whole schedule's epochs (2 + 1 + 1 + 1, of the whole
+    split here) at supernet.lr; compare reports each beside evaluate_space's figures of the same config, the
+    supernet's four stages' seconds, and Table 2's other six configs projected between the two measured."""
+    from ofa.pipeline.baseline import file_name
+    from ofa.train import evaluate
+
     project, _, _ = repro
-    bench = [sys.executable, str(ROOT / "benchmarks" / "from_scratch.py"), "--scale", "10"]
-    out = run([*bench, "--configs", "min", "max"], project)
+    alone = json.loads((project / "metrics" / "baseline_alone.json").read_text())
+    result = json.loads((project / "metrics" / "baseline.json").read_text())
     space = {r["config"]: r for r in json.loads((project / "metrics" / "space.json").read_text())}
-    rows = [line.strip("| ").split(" | ") for line in out.splitlines() if line.startswith("| `")]
-    assert [r[0].strip("`") for r in rows] == ["k5-d2-w2", "k7-d3-w4"]
-    for config, supernet, finetuned, alone, _ in (r[:5] for r in rows):
-        record = space[config.strip("`")]
-        assert float(supernet) == round(record["accuracy"], 4)
-        assert float(finetuned) == round(record["accuracy_finetuned"], 4)
-        assert 0.6 < float(alone) <= 1  # three classes: chance is 1/3
-    assert re.search(r"^from scratch: \d+ epochs of \d+ images", out, re.M)
-    bad = subprocess.run([*bench, "--configs", "k3-d2-w4"], cwd=project, capture_output=True, text=True)
-    assert bad.returncode == 2 and "--configs: 'k3-d2-w4' is not a config of the space (unit 0 block 0: kernel 3 " \
-        "not in space.kernel [5, 7])" in bad.stderr.splitlines()[-1]
+    train = len(torch.load(project / "data" / "prepared" / "train.pt", weights_only=True)["labels"])
+    assert (alone["epochs"], alone["images_per_epoch"], alone["lr"], alone["kd"]) == (5, train, 0.1, False)
+    assert alone["schedule"] == {"epochs": 5, "images": 5 * train}
+    assert [(r["config"], r["name"]) for r in result["configs"]] == [("k5-d2-w2", "min"), ("k7-d3-w4", "max")]
+    timing = {s: json.loads((project / "metrics" / "timing" / f"{s}.json").read_text()) for s in TRAINING}
+    supernet_s = round(sum(t["train_s"] for t in timing.values()), 1)
+    data = DeviceData.load(project / "data" / "prepared", torch.device("cpu"))
+    for row, record in zip(result["configs"], alone["records"]):
+        config, evaluated = row["config"], space[row["config"]]
+        model = ofa.load_subnet(project / "models" / "baseline" / file_name(SubnetConfig.from_dict(record["subnet"])))
+        assert evaluate(model, data, batch_size=256) == row["alone"]["accuracy"] == record["accuracy"]
+        assert (row["macs"], row["params"]) == (evaluated["macs"], evaluated["params"])  # calflops' count too
+        assert row["alone"] == {"accuracy": record["accuracy"], "val_accuracy": record["val_accuracy"],
+                                "train_s": record["train_s"], "images": 5 * train, "epochs": 5}
+        assert row["supernet"] == {"accuracy": evaluated["accuracy"], "accuracy_finetuned": evaluated["accuracy_finetuned"],
+                                   "from": "evaluate_space", "train_s": supernet_s, "images": 5 * train}
+        assert row["alone_minus_supernet"] == round(record["accuracy"] - evaluated["accuracy"], 4)
+    totals = result["totals"]
+    measured, projected = totals["alone"]["measured_s"], totals["alone"]["projected_s"]
+    assert totals["table2_configs"] == 8 and list(measured) == ["k5-d2-w2", "k7-d3-w4"] and len(projected) == 6
+    lo, hi = measured["k5-d2-w2"], measured["k7-d3-w4"]
+    assert all(min(lo, hi) - 0.1 <= s <= max(lo, hi) + 0.1 for s in projected.values())  # MACs lie between theirs
+    assert totals["alone"]["train_s"] == round(sum(measured.values()) + sum(projected.values()), 1)
+    assert totals["supernet"]["train_s"] == supernet_s
+    assert json.loads((project / "metrics" / "compare.json").read_text()) == {
+        "accuracy_max": result["configs"][1]["alone"]["accuracy"], "accuracy_min": result["configs"][0]["alone"]["accuracy"]}
+    plot = json.loads((project / "metrics" / "baseline_plot.json").read_text())
+    assert plot == [{"config": r["config"], "macs": r["macs"], "trained_alone": r["alone"]["accuracy"],
+                     "supernet_subnet": r["supernet"]["accuracy"]} for r in result["configs"]]
+    assert (project / "metrics" / "baseline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = run([sys.executable, "-m", "ofa.pipeline.summary", str(project)], ROOT)
+    assert "Trained alone (baseline) vs the supernet's subnets" in summary and "Table 2's 8 configs trained alone" in summary
+
+
+def test_exp_run_with_new_baseline_configs_reruns_only_baseline_and_compare(repro):
+    """A config trains to the same bytes whichever others are listed; a config evaluate_space did not evaluate (a
+    pick of specialize) gets its supernet figure from compare, BN re-calibrated on the same images: the test
+    accuracy specialize reports for it. Last of the exp runs on the shared project (it leaves other outputs)."""
+    project, _, _ = repro
+    before = (project / "params.yaml").read_text()
+    largest = (project / "models" / "baseline" / "k7-d3-w4.pt").read_bytes()
+    space = {r["config"] for r in json.loads((project / "metrics" / "space.json").read_text())}
+    picks = json.loads((project / "metrics" / "picks.json").read_text())["budgets"].values()
+    pick = next(p for p in picks if p["config"] not in space)
+    try:
+        out = run([sys.executable, "-m", "dvc", "exp", "run", "-S", f'baseline.configs=[max,"{pick["config"]}"]'],
+                  project)
+    finally:
+        (project / "params.yaml").write_text(before)
+    assert ran(out) == ["baseline", "compare"]
+    assert (project / "models" / "baseline" / "k7-d3-w4.pt").read_bytes() == largest
+    assert len(list((project / "models" / "baseline").iterdir())) == 2
+    rows = json.loads((project / "metrics" / "baseline.json").read_text())["configs"]
+    assert [r["name"] for r in rows] == ["max", pick["config"]]
+    assert rows[1]["supernet"]["from"] == "compare" and rows[1]["supernet"]["accuracy_finetuned"] is None
+    assert rows[1]["supernet"]["accuracy"] == pick["accuracy"] and rows[1]["macs"] == pick["macs"]
+    assert json.loads((project / "metrics" / "compare.json").read_text()) == {
+        "accuracy_max": rows[0]["alone"]["accuracy"]}  # the min config was not trained alone this time

@@ -55,7 +55,17 @@ def outputs(root: Path) -> dict[str, bytes]:
     for pick in picks["budgets"].values():
         assert pick.pop("measured_onnx_ms") > 0 and pick.pop("measured_torch_ms") > 0
     found["metrics/picks.json"] = json.dumps(picks).encode()
+    for name in ("metrics/baseline_alone.json", "metrics/baseline.json"):  # training seconds, and what they project
+        found[name] = json.dumps(_timeless(json.loads(found[name]))).encode()
     return found
+
+
+def _timeless(obj):
+    """A JSON value without its wall-clock figures: seconds (keys ending in _s), images/s and time ratios."""
+    if isinstance(obj, dict):
+        return {k: _timeless(v) for k, v in obj.items()
+                if not (k.endswith("_s") or k in ("images_per_s", "alone_over_supernet"))}
+    return [_timeless(v) for v in obj] if isinstance(obj, list) else obj
 
 
 # The latency stage's outputs: measurements, which no two runs repeat; the second run takes the first one's, so
@@ -79,12 +89,14 @@ def kill_after_first_epoch(cwd: Path, name: str) -> int:
     return len(torch.load(state, weights_only=True)["history"])
 
 
-def kill_when(cwd: Path, name: str, pattern: str) -> None:
-    """Start a stage and SIGKILL it as soon as a line of its output matches `pattern`."""
+def kill_when(cwd: Path, name: str, pattern: str) -> str:
+    """Start a stage and SIGKILL it as soon as a line of its output matches `pattern`; its output until then."""
     proc = subprocess.Popen([sys.executable, str(ROOT / "stages" / f"{name}.py")], cwd=cwd, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines = []
     try:
         for line in proc.stdout:
+            lines.append(line)
             if re.search(pattern, line):
                 proc.send_signal(signal.SIGKILL)
                 break
@@ -94,6 +106,7 @@ def kill_when(cwd: Path, name: str, pattern: str) -> None:
         proc.kill()
         proc.wait(timeout=60)
         proc.stdout.close()
+    return "".join(lines)
 
 
 def _files(root: Path) -> list[str]:
@@ -114,10 +127,10 @@ def profile() -> dict:
 def two_runs(tmp_path_factory):
     """The synthetic profile run twice. The first runs every stage in one process; in the second,
     train_supernet is killed after an epoch (and rerun with other params of later stages, which its progress
-    does not depend on), evaluate_space after its first config and specialize mid-search, each then rerun in a
-    new process."""
+    does not depend on), baseline after an epoch of its first config and again after that config, evaluate_space
+    after its first config and specialize mid-search, each then rerun in a new process."""
     assert STAGES == ["download", "latency", "train_supernet", "shrink_kernel", "shrink_depth", "shrink_width",
-                      "evaluate_space", "specialize"]
+                      "baseline", "evaluate_space", "compare", "specialize"]
     raw = profile()
     a, b = tmp_path_factory.mktemp("a"), tmp_path_factory.mktemp("b")
     for root in (a, b):
@@ -136,9 +149,14 @@ def two_runs(tmp_path_factory):
     log["resumed/train_supernet"] = stages_in_one_process(["train_supernet"], b)
     (b / "params.yaml").write_text(yaml.safe_dump(raw))
     stages_in_one_process(["shrink_kernel", "shrink_depth", "shrink_width"], b)
-    for s, printed in (("evaluate_space", r"^\[1/\d+\] "), ("specialize", r"^search 5/")):
-        kill_when(b, s, printed)
-        log[f"after_kill/{s}"] = _files(b)
+    log["baseline_epochs_before_kill"] = kill_after_first_epoch(b, "baseline")
+    log["after_kill/baseline"] = _files(b)
+    log["resumed_epoch/baseline"] = kill_when(b, "baseline", r"^\[1/2\] ")  # killed again after its first config
+    for s, printed in (("baseline", None), ("evaluate_space", r"^\[1/\d+\] "), ("compare", None),
+                       ("specialize", r"^search 5/")):
+        if printed:
+            kill_when(b, s, printed)
+            log[f"after_kill/{s}"] = _files(b)
         result = stage(s, b)
         log[f"resumed/{s}"] = result.stdout + result.stderr
     return [(a, {}), (b, log)]
@@ -163,6 +181,79 @@ def test_killed_evaluate_space_and_specialize_resume_where_they_stopped(two_runs
     assert re.search(r"search: resuming after [5-9]/14 trials", log["resumed/specialize"])
     # each training stage's state removed once its outputs exist; the search kept for other budgets or trials
     assert [p.name for p in (b / ".resume").rglob("*") if p.is_file()] == ["specialize.db"]
+
+
+def test_killed_baseline_resumes_within_a_config_and_after_it(two_runs):
+    """Killed after an epoch of its first config, the rerun goes on from that epoch; killed again once that config
+    is done, the next run trains the second alone (test_same_params_give_byte_identical_outputs: the same bytes)."""
+    (_, _), (b, log) = two_runs
+    epochs = log["baseline_epochs_before_kill"]
+    assert 1 <= epochs < 7  # of the schedule's 4 + 1 + 1 + 1
+    assert not any("baseline" in f for f in log["after_kill/baseline"])
+    assert f"baseline k5-d2-w2: resuming after epoch {epochs}/7" in log["resumed_epoch/baseline"]
+    assert "baseline: resuming after config 1/2" in log["resumed/baseline"]
+    assert "[1/2]" not in log["resumed/baseline"] and "[2/2] k7-d3-w4 (max)" in log["resumed/baseline"]
+    assert not any((b / ".resume").glob("baseline*"))
+
+
+def test_a_baseline_starts_from_the_seeds_fresh_init_not_from_a_checkpoint(two_runs, tmp_path, monkeypatch):
+    """Each config's training starts from the weights train_supernet starts from (the seed's init), whatever
+    checkpoints lie in models/; with baseline.kd the full network of train_supernet.pt is the teacher, named by
+    its md5, and compare refuses the result once that file changes."""
+    import shutil
+
+    from ofa.io import md5_file
+    from ofa.pipeline import baseline, compare
+    from ofa.pipeline.checkpoint import CheckpointError
+    from ofa.pipeline.config import ParamsError
+
+    (a, _), _ = two_runs
+    root = tmp_path / "root"
+    for d in ("data/prepared", "models", "metrics"):
+        shutil.copytree(a / d, root / d)
+    raw = profile()
+    raw["baseline"].update(kd=True, epochs=1)
+    params = parse_params(raw)
+    started = []
+    fit = baseline.fit
+    monkeypatch.setattr(baseline, "fit", lambda model, *args, **kw: started.append(
+        ({k: v.clone() for k, v in model.state_dict().items()}, kw["teacher"], kw["kd_ratio"])) or fit(model, *args, **kw))
+    result = baseline.baseline(params, root, progress=False)
+    torch.manual_seed(params.seed)
+    fresh = checkpoint.build_net(params, (3, 16, 16), DIGITS)
+    trained = checkpoint.build_net(params, (3, 16, 16), DIGITS)
+    checkpoint.load_checkpoint(trained, root / "models" / "train_supernet.pt")
+    assert [r["name"] for r in result["records"]] == ["min", "max"] and len(started) == 2
+    for (state, teacher, kd_ratio), cfg in zip(started, (fresh.min_config(), fresh.max_config())):
+        init, other = fresh.extract(cfg).state_dict(), trained.extract(cfg).state_dict()
+        assert state.keys() == init.keys() and all(torch.equal(state[k], init[k]) for k in init)
+        assert not all(torch.equal(state[k], other[k]) for k in other)
+        assert teacher is not None and teacher.training and kd_ratio == 1.0  # batch statistics, official OFA
+    assert result["kd"] and result["teacher_md5"] == md5_file(root / "models" / "train_supernet.pt")
+    assert compare.compare(params, root, progress=False)[0]["kd"]
+    shutil.copy(root / "models" / "shrink_kernel.pt", root / "models" / "train_supernet.pt")  # another teacher
+    with pytest.raises(CheckpointError, match=r"metrics/baseline_alone.json: distilled from another "
+                                              r"models/train_supernet.pt .*dvc repro --force --single-item baseline"):
+        compare.compare(params, root, progress=False)
+    (root / "models" / "train_supernet.pt").unlink()
+    with pytest.raises(ParamsError, match=r"^baseline.kd: true distils from models/train_supernet.pt, which is not"):
+        baseline.baseline(params, root, progress=False)
+
+
+def test_a_baseline_config_not_of_the_space_is_one_line_before_any_work(two_runs, tmp_path):
+    import shutil
+
+    (a, _), _ = two_runs
+    shutil.copytree(a / "data" / "prepared", tmp_path / "data" / "prepared")
+    raw = profile()
+    raw["baseline"]["configs"] = ["min", "k7-d3-w3"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    result = stage("baseline", tmp_path, check=False)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == [
+        "error: baseline.configs[1]: 'k7-d3-w3' is not a config of the space: k<kernel>-d<depth>-w<width> or "
+        "kxw-<kernel>x<width>.<...>|<...> (2 units; kernels [5, 7], depths [2, 3], widths ['2', '4']); or min, max"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "params.yaml"]  # nothing started
 
 
 def test_evaluate_space_resumes_a_config_in_the_middle_of_its_fine_tuning(two_runs, tmp_path, monkeypatch):

@@ -1,16 +1,12 @@
 """Typed pipeline parameters: params.yaml parsed into frozen dataclasses, validated before any work.
 
 Every mistake raises ``ParamsError`` whose message is one line ``<key.path>: <what is wrong> (<what is
-allowed>)``; unknown keys get a did-you-mean. This is the only module that reads params.yaml.
+allowed>)``; unknown keys get a did-you-mean (``typed``). This is the only module that reads params.yaml.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +21,7 @@ from ..model import ConfigSpace, SubnetConfig, UnitSpec
 from ..model.subnet import ACTIVATIONS as _ACTIVATIONS
 from ..model.supernet import INITS
 from ..train import REDUCE
+from .typed import ParamsError, parse, rule
 
 DEVICES = ("auto", "cpu", "cuda")
 ACTIVATIONS = tuple(_ACTIVATIONS)
@@ -35,25 +32,14 @@ MAX_KERNEL = 9  # a depthwise kernel wider than the late feature maps (4x4 to 8x
 OFFICIAL_SUBNETS_PER_STEP = {"kernel": 1, "depth": 2, "width": 4}
 
 
-class ParamsError(ValueError):
-    """A bad value in params.yaml; str() is one line naming the key."""
-
-
-def _rule(*, min: float | None = None, gt: float | None = None, max: float | None = None,
-          lt: float | None = None, choices: tuple | None = None, help: str = "", default: Any = dataclasses.MISSING,
-          default_factory: Any = dataclasses.MISSING, empty: bool = False) -> Any:
-    meta = {"min": min, "gt": gt, "max": max, "lt": lt, "choices": choices, "help": help, "empty": empty}
-    return field(default=default, default_factory=default_factory, metadata=meta)
-
-
 @dataclass(frozen=True)
 class DataParams:
-    dataset: str = _rule(choices=DATASETS, default="cifar10")
+    dataset: str = rule(choices=DATASETS, default="cifar10")
     source_dir: str | None = None  # a local directory holding the official files (offline use)
-    train_limit: int | None = _rule(min=1, default=None)  # first N training images; null = all
-    test_limit: int | None = _rule(min=1, default=None)  # first N test images; null = all
-    val_images: int = _rule(min=1, default=5000)  # held out of the training split for validation
-    image_size: int | None = _rule(min=8, default=None)  # resize (shorter side, centre crop); null = native size
+    train_limit: int | None = rule(min=1, default=None)  # first N training images; null = all
+    test_limit: int | None = rule(min=1, default=None)  # first N test images; null = all
+    val_images: int = rule(min=1, default=5000)  # held out of the training split for validation
+    image_size: int | None = rule(min=8, default=None)  # resize (shorter side, centre crop); null = native size
 
 
 @dataclass(frozen=True)
@@ -68,21 +54,21 @@ class SpaceParams:
 
 @dataclass(frozen=True)
 class UnitParams:
-    channels: int = _rule(min=1)
-    stride: int = _rule(choices=(1, 2), default=1)
-    activation: str = _rule(choices=ACTIVATIONS, default="relu")
+    channels: int = rule(min=1)
+    stride: int = rule(choices=(1, 2), default=1)
+    activation: str = rule(choices=ACTIVATIONS, default="relu")
     se: bool = False
 
 
 @dataclass(frozen=True)
 class NetParams:
     units: tuple[UnitParams, ...]
-    stem_channels: int = _rule(min=1, default=16)
-    stem_stride: int = _rule(choices=(1, 2), default=1)
-    final_channels: int = _rule(min=1, default=640)
-    feature_mix_channels: int | None = _rule(min=1, default=None)  # official OFA's head: 1280; null = none
-    dropout: float = _rule(min=0, lt=1, default=0.0)  # before the classifier (official OFA: 0.1)
-    init: str = _rule(choices=INITS, default="he_fout")
+    stem_channels: int = rule(min=1, default=16)
+    stem_stride: int = rule(choices=(1, 2), default=1)
+    final_channels: int = rule(min=1, default=640)
+    feature_mix_channels: int | None = rule(min=1, default=None)  # official OFA's head: 1280; null = none
+    dropout: float = rule(min=0, lt=1, default=0.0)  # before the classifier (official OFA: 0.1)
+    init: str = rule(choices=INITS, default="he_fout")
 
     def unit_specs(self) -> list[UnitSpec]:
         return [UnitSpec(**dataclasses.asdict(u)) for u in self.units]
@@ -90,43 +76,43 @@ class NetParams:
 
 @dataclass(frozen=True)
 class TrainParams:
-    batch_size: int = _rule(min=1, default=128)
-    eval_batch_size: int = _rule(min=1, default=1000)
-    momentum: float = _rule(min=0, lt=1, default=0.9)
+    batch_size: int = rule(min=1, default=128)
+    eval_batch_size: int = rule(min=1, default=1000)
+    momentum: float = rule(min=0, lt=1, default=0.9)
     nesterov: bool = True
-    weight_decay: float = _rule(min=0, default=3e-5)
-    warmup_epochs: float = _rule(min=0, default=1.0)  # linear warm-up, then cosine to 0
-    label_smoothing: float = _rule(min=0, lt=1, default=0.1)
-    crop_padding: int = _rule(min=0, max=64, default=4)  # random crop with this zero padding; 0 = no crop
+    weight_decay: float = rule(min=0, default=3e-5)
+    warmup_epochs: float = rule(min=0, default=1.0)  # linear warm-up, then cosine to 0
+    label_smoothing: float = rule(min=0, lt=1, default=0.1)
+    crop_padding: int = rule(min=0, max=64, default=4)  # random crop with this zero padding; 0 = no crop
     flip: bool = True  # random horizontal flip
-    device: str = _rule(choices=DEVICES, default="auto")
-    processes: int = _rule(min=1, default=1)  # on this machine: one per GPU (NCCL), or CPU processes (gloo)
+    device: str = rule(choices=DEVICES, default="auto")
+    processes: int = rule(min=1, default=1)  # on this machine: one per GPU (NCCL), or CPU processes (gloo)
     sync_bn: bool = False  # with several processes: BN statistics over the whole batch, not each rank's share
 
 
 @dataclass(frozen=True)
 class PhaseParams:
-    epochs: int = _rule(min=0)
-    lr: float = _rule(gt=0)
-    images_per_epoch: int | None = _rule(min=1, default=None)  # drawn anew each epoch; null = the whole split
+    epochs: int = rule(min=0)
+    lr: float = rule(gt=0)
+    images_per_epoch: int | None = rule(min=1, default=None)  # drawn anew each epoch; null = the whole split
 
 
 @dataclass(frozen=True)
 class KernelPhaseParams(PhaseParams):
-    subnets_per_step: int | None = _rule(min=1, default=None)  # null: ShrinkParams.subnets("kernel")
+    subnets_per_step: int | None = rule(min=1, default=None)  # null: ShrinkParams.subnets("kernel")
     transforms_only: bool = False  # the source's variant: train only the kernel transform matrices
 
 
 @dataclass(frozen=True)
 class FirstPhaseParams:
-    epochs: int = _rule(min=0, default=25)  # 0: no first phase
-    lr: float = _rule(gt=0, default=0.005)
-    warmup_epochs: float = _rule(min=0, default=0.0)  # official OFA: none (the second phase: train.warmup_epochs)
+    epochs: int = rule(min=0, default=25)  # 0: no first phase
+    lr: float = rule(gt=0, default=0.005)
+    warmup_epochs: float = rule(min=0, default=0.0)  # official OFA: none (the second phase: train.warmup_epochs)
 
 
 @dataclass(frozen=True)
 class ElasticPhaseParams(PhaseParams):
-    subnets_per_step: int | None = _rule(min=1, default=None)  # null: ShrinkParams.subnets(<dimension>)
+    subnets_per_step: int | None = rule(min=1, default=None)  # null: ShrinkParams.subnets(<dimension>)
     # with 3+ choices of the stage's dimension: a first phase on all but the smallest choice (official OFA)
     first_phase: FirstPhaseParams = field(default_factory=FirstPhaseParams)
 
@@ -140,11 +126,11 @@ class ShrinkParams:
     kernel: KernelPhaseParams
     depth: ElasticPhaseParams
     width: ElasticPhaseParams
-    kd_ratio: float = _rule(min=0, default=1.0)  # weight of distillation from the teacher
-    teacher: str = _rule(choices=TEACHERS, default="full")
-    teacher_bn: str = _rule(choices=TEACHER_BN, default="train")
-    reduce: str = _rule(choices=REDUCE, default="sum")
-    subnets_per_step: int | None = _rule(min=1, default=None)  # every shrink stage's, unless the stage sets its own
+    kd_ratio: float = rule(min=0, default=1.0)  # weight of distillation from the teacher
+    teacher: str = rule(choices=TEACHERS, default="full")
+    teacher_bn: str = rule(choices=TEACHER_BN, default="train")
+    reduce: str = rule(choices=REDUCE, default="sum")
+    subnets_per_step: int | None = rule(min=1, default=None)  # every shrink stage's, unless the stage sets its own
 
     def subnets(self, dim: str) -> int:
         """Sampled subnets per step of the shrink stage of `dim` (kernel | depth | width), gradients accumulated:
@@ -156,8 +142,8 @@ class ShrinkParams:
 @dataclass(frozen=True)
 class EvaluateParams:
     finetune: PhaseParams
-    bn_calibration_images: int = _rule(min=1, default=2000)
-    sampled_configs: int = _rule(min=0, max=10_000, default=0)  # random per-block configs besides the uniform grid
+    bn_calibration_images: int = rule(min=1, default=2000)
+    sampled_configs: int = rule(min=0, max=10_000, default=0)  # random per-block configs besides the uniform grid
 
 
 COSTS = ("macs", "latency")  # what specialize.budgets bound: MACs per image | predicted ms per batch
@@ -167,12 +153,12 @@ LATENCY_TABLES = Path("latency_tables")  # where latency.table files live: the l
 
 @dataclass(frozen=True)
 class LatencyParams:
-    runtime: str = _rule(choices=RUNTIMES, default="onnxruntime")
-    batch_size: int = _rule(min=1, default=1)  # images per inference
-    threads: int = _rule(min=1, default=1)  # intra-op threads
+    runtime: str = rule(choices=RUNTIMES, default="onnxruntime")
+    batch_size: int = rule(min=1, default=1)  # images per inference
+    threads: int = rule(min=1, default=1)  # intra-op threads
     device: str = "this-machine"  # a name for the target: a new name measures a new table
-    hardware: str = _rule(choices=HARDWARE, default="cpu")  # where the torch runtime runs (onnxruntime: cpu)
-    validate: int = _rule(min=0, default=50)  # random configs measured whole against the table, besides the uniform
+    hardware: str = rule(choices=HARDWARE, default="cpu")  # where the torch runtime runs (onnxruntime: cpu)
+    validate: int = rule(min=0, default=50)  # random configs measured whole against the table, besides the uniform
     table: str | None = None  # a table built on the target (under latency_tables/); null = measure here
 
 
@@ -181,11 +167,11 @@ STRATEGIES = ("direct", "predictor")  # every trial scored for real | searched o
 
 @dataclass(frozen=True)
 class PredictorParams:  # specialize.strategy predictor (ofa.deploy.predictor_search)
-    kind: str = _rule(choices=PREDICTORS, default="ridge")
-    samples: int = _rule(min=2, default=100)  # random configs scored for real (besides the uniform grid)
-    held_out: float = _rule(gt=0, lt=1, default=0.2)  # share of the samples kept out of the fit, to validate it
-    trials: int = _rule(min=1, default=3000)  # NSGA-II trials on the predictions
-    verify: int = _rule(min=1, default=5)  # best predicted configs per budget scored for real
+    kind: str = rule(choices=PREDICTORS, default="ridge")
+    samples: int = rule(min=2, default=100)  # random configs scored for real (besides the uniform grid)
+    held_out: float = rule(gt=0, lt=1, default=0.2)  # share of the samples kept out of the fit, to validate it
+    trials: int = rule(min=1, default=3000)  # NSGA-II trials on the predictions
+    verify: int = rule(min=1, default=5)  # best predicted configs per budget scored for real
 
     def population(self, opening: int) -> int:
         """NSGA-II population on the predictions: 25 generations, at least `opening` (the direct search's)."""
@@ -195,10 +181,10 @@ class PredictorParams:  # specialize.strategy predictor (ofa.deploy.predictor_se
 @dataclass(frozen=True)
 class SpecializeParams:
     budgets: tuple[float, ...]  # per budget one searched, exported subnet; MACs per image, or ms (cost: latency)
-    cost: str = _rule(choices=COSTS, default="macs")  # latency: the latency table's prediction
-    strategy: str = _rule(choices=STRATEGIES, default="direct")
-    trials: int = _rule(min=1, default=300)  # NSGA-II trials, the uniform configs first (strategy direct)
-    population: int | None = _rule(min=2, default=None)  # NSGA-II population; null = max(16, uniform configs)
+    cost: str = rule(choices=COSTS, default="macs")  # latency: the latency table's prediction
+    strategy: str = rule(choices=STRATEGIES, default="direct")
+    trials: int = rule(min=1, default=300)  # NSGA-II trials, the uniform configs first (strategy direct)
+    population: int | None = rule(min=2, default=None)  # NSGA-II population; null = max(16, uniform configs)
     predictor: PredictorParams = field(default_factory=PredictorParams)
 
     def macs_budgets(self) -> list[int]:
@@ -215,9 +201,9 @@ CONFIG_NAMES = ("min", "max")  # baseline.configs' names for the space's smalles
 
 @dataclass(frozen=True)
 class BaselineParams:  # stage baseline: configs trained alone from the seed's init (ofa.pipeline.baseline)
-    configs: tuple[str, ...] = _rule(default=CONFIG_NAMES, empty=True)  # min | max | a config string; [] = none
-    epochs: int | None = _rule(min=1, default=None)  # null: the whole progressive-shrinking schedule's
-    lr: float | None = _rule(gt=0, default=None)  # null: supernet.lr
+    configs: tuple[str, ...] = rule(default=CONFIG_NAMES, empty=True)  # min | max | a config string; [] = none
+    epochs: int | None = rule(min=1, default=None)  # null: the whole progressive-shrinking schedule's
+    lr: float | None = rule(gt=0, default=None)  # null: supernet.lr
     kd: bool = False  # true: distil from train_supernet's full network (official OFA's distillation)
 
     def resolve(self, space: ConfigSpace, num_units: int) -> list[SubnetConfig]:
@@ -248,92 +234,16 @@ class Params:
     specialize: SpecializeParams
     latency: LatencyParams = field(default_factory=LatencyParams)
     baseline: BaselineParams = field(default_factory=BaselineParams)
-    seed: int = _rule(min=0, max=2**32 - 1, default=0)
+    seed: int = rule(min=0, max=2**32 - 1, default=0)
 
     def search_population(self) -> int:
         """NSGA-II population: specialize.population, or enough for every uniform config and at least 16."""
         return self.specialize.population or max(16, self.space.build().grid_size())
 
 
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is tuple:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    if dataclasses.is_dataclass(tp):
-        return "a mapping"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null"}[tp]
-
-
-def _convert(value: Any, tp: Any, path: str, empty: bool = False) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in typing.get_args(tp):
-            return None
-        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _convert(value, inner, path, empty)
-    if dataclasses.is_dataclass(tp):
-        return _parse(tp, value, path)
-    if origin is tuple:
-        if not isinstance(value, list):
-            raise ParamsError(f"{path}: got {value!r} ({_type_name(tp)})")
-        if not value and not empty:
-            raise ParamsError(f"{path}: empty list (at least one entry)")
-        return tuple(_convert(v, typing.get_args(tp)[0], f"{path}[{i}]") for i, v in enumerate(value))
-    ok = {
-        int: isinstance(value, int) and not isinstance(value, bool),
-        float: isinstance(value, (int, float)) and not isinstance(value, bool),
-        str: isinstance(value, str),
-        bool: isinstance(value, bool),
-    }[tp]
-    if not ok:
-        raise ParamsError(f"{path}: got {value!r} ({_type_name(tp)})")
-    if tp is float and not math.isfinite(value):
-        raise ParamsError(f"{path}: {value!r} is not allowed (a finite number)")
-    return value
-
-
-def _check_range(value: Any, meta: typing.Mapping, path: str) -> None:
-    if value is None:
-        return
-    if meta.get("choices") is not None and value not in meta["choices"]:
-        raise ParamsError(f"{path}: {value!r} is not allowed (one of {', '.join(map(str, meta['choices']))})")
-    bounds = [("min", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
-              ("max", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<")]
-    for key, ok, sign in bounds:
-        if meta.get(key) is not None and not ok(value, meta[key]):
-            allowed = [f"{s} {meta[k] if isinstance(meta[k], int) else format(meta[k], 'g')}"
-                       for k, _, s in bounds if meta.get(k) is not None]
-            raise ParamsError(f"{path}: {value!r} is out of range ({' and '.join(allowed)})")
-
-
-def _parse(cls: type, raw: Any, path: str) -> Any:
-    where = path or "params"
-    if not isinstance(raw, dict):
-        raise ParamsError(f"{where}: got {raw!r} (a mapping of {', '.join(f.name for f in dataclasses.fields(cls))})")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in raw:
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f"did you mean {path + '.' if path else ''}{close[0]}?" if close else f"allowed: {', '.join(fields)}"
-            raise ParamsError(f"{path + '.' if path else ''}{key}: unknown key ({hint})")
-    values = {}
-    for name, f in fields.items():
-        key = f"{path}.{name}" if path else name
-        if name not in raw:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ParamsError(f"{key}: missing ({_type_name(hints[name])})")
-            continue
-        values[name] = _convert(raw[name], hints[name], key, f.metadata.get("empty", False))
-        _check_range(values[name], f.metadata, key)
-    return cls(**values)
-
-
 def parse_params(raw: Any) -> Params:
     """Typed, validated Params from the mapping in params.yaml; ParamsError names the first bad key."""
-    params = _parse(Params, raw, "")
+    params = parse(Params, raw, "")
     try:
         params.space.build()
     except ValueError as e:  # ConfigSpace messages already start with "space.<key>:"
