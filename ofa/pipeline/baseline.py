@@ -97,7 +97,8 @@ def baseline(params: Params, root: Path = Path("."), progress: bool = True) -> d
             save_subnet(sub, staged / file_name(configs[i]))
             records.append(record)
             write_json(done_path, {"key": key, "records": records})
-            print(f"[{i + 1}/{len(configs)}] {record['config']} ({record['name']}): {record['macs'] / 1e6:.2f}M MACs, "
+            named = f" ({record['name']})" if record["name"] != record["config"] else ""
+            print(f"[{i + 1}/{len(configs)}] {record['config']}{named}: {record['macs'] / 1e6:.2f}M MACs, "
                   f"trained alone {record['epochs']} epochs in {record['train_s']:.0f} s: test "
                   f"{record['accuracy']:.4f}", flush=True)
     ctx.resume_path("baseline.pt").unlink(missing_ok=True)

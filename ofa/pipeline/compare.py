@@ -104,7 +104,8 @@ def totals_line(result: dict[str, Any]) -> str:
 def totals(rows: list[dict], table2: list[tuple[str, int]], alone: dict, supernet: dict) -> dict[str, Any]:
     """The supernet's four training stages against every Table 2 config (`table2`: config, MACs) trained alone:
     measured where the baseline trained it, projected (``PROJECTION``) for the rest."""
-    images = alone["epochs"] * alone["images_per_epoch"]
+    # the images a config trains on (an epoch's last partial batch is dropped): as measured, else as planned
+    images = rows[0]["alone"]["images"] if rows else alone["epochs"] * alone["images_per_epoch"]
     measured = {r["config"]: r["alone"]["train_s"] for r in rows}
     rate = seconds_per_image([(r["macs"], r["alone"]["train_s"] / r["alone"]["images"])
                               for r in rows if r["alone"]["images"]])

@@ -135,7 +135,7 @@ def baseline_scatter(rows: Sequence[dict], path: Path) -> None:
              if r["supernet"]["accuracy_finetuned"] is not None]
     if tuned:
         ax.scatter(*zip(*tuned), color=COLOURS["finetuned"], marker="^", zorder=2, label="supernet subnet, fine-tuned")
-    ax.set(title="baseline: trained alone vs the supernet's subnets", xlabel="MACs (millions)",
+    ax.set(title="compare: trained alone (baseline) vs the supernet's subnets", xlabel="MACs (millions)",
            ylabel="test accuracy")
     ax.grid(alpha=0.3)
     if rows:
