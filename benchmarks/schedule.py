@@ -11,8 +11,9 @@ images of the dataset's input shape: one warm-up epoch, then `--steps` measured 
 (`evaluate.bn_calibration_images`), evaluation and fine-tuning are timed the same way, on the smallest and
 the largest subnet. The projection multiplies those speeds by the schedule: each phase's epochs of training
 images, the max config's val accuracy after every epoch and the stage's closing test evaluations;
-evaluate_space's configs (calibration, test, fine-tuning, test again); specialize's trials (calibration and
-val each; every trial counted, though repeats are not re-evaluated) and its picks' tests. Subnets of middling
+evaluate_space's configs (calibration, test, fine-tuning, test again); the baseline's configs trained alone (at
+their subnet's fine-tuning speed) and tested; specialize's trials (calibration and val each; every trial
+counted, though repeats are not re-evaluated) and its picks' tests. Subnets of middling
 size are charged the mean of the smallest's and the largest's times. Not counted: loading the data,
 writing checkpoints, ONNX exports and process start-up (seconds each). One process; with
 `train.processes: N`, divide the training by what ``benchmarks/scaling.py`` measures.
@@ -33,7 +34,7 @@ import torch
 
 from ofa import data as data_mod
 from ofa.model import OFANet
-from ofa.pipeline import recipe
+from ofa.pipeline import baseline, recipe
 from ofa.pipeline.checkpoint import build_net, save_checkpoint
 from ofa.pipeline.config import Params, ParamsError, load_params
 from ofa.pipeline.context import TRAINING_STAGES
@@ -144,10 +145,28 @@ def project(params: Params, rows: list[dict], subnets: dict[str, dict], n_train:
     parts.append(("evaluate_space", f"{configs} configs: test, fine-tune {ft.epochs} x "
                   f"{ft.images_per_epoch or n_train} images, test", configs * (
                       check(mid, n_test) + ft_images / mid["finetune_per_s"] + n_test / mid["evaluate_per_s"]), None))
+    parts += _baseline(params, subnets, n_train, n_val, n_test)
     picks = len(params.specialize.budgets)
     parts.append(("specialize", f"{params.specialize.trials} trials on val, {picks} x 2 picks on test",
                   params.specialize.trials * check(mid, n_val) + 2 * picks * check(mid, n_test), None))
     return parts
+
+
+def _baseline(params: Params, subnets: dict[str, dict], n_train: int, n_val: int,
+              n_test: int) -> list[tuple[str, str, float, float | None]]:
+    """Stage baseline: each config trained alone (at the fine-tuning speed of its subnet: the smallest's, the
+    largest's, else the middling one's), then tested on val and test."""
+    space, units = params.space.build(), len(params.net.units)
+    configs = params.baseline.resolve(space, units)
+    if not configs:
+        return []
+    phase = baseline.baseline_phase(params, space, n_train)
+    images = phase.epochs * (phase.images_per_epoch or n_train)
+    speeds = {space.min_config(units): subnets["smallest"], space.max_config(units): subnets["largest"]}
+    seconds = sum(images / s["finetune_per_s"] + (n_val + n_test) / s["evaluate_per_s"]
+                  for s in (speeds.get(c, subnets["middling"]) for c in configs))
+    return [("baseline", f"{len(configs)} configs alone: {phase.epochs} epochs x {phase.images_per_epoch or n_train} "
+             "images, val and test", seconds, None)]
 
 
 def read_params(parser: argparse.ArgumentParser, path: Path, overrides: list[str]) -> Params:

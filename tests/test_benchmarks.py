@@ -55,7 +55,9 @@ def test_the_projection_is_the_schedule_times_the_measured_speeds(schedule_bench
         1 + 1500 / 1000)  # the max config's val each epoch; the max and the min config on test at the end
     assert got[("evaluate_space", "15 configs")] == 15 * (2 + 1500 / 750 + 2 * 1000 / 150 + 1500 / 750)
     assert got[("specialize", "20 trials on val")] == 20 * (2 + 300 / 750) + 2 * 3 * (2 + 1500 / 750)
-    assert len(parts) == 2 * 4 + 1 + 2  # train + evaluations per stage (width: two phases), the last two stages
+    images = 7 * 1000  # the baseline, min and max: the params' schedule, 7 epochs of the whole split
+    assert got[("baseline", "2 configs alone")] == images / 200 + 1800 / 1000 + images / 100 + 1800 / 500
+    assert len(parts) == 2 * 4 + 1 + 3  # train + evaluations per stage (width: two phases), the last three stages
 
 
 def test_the_schedule_benchmark_measures_every_phase_of_a_tiny_net(schedule_bench, tmp_path, capsys):
@@ -66,7 +68,7 @@ def test_the_schedule_benchmark_measures_every_phase_of_a_tiny_net(schedule_benc
     assert " train 5 epochs x 384 images" in out[1]  # the override, applied as dvc exp run -S applies it
     stages = [line.split()[0] for line in out[1:-1]]
     assert stages == ["train_supernet"] * 2 + ["shrink_kernel"] * 2 + ["shrink_depth"] * 2 + ["shrink_width"] * 2 + [
-        "evaluate_space", "specialize"]
+        "evaluate_space", "baseline", "specialize"]
     for line in out[1:-1:2][:4]:  # a measured speed beside each training row
         assert re.match(r"^\w+ +\d+\.\d +\d+m \d\ds  train \d+ epochs x 384 images", line), line
     assert re.match(r"^total +\d+m \d\ds  on cpu, one process$", out[-1]), out[-1]

@@ -588,7 +588,7 @@ def test_only_rank_0_writes_outputs_and_every_output_is_renamed_into_place(two_p
     rank0 = {path for rank, how, path in inside if rank == "0" and how == "rename"}
     assert {"models/train_supernet.pt", "models/shrink_width.pt", "metrics/train_supernet.json",
             "metrics/space.json", "metrics/specialize.json", "metrics/live/train_supernet",
-            "models/specialized"} <= rank0  # the log sees the writes
+            "models/specialized", "models/baseline", "metrics/baseline.json"} <= rank0  # the log sees the writes
     # rank 1 writes nothing but the fine-tuning state of the configs it evaluates
     assert {path for rank, how, path in inside if rank != "0"} <= {".resume/evaluate_space.rank1.pt"}
     # nothing is written in place in models/ or metrics/: each file or folder is renamed there when complete
@@ -609,6 +609,9 @@ def test_repro_with_two_processes_runs_every_stage_on_two_ranks(two_process_repr
     records = json.loads((project / "metrics" / "space.json").read_text())
     assert [r["config"] for r in records[:8]] == [f"k{k}-d{d}-w{w}" for k in (5, 7) for d in (2, 3) for w in (2, 4)]
     assert len(records) == 9 and all(0.2 < r["accuracy"] <= 1 for r in records[:8])
+    rows = json.loads((project / "metrics" / "baseline.json").read_text())["configs"]  # trained data-parallel
+    assert [r["config"] for r in rows] == ["k5-d2-w2", "k7-d3-w4"] and all(r["alone"]["accuracy"] > 0.15 for r in rows)
+    assert [r["supernet"]["accuracy"] for r in rows] == [records[0]["accuracy"], records[7]["accuracy"]]
     picks = json.loads((project / "metrics" / "picks.json").read_text())["budgets"]
     assert list(picks) == ["macs-1.5M"] and picks["macs-1.5M"]["macs"] <= 1500000
     assert sorted(p.name for p in (project / "models" / "specialized").iterdir()) == ["macs-1.5M.onnx", "macs-1.5M.pt"]

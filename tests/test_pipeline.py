@@ -669,7 +669,7 @@ def test_baseline_trains_each_config_alone_and_compare_sets_it_beside_the_supern
     supernet_s = round(sum(t["train_s"] for t in timing.values()), 1)
     data = DeviceData.load(project / "data" / "prepared", torch.device("cpu"))
     for row, record in zip(result["configs"], alone["records"]):
-        config, evaluated = row["config"], space[row["config"]]
+        evaluated = space[row["config"]]
         model = ofa.load_subnet(project / "models" / "baseline" / file_name(SubnetConfig.from_dict(record["subnet"])))
         assert evaluate(model, data, batch_size=256) == row["alone"]["accuracy"] == record["accuracy"]
         assert (row["macs"], row["params"]) == (evaluated["macs"], evaluated["params"])  # calflops' count too

@@ -240,6 +240,25 @@ def test_a_baseline_starts_from_the_seeds_fresh_init_not_from_a_checkpoint(two_r
         baseline.baseline(params, root, progress=False)
 
 
+def test_no_baseline_configs_train_nothing_and_compare_reports_no_config(two_runs, tmp_path):
+    import shutil
+
+    from ofa.pipeline import baseline, compare
+
+    (a, _), _ = two_runs
+    for d in ("data/prepared", "models", "metrics"):
+        shutil.copytree(a / d, tmp_path / d)
+    raw = profile()
+    raw["baseline"]["configs"] = []
+    params = parse_params(raw)
+    assert baseline.baseline(params, tmp_path, progress=False)["records"] == []
+    assert list((tmp_path / "models" / "baseline").iterdir()) == []
+    result, headline = compare.compare(params, tmp_path, progress=False)
+    assert result["configs"] == [] and headline == {} and result["totals"]["alone"]["projected_s"] is None
+    assert json.loads((tmp_path / "metrics" / "baseline_plot.json").read_text()) == []
+    assert compare.totals_line(result).endswith("no config trained alone (baseline.configs: [])")
+
+
 def test_a_baseline_config_not_of_the_space_is_one_line_before_any_work(two_runs, tmp_path):
     import shutil
 

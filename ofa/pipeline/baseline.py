@@ -106,8 +106,8 @@ def baseline(params: Params, root: Path = Path("."), progress: bool = True) -> d
         return None
     result = _result(ctx, phase, records)
     with replaced_dir(root / OUT) as out:
-        for cfg in configs:
-            shutil.copy2(staged / file_name(cfg), out / file_name(cfg))
+        for cfg in configs:  # each file complete: moved, not written, into the folder that replaces models/baseline
+            (staged / file_name(cfg)).rename(out / file_name(cfg))
     write_json(root / RECORDS, result)
     ctx.write_timing(ctx.timing(configs=len(records), train_s=round(sum(r["train_s"] for r in records), 1)))
     done_path.unlink(missing_ok=True)
