@@ -18,7 +18,6 @@ uninterrupted run would. With several processes each config trains data-parallel
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -33,7 +32,7 @@ from ..train import distributed, evaluate, fit
 from . import recipe
 from .checkpoint import build_net, load_checkpoint
 from .config import Params, ParamsError, PhaseParams
-from .context import METRICS, MODELS, TRAINING_STAGES, StageContext
+from .context import METRICS, MODELS, TRAINING_STAGES, StageContext, finished_records
 
 RECORDS = METRICS / "baseline_alone.json"  # what the stage measured; compare's metrics/baseline.json adds the rest
 OUT = MODELS / "baseline"  # one saved subnet per config (load_subnet)
@@ -154,18 +153,9 @@ def _train_alone(ctx: StageContext, configs: list[SubnetConfig], i: int, phase: 
 
 
 def _finished(done_path: Path, staged: Path, key: str, configs: list[SubnetConfig]) -> list[dict]:
-    """The records (and saved models) an interrupted run of the same key finished, in order; [] when none."""
-    try:
-        saved = json.loads(done_path.read_text())
-    except (OSError, ValueError):  # missing or unreadable: only a lost shortcut
-        return []
-    if not isinstance(saved, dict) or saved.get("key") != key or not isinstance(saved.get("records"), list):
-        return []
-    records = saved["records"]
-    if len(records) > len(configs) or any(r.get("config") != str(c) or not (staged / file_name(c)).is_file()
-                                          for r, c in zip(records, configs)):
-        return []
-    return records
+    """The records an interrupted run of the same key finished, in order, when their models wait in `staged`."""
+    records = finished_records(done_path, key, configs)
+    return records if all((staged / file_name(c)).is_file() for c in configs[:len(records)]) else []
 
 
 def _result(ctx: StageContext, phase: PhaseParams, records: list[dict]) -> dict[str, Any]:

@@ -206,6 +206,21 @@ def check_memory(params: Params, root: Path, device: torch.device, train_images:
                             hint="lower data.image_size or data.train_limit")
 
 
+def finished_records(path: Path, key: str, configs: list) -> list[dict]:
+    """The per-config records an interrupted run of the same key saved to `path` ({"key", "records"}), when
+    they are the first configs of `configs`, in order; [] otherwise (a missing or unreadable file too)."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):  # missing or unreadable: only a lost shortcut
+        return []
+    if not isinstance(saved, dict) or saved.get("key") != key or not isinstance(saved.get("records"), list):
+        return []
+    records = saved["records"]
+    if len(records) > len(configs) or any(r.get("config") != str(c) for r, c in zip(records, configs)):
+        return []
+    return records
+
+
 def stage_params(params: Params, stage: str) -> dict[str, Any]:
     """The values of the params `stage`'s outputs depend on (STAGE_PARAMS), by their dotted names."""
     values = {}

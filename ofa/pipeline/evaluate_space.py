@@ -3,7 +3,6 @@ after fine-tuning, printed in the shape of the source's Table 2."""
 
 from __future__ import annotations
 
-import json
 import random
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from ..model import OFANet, SubnetConfig, count_macs, count_params
 from ..train import DeviceData, calibrate_bn, distributed, evaluate, fit
 from . import figures
 from .config import Params
-from .context import METRICS, StageContext
+from .context import METRICS, StageContext, finished_records
 from .recipe import schedule
 
 
@@ -57,7 +56,7 @@ def evaluate_space(params: Params, root: Path = Path("."),
 
 def _resumed_records(done_path: Path, key: str, configs: list[SubnetConfig], w: distributed.World) -> list[dict]:
     """The records an interrupted run finished (rank 0's, on every rank); rank 0 says so when there are some."""
-    records = distributed.broadcast(_finished_records(done_path, key, configs) if w.main else None, w)
+    records = distributed.broadcast(finished_records(done_path, key, configs) if w.main else None, w)
     if records and w.main:
         print(f"evaluate_space: resuming after config {len(records)}/{len(configs)} from {done_path}",
               file=sys.stderr)
@@ -94,20 +93,6 @@ def _space_configs(net: OFANet, params: Params) -> list[SubnetConfig]:
     for _ in range(params.evaluate.sampled_configs):
         configs.append(net.sample_config(rng))
     return list(dict.fromkeys(configs))
-
-
-def _finished_records(path: Path, key: str, configs: list[SubnetConfig]) -> list[dict]:
-    """The records an interrupted run of the same key finished, in order; [] when there are none."""
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, ValueError):  # missing or unreadable: only a lost shortcut
-        return []
-    if not isinstance(saved, dict) or saved.get("key") != key or not isinstance(saved.get("records"), list):
-        return []
-    records = saved["records"]
-    if len(records) > len(configs) or any(r.get("config") != str(c) for r, c in zip(records, configs)):
-        return []
-    return records
 
 
 def _evaluate_config(params: Params, net: OFANet, cfg: SubnetConfig, data: DeviceData,
