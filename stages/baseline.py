@@ -7,7 +7,8 @@ def run(params):
     result = baseline.baseline(params)
     if result is None:  # a rank other than 0: rank 0 reports
         return None
-    return {"configs": len(result["records"]), "epochs": result["epochs"], "images_per_epoch": result["images_per_epoch"],
+    return {"configs": len(result["records"]), "epochs": result["epochs"],
+            "images_per_epoch": result["images_per_epoch"],
             "accuracy": {r["config"]: r["accuracy"] for r in result["records"]}}
 
 

@@ -675,8 +675,9 @@ def test_baseline_trains_each_config_alone_and_compare_sets_it_beside_the_supern
         assert (row["macs"], row["params"]) == (evaluated["macs"], evaluated["params"])  # calflops' count too
         assert row["alone"] == {"accuracy": record["accuracy"], "val_accuracy": record["val_accuracy"],
                                 "train_s": record["train_s"], "images": 5 * train, "epochs": 5}
-        assert row["supernet"] == {"accuracy": evaluated["accuracy"], "accuracy_finetuned": evaluated["accuracy_finetuned"],
-                                   "from": "evaluate_space", "train_s": supernet_s, "images": 5 * train}
+        assert row["supernet"] == {
+            "accuracy": evaluated["accuracy"], "accuracy_finetuned": evaluated["accuracy_finetuned"],
+            "from": "evaluate_space", "train_s": supernet_s, "images": 5 * train}
         assert row["alone_minus_supernet"] == round(record["accuracy"] - evaluated["accuracy"], 4)
     totals = result["totals"]
     measured, projected = totals["alone"]["measured_s"], totals["alone"]["projected_s"]
@@ -686,7 +687,8 @@ def test_baseline_trains_each_config_alone_and_compare_sets_it_beside_the_supern
     assert totals["alone"]["train_s"] == round(sum(measured.values()) + sum(projected.values()), 1)
     assert totals["supernet"]["train_s"] == supernet_s
     assert json.loads((project / "metrics" / "compare.json").read_text()) == {
-        "accuracy_max": result["configs"][1]["alone"]["accuracy"], "accuracy_min": result["configs"][0]["alone"]["accuracy"]}
+        "accuracy_max": result["configs"][1]["alone"]["accuracy"],
+        "accuracy_min": result["configs"][0]["alone"]["accuracy"]}
     plot = json.loads((project / "metrics" / "baseline_plot.json").read_text())
     assert plot == [{"config": r["config"], "macs": r["macs"], "trained_alone": r["alone"]["accuracy"],
                      "supernet_subnet": r["supernet"]["accuracy"]} for r in result["configs"]]

@@ -39,6 +39,9 @@ def compare(params: Params, root: Path = Path("."),
     timing = {s: _read(root / METRICS / "timing" / f"{s}.json", f"{s}'s timing") for s in TRAINING_STAGES}
     ctx = StageContext.open(params, root, "compare")  # evaluate_space's calibration images
     ctx.load("shrink_width")
+    for path in (root / baseline.RECORDS, root / METRICS / "space.json"):
+        ctx.depend_on(path)
+    ctx.key()  # before any collective: a rank with other params or inputs is named
     supernet = {"train_s": round(sum(t["train_s"] for t in timing.values()), 1),
                 "images": alone["schedule"]["images"]}
     rows = []
@@ -80,7 +83,7 @@ def table(result: dict[str, Any]):
         "MACs": f"{r['macs'] / 1e6:.2f}M",
         "alone": f"{r['alone']['accuracy']:.4f}",
         "supernet": f"{r['supernet']['accuracy']:.4f}",
-        "fine-tuned": "" if r["supernet"]["accuracy_finetuned"] is None else f"{r['supernet']['accuracy_finetuned']:.4f}",
+        "fine-tuned": "" if (tuned := r["supernet"]["accuracy_finetuned"]) is None else f"{tuned:.4f}",
         "alone - supernet": f"{r['alone_minus_supernet']:+.4f}",
         "alone s": f"{r['alone']['train_s']:.0f}",
         "alone images": r["alone"]["images"],

@@ -41,8 +41,9 @@ TRAINING_STAGES: dict[str, str | None] = {
 
 _SHRINK = ("seed", "space", "net", "train", "evaluate.bn_calibration_images", "shrink.kd_ratio", "shrink.teacher",
            "shrink.teacher_bn", "shrink.reduce", "shrink.subnets_per_step")
-# The params each resumable stage's outputs depend on, as dvc.yaml lists them (a test holds the two equal): its
-# resume state is keyed by these, so a change of another stage's params keeps the progress of a stopped stage.
+# The params each keyed stage's outputs depend on, as dvc.yaml lists them (a test holds the two equal): its resume
+# state is keyed by these, so a change of another stage's params keeps the progress of a stopped stage; the key
+# also names a rank whose params or inputs differ from rank 0's.
 STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "train_supernet": ("seed", "space", "net", "train", "evaluate.bn_calibration_images", "supernet"),
     "shrink_kernel": (*_SHRINK, "shrink.kernel"),
@@ -56,6 +57,8 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
                  "shrink.depth.epochs", "shrink.depth.images_per_epoch", "shrink.depth.first_phase.epochs",
                  "shrink.width.epochs", "shrink.width.images_per_epoch", "shrink.width.first_phase.epochs",
                  "baseline"),
+    "compare": ("seed", "space", "net", "train.eval_batch_size", "train.device", "train.processes",
+                "evaluate.bn_calibration_images"),
 }
 
 
