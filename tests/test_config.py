@@ -77,6 +77,7 @@ BAD = [
     ("shrink.reduce", "avg", r"^shrink\.reduce: 'avg' is not allowed \(one of sum, mean\)$"),
     ("shrink.teacher", "best", r"^shrink\.teacher: 'best' is not allowed \(one of full, previous\)$"),
     ("shrink.teacher_bn", "frozen", r"^shrink\.teacher_bn: 'frozen' is not allowed \(one of train, eval\)$"),
+    ("shrink.sample", "bignas", r"^shrink\.sample: 'bignas' is not allowed \(one of random, sandwich\)$"),
     ("shrink.width.subnets_per_step", 0, r"^shrink\.width\.subnets_per_step: 0 is out of range \(>= 1\)$"),
     ("shrink.depth.first_phase", {"epochs": 5, "lr": 0}, r"^shrink\.depth\.first_phase\.lr: 0 is out of range"),
     ("shrink.subnets_per_step", 0, r"^shrink\.subnets_per_step: 0 is out of range \(>= 1\)$"),

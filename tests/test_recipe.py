@@ -38,7 +38,7 @@ def _widths(configs) -> set:
 
 def test_the_shipped_recipe_is_the_official_one():
     s = parse_params(committed_params()).shrink
-    assert (s.reduce, s.teacher, s.teacher_bn) == ("sum", "full", "train")
+    assert (s.reduce, s.teacher, s.teacher_bn, s.sample) == ("sum", "full", "train", "random")
     assert [s.subnets(dim) for dim in DIMS] == [1, 2, 4]
     assert (s.depth.first_phase.epochs, s.width.first_phase.epochs) == (25, 25)
     assert (s.depth.first_phase.warmup_epochs, s.width.first_phase.warmup_epochs) == (0, 0)
@@ -96,6 +96,33 @@ def test_each_stage_samples_its_own_number_of_subnets_from_its_own_space():
     assert len(recipe.phases(params, "shrink_depth", SEED_SPACE)) == 1  # 2 choices: one phase on both
     no_first = _params(**{"depth.first_phase": {"epochs": 0, "lr": 0.005}})
     assert len(recipe.phases(no_first, "shrink_depth", PAPER_SPACE)) == 1
+
+
+def test_sandwich_steps_train_their_spaces_largest_and_smallest_config_and_draw_the_rest():
+    """Each phase's step: first the max config, then the smallest of the phase's space in the dimensions the stage
+    samples (a first phase's space lacks the smallest choice), then random ones drawn as shrink.sample random draws
+    them; one subnet per step (the official kernel stage) is drawn."""
+    counts = {"kernel.subnets_per_step": 1, "depth.subnets_per_step": 2, "width.subnets_per_step": 4}
+    net = ofa.OFANet(PAPER_SPACE, 3, 10, units=TINY_UNITS, stem_channels=8, final_channels=32)
+    uniform = lambda k, d, w: PAPER_SPACE.uniform(net.num_units, k, d, w)  # noqa: E731
+    smallest = {("shrink_kernel", ""): None, ("shrink_depth", ".phase1"): uniform(3, 3, 6),
+                ("shrink_depth", ""): uniform(3, 2, 6), ("shrink_width", ".phase1"): uniform(3, 2, 4),
+                ("shrink_width", ""): uniform(3, 2, 3)}
+    sandwich, drawn = _params(sample="sandwich", **counts), _params(**counts)
+    seen = set()
+    for stage in ("shrink_kernel", "shrink_depth", "shrink_width"):
+        for phase, plain in zip(recipe.phases(sandwich, stage, net.space), recipe.phases(drawn, stage, net.space)):
+            assert phase.sandwich and not plain.sandwich
+            configs = phase.sampler(net, stage)(random.Random(1))
+            expected = plain.sampler(net, stage)(random.Random(1))
+            ends = smallest[stage, phase.suffix]
+            seen.add((stage, phase.suffix))
+            if ends is None:
+                assert configs == expected  # one subnet per step: drawn
+                continue
+            assert len(configs) == phase.subnets_per_step and configs[:2] == [net.max_config(), ends]
+            assert configs[2:] == expected[: len(configs) - 2]  # the rest drawn from the same stream
+    assert seen == set(smallest)
 
 
 @pytest.mark.parametrize("which", ["full", "previous"])

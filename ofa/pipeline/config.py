@@ -118,6 +118,7 @@ class ElasticPhaseParams(PhaseParams):
 
 
 TEACHERS = ("full", "previous")  # train_supernet's full network (official OFA) | the previous stage's max net
+SAMPLES = ("random", "sandwich")  # a step's subnets: all drawn at random (official OFA) | the largest and smallest too
 TEACHER_BN = ("train", "eval")  # the teacher's batch norm: batch statistics (official OFA) | running statistics
 
 
@@ -130,6 +131,7 @@ class ShrinkParams:
     teacher: str = rule(choices=TEACHERS, default="full")
     teacher_bn: str = rule(choices=TEACHER_BN, default="train")
     reduce: str = rule(choices=REDUCE, default="sum")
+    sample: str = rule(choices=SAMPLES, default="random")  # sandwich: a step's first two subnets its space's ends
     subnets_per_step: int | None = rule(min=1, default=None)  # every shrink stage's, unless the stage sets its own
 
     def subnets(self, dim: str) -> int:

@@ -40,7 +40,7 @@ TRAINING_STAGES: dict[str, str | None] = {
 }
 
 _SHRINK = ("seed", "space", "net", "train", "evaluate.bn_calibration_images", "shrink.kd_ratio", "shrink.teacher",
-           "shrink.teacher_bn", "shrink.reduce", "shrink.subnets_per_step")
+           "shrink.teacher_bn", "shrink.reduce", "shrink.subnets_per_step", "shrink.sample")
 # The params each keyed stage's outputs depend on, as dvc.yaml lists them (a test holds the two equal): its resume
 # state is keyed by these, so a change of another stage's params keeps the progress of a stopped stage; the key
 # also names a rank whose params or inputs differ from rank 0's.

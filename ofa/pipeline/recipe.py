@@ -46,34 +46,43 @@ class Phase:
     suffix: str = ""
     protect: tuple[float, ...] = ()
     warmup_epochs: float | None = None
+    sandwich: bool = False
 
     def sampler(self, net: OFANet, stage: str):
-        """rng -> the configs of one step."""
+        """rng -> the configs of one step: `subnets_per_step` drawn from the phase's space; with `sandwich` and 2+
+        subnets per step, the first two are the space's largest and smallest configs (the smallest choice of each
+        dimension the stage samples, the largest of the others), the rest drawn."""
         if self.space is None:
             return lambda rng: [net.max_config()]
         space, dims, n = self.space, SAMPLED[stage], self.subnets_per_step
-        return lambda rng: [space.sample(net.num_units, rng, **dims) for _ in range(n)]
+        draw = lambda rng: space.sample(net.num_units, rng, **dims)  # noqa: E731
+        if not self.sandwich or n < 2:
+            return lambda rng: [draw(rng) for _ in range(n)]
+        end = lambda dim: getattr(space, dim)[0 if dims[dim] else -1]  # noqa: E731
+        ends = [space.max_config(net.num_units), space.uniform(net.num_units, end("kernel"), end("depth"), end("width"))]
+        return lambda rng: ends + [draw(rng) for _ in range(n - 2)]
 
 
 def phases(params: Params, stage: str, space: ConfigSpace) -> list[Phase]:
     """The phases of a training stage, in order."""
     if stage == "train_supernet":
         return [Phase(params.supernet, None)]
+    sandwich = params.shrink.sample == "sandwich"
     if stage == "shrink_kernel":
-        return [Phase(params.shrink.kernel, space, params.shrink.subnets("kernel"))]
+        return [Phase(params.shrink.kernel, space, params.shrink.subnets("kernel"), sandwich=sandwich)]
     dim = stage.removeprefix("shrink_")
     p = getattr(params.shrink, dim)
     choices = getattr(space, dim)
     n = params.shrink.subnets(dim)
-    main = Phase(p, space, n)
+    main = Phase(p, space, n, sandwich=sandwich)
     if len(choices) < 3 or p.first_phase.epochs == 0:
         return [main]
     larger = dataclasses.replace(space, **{dim: choices[1:]})
     f = p.first_phase
     first = Phase(PhaseParams(f.epochs, f.lr, p.images_per_epoch), larger, n, ".phase1",
-                  warmup_epochs=f.warmup_epochs)
+                  warmup_epochs=f.warmup_epochs, sandwich=sandwich)
     if dim == "width":  # the second phase's sort keeps the first phase's widths on their channels
-        main = Phase(p, space, n, protect=tuple(choices[1:]))
+        main = Phase(p, space, n, protect=tuple(choices[1:]), sandwich=sandwich)
     return [first, main]
 
 
