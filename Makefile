@@ -18,9 +18,10 @@ QUICK_PARAMS := \
 	'net.units=[{channels:16,stride:2,activation:relu,se:false},{channels:32,stride:1,activation:relu,se:true},{channels:48,stride:2,activation:hswish,se:true}]' \
 	train.device=cpu train.batch_size=256 train.warmup_epochs=0.3 train.crop_padding=0 \
 	supernet.epochs=2 supernet.lr=0.2 \
-	shrink.kernel.epochs=1 shrink.kernel.lr=0.02 shrink.kernel.images_per_epoch=15000 \
-	shrink.depth.epochs=1 shrink.depth.lr=0.02 shrink.depth.images_per_epoch=15000 \
-	shrink.width.epochs=1 shrink.width.lr=0.05 shrink.width.images_per_epoch=30000 \
+	shrink.sample=sandwich \
+	shrink.kernel.epochs=1 shrink.kernel.lr=0.02 shrink.kernel.images_per_epoch=7500 \
+	shrink.depth.epochs=1 shrink.depth.lr=0.02 shrink.depth.images_per_epoch=7500 \
+	shrink.width.epochs=1 shrink.width.lr=0.05 shrink.width.images_per_epoch=40000 \
 	evaluate.finetune.epochs=1 evaluate.finetune.lr=0.01 evaluate.finetune.images_per_epoch=1500 \
 	'specialize.budgets=[1500000,2000000,2500000,3000000]' specialize.trials=24 \
 	latency.validate=0 \

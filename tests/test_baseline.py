@@ -32,11 +32,11 @@ def test_the_schedule_is_every_training_stage_with_its_first_phases():
 
 
 def test_a_baseline_sees_the_schedules_images_or_its_own_epochs_of_the_average_epoch():
-    p = params(**{"supernet.epochs": 2, "shrink.kernel.epochs": 1, "shrink.kernel.images_per_epoch": 15000,
-                  "shrink.depth.epochs": 1, "shrink.depth.images_per_epoch": 15000, "shrink.width.epochs": 1,
-                  "shrink.width.images_per_epoch": 30000, "supernet.lr": 0.2})
-    phase = baseline_phase(p, p.space.build(), 55000)  # the quick profile's: 170000 images in 5 epochs
-    assert (phase.epochs, phase.images_per_epoch, phase.lr) == (5, 34000, 0.2)
+    p = params(**{"supernet.epochs": 2, "shrink.kernel.epochs": 1, "shrink.kernel.images_per_epoch": 7500,
+                  "shrink.depth.epochs": 1, "shrink.depth.images_per_epoch": 7500, "shrink.width.epochs": 1,
+                  "shrink.width.images_per_epoch": 40000, "supernet.lr": 0.2})
+    phase = baseline_phase(p, p.space.build(), 55000)  # the quick profile's: 165000 images in 5 epochs
+    assert (phase.epochs, phase.images_per_epoch, phase.lr) == (5, 33000, 0.2)
     p = params(**{"baseline.epochs": 2, "baseline.lr": 0.05})
     phase = baseline_phase(p, p.space.build(), 45000)
     assert (phase.epochs, phase.images_per_epoch, phase.lr) == (2, None, 0.05)  # None: the whole split
