@@ -16,7 +16,7 @@ QUICK_PARAMS := \
 	data.dataset=fashion_mnist \
 	net.stem_stride=2 net.final_channels=256 \
 	'net.units=[{channels:16,stride:2,activation:relu,se:false},{channels:32,stride:1,activation:relu,se:true},{channels:48,stride:2,activation:hswish,se:true}]' \
-	train.device=cpu train.batch_size=256 train.warmup_epochs=0.3 train.crop_padding=0 \
+	train.device=cpu train.batch_size=256 train.warmup_epochs=0.3 train.crop_padding=0 train.flip=false \
 	supernet.epochs=2 supernet.lr=0.2 \
 	shrink.sample=sandwich \
 	shrink.kernel.epochs=1 shrink.kernel.lr=0.02 shrink.kernel.images_per_epoch=7500 \
