@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -257,6 +258,32 @@ def test_no_baseline_configs_train_nothing_and_compare_reports_no_config(two_run
     assert result["configs"] == [] and headline == {} and result["totals"]["alone"]["projected_s"] is None
     assert json.loads((tmp_path / "metrics" / "baseline_plot.json").read_text()) == []
     assert compare.totals_line(result).endswith("no config trained alone (baseline.configs: [])")
+
+
+def test_an_unreadable_search_store_is_removed_and_the_search_starts_afresh(two_runs, tmp_path, capsys):
+    """.resume/specialize.db holding something else (a file written over, a truncated copy) is only a lost
+    shortcut: specialize says so in one line, removes it and searches anew, to the picks of a first run."""
+    import shutil
+
+    from ofa.pipeline import specialize
+
+    (a, _), _ = two_runs
+    for d in ("data/prepared", "models", "metrics"):
+        shutil.copytree(a / d, tmp_path / d)
+    store = tmp_path / ".resume" / "specialize.db"
+    store.parent.mkdir()
+    store.write_text("not a database\n")
+    specialize.specialize(parse_params(profile()), tmp_path, progress=False)
+    err = capsys.readouterr().err
+    assert "specialize: .resume/specialize.db was unreadable (file is not a database); removed, the search starts " \
+           "afresh" in err
+    def picks(root: Path) -> dict:  # the measured milliseconds of the exports aside
+        found = json.loads((root / "metrics" / "picks.json").read_text())["budgets"]
+        return {b: {k: v for k, v in p.items() if not k.startswith("measured_")} for b, p in found.items()}
+
+    assert picks(tmp_path) == picks(a) and picks(a)
+    with sqlite3.connect(store) as db:  # the new store holds this search's scores
+        assert db.execute("SELECT COUNT(*) FROM ofa_scores").fetchone()[0] > 0
 
 
 def test_a_baseline_config_not_of_the_space_is_one_line_before_any_work(two_runs, tmp_path):

@@ -137,6 +137,21 @@ def _open_study(storage: Path | None, key: str, fresh: bool = False):
     return study, resumed
 
 
+def discard_unreadable(storage: Path) -> str | None:
+    """Remove `storage` when it is not a readable SQLite database (a file of something else, or truncated): it
+    holds only stored trials and scores, a shortcut, and the search then starts afresh. Why it was removed, or
+    None when it is readable or absent."""
+    if not Path(storage).is_file():
+        return None
+    try:
+        with sqlite3.connect(f"file:{Path(storage).resolve()}?mode=ro", uri=True) as db:
+            db.execute("PRAGMA quick_check").fetchall()
+        return None
+    except sqlite3.DatabaseError as e:
+        Path(storage).unlink()
+        return str(e)
+
+
 class ScoreMemo:
     """The real scores of configs, kept in a search's SQLite storage beside its trials under `key`: what a score
     depends on, not how the configs were chosen, so a search of another strategy or cost reuses them. Each score

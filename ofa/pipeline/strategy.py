@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -63,6 +64,10 @@ def find(params: Params, root: Path, w: distributed.World, net: OFANet, cost: Ca
     """Rank 0's search by specialize.strategy, the scores and trials `stored` under the two ``keys``; each batch of
     new configs is scored by every rank (their ``distributed.serve`` ends here)."""
     s = params.specialize
+    why = search.discard_unreadable(root / STORAGE)
+    if why is not None:
+        print(f"specialize: {STORAGE} was unreadable ({why}); removed, the search starts afresh", file=sys.stderr,
+              flush=True)
     memo = search.ScoreMemo(root / STORAGE, stored[0])
     scored: list[SubnetConfig] = []  # by this run
 
