@@ -295,3 +295,30 @@ def test_the_stored_search_is_keyed_by_the_code_that_scored_it(tmp_path, monkeyp
     monkeypatch.undo()
     monkeypatch.setattr(strategy, "code_version", lambda: "edited library")
     assert strategy.search_key(parse_params(tiny_params()), inputs) != same
+
+
+def test_an_unreadable_storage_is_discarded_and_a_readable_or_locked_one_kept(tmp_path, monkeypatch):
+    """What the storage holds is a shortcut: a file of something else or a truncated copy is removed (with why);
+    a good one, or one another search holds locked (no evidence of a bad file), stays."""
+    import sqlite3
+
+    good = tmp_path / "good.db"
+    memo = search.ScoreMemo(good, "key")
+    memo.memoised(lambda cfgs: [0.5] * len(cfgs))(PAPER_SPACE.uniform_grid(2))
+    memo.close()
+    assert search.discard_unreadable(good) is None and good.is_file()
+    assert search.discard_unreadable(tmp_path / "absent.db") is None
+    junk = tmp_path / "junk.db"
+    junk.write_text("not a database\n")
+    assert search.discard_unreadable(junk) == "file is not a database" and not junk.exists()
+    truncated = tmp_path / "truncated.db"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    assert search.discard_unreadable(truncated) and not truncated.exists()
+    monkeypatch.setattr(search, "BUSY_TIMEOUT_S", 0.1)
+    holder = sqlite3.connect(good, isolation_level=None)
+    try:
+        holder.execute("BEGIN EXCLUSIVE")
+        assert search.discard_unreadable(good) is None and good.is_file()
+    finally:
+        holder.close()
+    assert len(search.ScoreMemo(good, "key")) == len(PAPER_SPACE.uniform_grid(2))  # its scores still there

@@ -16,6 +16,7 @@ would have.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import sys
 import time
@@ -96,6 +97,7 @@ def best_within(candidates: Sequence[Candidate], budget: float, uniform_only: bo
     return min(fits, key=lambda c: (-c.accuracy, c.cost, c.trial), default=None)
 
 
+BUSY_TIMEOUT_S = 60  # how long a connection to a search's storage waits for another one's lock
 KEPT_SEARCHES = 4  # searches one storage holds; opening a new one drops the one used longest ago
 
 
@@ -138,18 +140,24 @@ def _open_study(storage: Path | None, key: str, fresh: bool = False):
 
 
 def discard_unreadable(storage: Path) -> str | None:
-    """Remove `storage` when it is not a readable SQLite database (a file of something else, or truncated): it
-    holds only stored trials and scores, a shortcut, and the search then starts afresh. Why it was removed, or
-    None when it is readable or absent."""
-    if not Path(storage).is_file():
+    """Remove `storage` when it is not a readable SQLite database (a file of something else, a truncated or
+    corrupt one): it holds only stored trials and scores, a shortcut, and the search then starts afresh. Why it
+    was removed; None when it is readable or absent, or cannot be checked now (locked by another search past
+    BUSY_TIMEOUT_S, or not openable: opening it for the search says why)."""
+    path = Path(storage).resolve()
+    if not path.is_file():
         return None
     try:
-        with sqlite3.connect(f"file:{Path(storage).resolve()}?mode=ro", uri=True) as db:
-            db.execute("PRAGMA quick_check").fetchall()
+        with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S)) as db:
+            check = db.execute("PRAGMA quick_check").fetchall()
+    except sqlite3.OperationalError:  # locked, or no permission: not evidence of a bad file, so kept
         return None
-    except sqlite3.DatabaseError as e:
-        Path(storage).unlink()
-        return str(e)
+    except sqlite3.DatabaseError as e:  # "file is not a database", "database disk image is malformed"
+        check = [(str(e),)]
+    if check == [("ok",)]:
+        return None
+    path.unlink()
+    return "; ".join(str(row[0]) for row in check[:3])
 
 
 class ScoreMemo:
@@ -164,7 +172,7 @@ class ScoreMemo:
         if storage is None:
             return
         Path(storage).parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(Path(storage).resolve(), timeout=60)
+        self.db = sqlite3.connect(Path(storage).resolve(), timeout=BUSY_TIMEOUT_S)
         with self.db:
             self.db.execute("CREATE TABLE IF NOT EXISTS ofa_scores (key TEXT, config TEXT, accuracy REAL, "
                             "PRIMARY KEY (key, config))")
