@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
 
+from ofa.model.depthwise import DepthwiseConv2d
 from ofa.model import elastic
 from ofa.model.elastic import (
     ElasticBatchNorm2d,
@@ -49,7 +50,7 @@ def test_depthwise_kernel_transform_chain_matches_reference(kernels):
         expected = F.conv2d(x[:, :c], w, None, 1, k // 2, 1, c)
         assert_close(conv(x[:, :c], kernel_size=k), expected)
         static = conv.extract(c, kernel_size=k)
-        assert type(static) is nn.Conv2d and static.kernel_size == (k, k) and static.groups == c
+        assert type(static) is DepthwiseConv2d and static.kernel_size == (k, k) and static.groups == c  # a Conv2d
         assert_close(static(x[:, :c]), expected)
 
 

@@ -24,10 +24,11 @@ def configs_of(net: ofa.OFANet, n_random: int = 8) -> list[ofa.SubnetConfig]:
 
 
 def assert_plain(subnet: nn.Module) -> None:
-    """Only torch.nn layers and ofa.model.subnet's static containers; no elastic module, no transform matrix."""
+    """Only torch.nn layers, ofa.model.subnet's static containers and the depthwise Conv2d; no elastic module, no
+    transform matrix."""
     for name, module in subnet.named_modules():
         origin = type(module).__module__
-        assert origin.startswith("torch.nn") or origin == "ofa.model.subnet", f"{name}: {type(module)}"
+        assert origin.startswith("torch.nn") or origin in ("ofa.model.subnet", "ofa.model.depthwise"), f"{name}: {type(module)}"
         assert "Elastic" not in type(module).__name__
     assert not any("transform" in name for name, _ in subnet.named_parameters())
 

@@ -4,6 +4,7 @@ Imports nothing else of ``ofa``: every other package stands on this one.
 """
 
 from .cost import macs, num_params
+from .depthwise import DepthwiseConv2d, depthwise_conv2d
 from .elastic import ElasticBatchNorm2d, ElasticConv2d, ElasticMBBlock, ElasticSqueezeAndExcite, ElasticUnit
 from .flops import count_macs, count_params
 from .space import ConfigSpace, SubnetConfig
@@ -11,7 +12,7 @@ from .subnet import MBBlock, SqueezeAndExcite, Subnet, Unit
 from .supernet import CIFAR_UNITS, OFANet, UnitSpec, architecture
 
 __all__ = [
-    "CIFAR_UNITS", "ConfigSpace", "ElasticBatchNorm2d", "ElasticConv2d", "ElasticMBBlock",
+    "CIFAR_UNITS", "ConfigSpace", "DepthwiseConv2d", "ElasticBatchNorm2d", "ElasticConv2d", "ElasticMBBlock",
     "ElasticSqueezeAndExcite", "ElasticUnit", "MBBlock", "OFANet", "SqueezeAndExcite", "Subnet", "SubnetConfig",
-    "Unit", "UnitSpec", "architecture", "count_macs", "count_params", "macs", "num_params",
+    "Unit", "UnitSpec", "architecture", "count_macs", "count_params", "depthwise_conv2d", "macs", "num_params",
 ]

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .depthwise import DepthwiseConv2d, depthwise_conv2d
 from .subnet import (
     MBBlock,
     SqueezeAndExcite,
@@ -154,19 +155,23 @@ class ElasticConv2d(nn.Module):
             out_channels = in_channels
         k = self.kernel_sizes[-1] if kernel_size is None else kernel_size
         w, b = self.active_params(in_channels, out_channels or self.out_channels, k)
+        if self.depthwise and b is None:
+            return depthwise_conv2d(x, w, self.stride)
         return F.conv2d(x, w, b, self.stride, k // 2, 1, in_channels if self.depthwise else 1)
 
     def extract(self, in_channels: int, out_channels: int | None = None, kernel_size: int | None = None) -> nn.Conv2d:
-        """A plain Conv2d holding exactly the weights this conv computes with for the choice."""
+        """A plain Conv2d (a DepthwiseConv2d for a depthwise one) holding exactly the weights this conv computes with."""
         if self.depthwise:
             out_channels = in_channels
         out_channels = out_channels or self.out_channels
         k = self.kernel_sizes[-1] if kernel_size is None else kernel_size
         w, b = self.active_params(in_channels, out_channels, k)
-        conv = nn.Conv2d(
-            in_channels, out_channels, k, self.stride, k // 2,
-            groups=in_channels if self.depthwise else 1, bias=b is not None,
-        ).to(w.device, w.dtype)
+        if self.depthwise and b is None:
+            conv: nn.Conv2d = DepthwiseConv2d(in_channels, k, self.stride)
+        else:
+            conv = nn.Conv2d(in_channels, out_channels, k, self.stride, k // 2,
+                             groups=in_channels if self.depthwise else 1, bias=b is not None)
+        conv = conv.to(w.device, w.dtype)
         conv.weight.data.copy_(w.detach())
         if b is not None:
             conv.bias.data.copy_(b.detach())

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .depthwise import DepthwiseConv2d
+
 ACTIVATIONS = {"relu": nn.ReLU, "hswish": nn.Hardswish}
 
 
@@ -175,7 +177,7 @@ class MBBlock(nn.Module):
         return cls(
             expand=nn.Conv2d(shape.in_channels, mid, 1, bias=False),
             expand_bn=nn.BatchNorm2d(mid),
-            depthwise=nn.Conv2d(mid, mid, shape.kernel, shape.stride, shape.kernel // 2, groups=mid, bias=False),
+            depthwise=DepthwiseConv2d(mid, shape.kernel, shape.stride),
             depthwise_bn=nn.BatchNorm2d(mid),
             se=se,
             project=nn.Conv2d(mid, shape.out_channels, 1, bias=False),
