@@ -49,6 +49,10 @@ def test_the_own_gradient_is_taken_only_where_the_kernel_is_wider_than_the_map()
     assert "Convolution" in type(depthwise_conv2d(torch.randn(2, 4, 5, 5), weight).grad_fn).__name__  # fits
     with torch.no_grad():
         assert depthwise_conv2d(torch.randn(2, 4, 4, 4), weight).grad_fn is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = depthwise_conv2d(torch.randn(2, 4, 4, 4), weight)
+    assert "Convolution" in type(out.grad_fn).__name__ and out.dtype == torch.bfloat16
+    assert "Convolution" in type(depthwise_conv2d(torch.randn(2, 4, 4, 4).double(), weight.double()).grad_fn).__name__
     frozen = weight.detach()
     assert "Convolution" in type(depthwise_conv2d(torch.randn(2, 4, 4, 4, requires_grad=True), frozen).grad_fn).__name__
 

@@ -1,12 +1,13 @@
 """Depthwise convolution with a fast weight gradient where PyTorch's CPU kernel is slow: kernels wider than the input.
 
 On the CPU, PyTorch computes a depthwise conv's weight gradient 3x to 15x slower when the kernel is larger than
-the feature map (a 7x7 or 5x5 kernel on the 4x4 maps of a net's last unit, 2-4 pixels in the quick profile:
-``benchmarks/depthwise.py`` prints the figures). There the conv is computed as what it is, a small linear map
+the feature map (a 7x7 or 5x5 kernel on the 4x4 maps of the last unit, in the quick profile's net and in the
+CIFAR-10 one: ``benchmarks/depthwise.py`` prints the figures). There the conv is computed as what it is, a small linear map
 per channel: the (H*W -> H'*W') matrix whose entries are the kernel's weights placed by a fixed index (the
 Toeplitz form). The forward pass and the input gradient stay PyTorch's; the weight gradient is one batched
 matrix product over the channels, scattered back to the kernel by that index. Same figures up to float
-rounding; everywhere else (GPU, no gradient, kernel within the map) it is ``F.conv2d`` itself.
+rounding; everywhere else (GPU, no gradient, kernel within the map, another dtype or CPU autocast) it is
+``F.conv2d`` itself.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from torch import nn
 def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, stride: int = 1) -> torch.Tensor:
     """A depthwise conv of `x` (B, C, H, W) with `weight` (C, 1, k, k), 'same' padding k // 2, no bias."""
     k = weight.shape[-1]
-    if (x.device.type == "cpu" and weight.requires_grad and torch.is_grad_enabled()
-            and weight.dtype == torch.float32 and k > min(x.shape[-2:])):
+    if (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and weight.requires_grad
+            and torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu") and k > min(x.shape[-2:])):
         return _WideKernel.apply(x, weight, stride)
     return F.conv2d(x, weight, None, stride, k // 2, 1, x.shape[1])
 
