@@ -135,3 +135,20 @@ def test_the_latency_benchmark_prints_the_tables_figures():
     assert re.match(r"^predicted vs measured: Kendall tau -?\d\.\d{3}, mean abs error \d+\.\d%, within \+-10%: "
                     r"\d+%, mean predicted / measured \d+\.\d{3}$", out[3]), out[3]
     assert re.match(r"^MACs vs measured: Kendall tau -?\d\.\d{3}$", out[4]), out[4]
+
+
+def test_the_depthwise_benchmark_times_every_conv_of_the_max_config_and_a_step_of_both_ends(tmp_path):
+    raw = tiny_params(image_size=8)  # 8x8 images: the last unit's maps are 4x4, under the max config's 7x7 kernels
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    out = _bench("depthwise.py", "--params", str(tmp_path / "params.yaml"), "--pairs", "1", "--batch", "4",
+                 "--threads", "1")
+    params = parse_params(raw)
+    assert out[0] == f"{params.data.dataset} 3x8x8, batch 4, 1 threads, medians of 1 runs"
+    convs = out[3:out.index("", 3)]
+    assert convs and all(re.fullmatch(r" +\d+ channels \d+x\d+, kernel \d, stride [12].* +\d+\.\d +\d+\.\d +\d+\.\d\dx",
+                                      line) for line in convs), convs
+    assert [line.split()[2] for line in convs if "(kernel wider than the map)" in line] == ["4x4,"]  # unit 2, 7x7
+    steps = out[-2:]
+    assert [line.split()[0] for line in steps] == ["min", "max"]
+    for line in steps:
+        assert re.fullmatch(r" +(min|max) +\d+ \( *\d+\) +\d+ \( *\d+\) +\d+\.\d\dx", line), line
