@@ -57,12 +57,14 @@ def test_the_own_gradient_is_taken_only_where_the_kernel_is_wider_than_the_map()
     assert "Convolution" in type(depthwise_conv2d(torch.randn(2, 4, 4, 4, requires_grad=True), frozen).grad_fn).__name__
 
 
-def test_only_the_weight_or_only_the_input_may_need_a_gradient():
+def test_an_input_without_a_gradient_still_gets_the_weights_own_gradient():
     torch.manual_seed(1)
     x, weight = torch.randn(3, 4, 4, 4), torch.randn(4, 1, 7, 7)
     grad_out = torch.randn(3, 4, 4, 4)
     w = weight.clone().requires_grad_()
-    depthwise_conv2d(x, w).backward(grad_out)
+    out = depthwise_conv2d(x, w)
+    assert "WideKernel" in type(out.grad_fn).__name__
+    out.backward(grad_out)
     w_ref = weight.clone().requires_grad_()
     _reference(x, w_ref, 1).backward(grad_out)
     torch.testing.assert_close(w.grad, w_ref.grad, rtol=1e-5, atol=1e-5)
@@ -81,8 +83,8 @@ def test_the_module_is_a_conv2d_with_its_state_and_eval_path():
 
 
 def test_supernet_and_extracted_subnet_train_to_the_same_gradients():
-    """The last unit's 2x2 maps under 3x3 and 5x5 kernels: the supernet's elastic conv and the extracted
-    subnet's DepthwiseConv2d give the gradients of the same computation done by F.conv2d."""
+    """The 2x2 and 1x1 maps of the last two units under the max config's 5x5 kernels: the supernet's elastic conv
+    and the extracted subnet's DepthwiseConv2d both take the own weight gradient, and agree."""
     torch.manual_seed(3)
     units = [UnitSpec(8, 2, "relu", False), UnitSpec(16, 2, "hswish", True)]
     net = OFANet(ConfigSpace(kernel=(3, 5), depth=(1, 2), width=(2, 3)), in_channels=1, num_classes=4, units=units,
