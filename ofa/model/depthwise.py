@@ -2,9 +2,9 @@
 
 On the CPU, PyTorch computes a depthwise conv's weight gradient 3x to 15x slower when the kernel is larger than
 the feature map (a 7x7 or 5x5 kernel on the 4x4 maps of the last unit, in the quick profile's net and in the
-CIFAR-10 one: ``benchmarks/depthwise.py`` prints the figures). There the conv is computed as what it is, a small linear map
-per channel: the (H*W -> H'*W') matrix whose entries are the kernel's weights placed by a fixed index (the
-Toeplitz form). The forward pass and the input gradient stay PyTorch's; the weight gradient is one batched
+CIFAR-10 one: ``benchmarks/depthwise.py`` prints the figures). There the conv is computed as what it is, a
+small linear map per channel: the (H*W -> H'*W') matrix whose entries are the kernel's weights placed by a
+fixed index (the Toeplitz form). The forward pass and the input gradient stay PyTorch's; the weight gradient is one batched
 matrix product over the channels, scattered back to the kernel by that index. Same figures up to float
 rounding; everywhere else (GPU, no gradient, kernel within the map, another dtype or CPU autocast) it is
 ``F.conv2d`` itself.
@@ -65,7 +65,8 @@ class _WideKernel(torch.autograd.Function):
         return F.conv2d(x, weight, None, stride, weight.shape[-1] // 2, 1, x.shape[1])
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor  # type: ignore[override]
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         x, weight = ctx.saved_tensors
         batch, channels, height, width = x.shape
         k, stride = weight.shape[-1], ctx.stride
