@@ -12,12 +12,14 @@ RUN := PATH="$(abspath $(VENV))/bin:$$PATH"
 # training images: the supernet sees every one three times, each shrink stage a fresh draw of them
 # (images_per_epoch), the width stage the most, at half the earlier shrink rates (docs/benchmarks.md: "The quick
 # profile" measures the options). The latency table is checked against the uniform configs alone
-# (latency.validate=0): each whole subnet costs an export, 3-4 s here.
+# (latency.validate=0): each whole subnet costs an export, 3-4 s here. Evaluation and BN re-calibration in
+# batches of 250 (train.eval_batch_size): twice as fast as 1000 on this CPU (benchmarks/evaluation.py).
 QUICK_PARAMS := \
 	data.dataset=fashion_mnist \
 	net.stem_stride=2 net.final_channels=256 \
 	'net.units=[{channels:16,stride:2,activation:relu,se:false},{channels:32,stride:1,activation:relu,se:true},{channels:48,stride:2,activation:hswish,se:true}]' \
 	train.device=cpu train.batch_size=256 train.warmup_epochs=0.3 train.crop_padding=0 train.flip=false \
+	train.eval_batch_size=250 \
 	supernet.epochs=3 supernet.lr=0.2 \
 	shrink.sample=sandwich \
 	shrink.kernel.epochs=1 shrink.kernel.lr=0.01 shrink.kernel.images_per_epoch=7500 \
@@ -57,5 +59,6 @@ bench: setup
 	$(PY) benchmarks/stage_exit.py
 	$(PY) benchmarks/latency.py
 	$(PY) benchmarks/depthwise.py $(addprefix -S ,$(QUICK_PARAMS))
+	$(PY) benchmarks/evaluation.py $(addprefix -S ,$(QUICK_PARAMS))
 	# the quick profile's schedule projected from measured speeds (make quick measures it whole)
 	$(PY) benchmarks/schedule.py $(addprefix -S ,$(QUICK_PARAMS))

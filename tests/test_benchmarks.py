@@ -137,6 +137,24 @@ def test_the_latency_benchmark_prints_the_tables_figures():
     assert re.match(r"^MACs vs measured: Kendall tau -?\d\.\d{3}$", out[4]), out[4]
 
 
+def test_the_evaluation_benchmark_times_calibration_and_evaluation_at_each_batch_size_of_both_ends(tmp_path):
+    raw = tiny_params(image_size=8)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    out = _bench("evaluation.py", "--params", str(tmp_path / "params.yaml"), "--batches", "16", "64",
+                 "--images", "128", "--repeats", "1", "--threads", "1")
+    params = parse_params(raw)
+    assert out[0] == (f"{params.data.dataset} 3x8x8, 1 threads, 128 images evaluated, "
+                      f"{params.evaluate.bn_calibration_images} calibrated, medians of 1 runs "
+                      f"(train.eval_batch_size {params.train.eval_batch_size})")
+    for name, start in (("min", 2), ("max", 6)):
+        assert out[start].split()[:2] == [name, "config"], out
+        rows = out[start + 1:start + 3]
+        assert [int(line.split()[0]) for line in rows] == [16, 64]
+        for line in rows:
+            assert re.fullmatch(r" +\d+ +\d+ \( *\d+\.\d\dx\) +\d+ \( *\d+\.\d\dx\) +\d+%", line), line
+        assert rows[1].count("( 1.00x)") == 2  # the largest batch is the reference
+
+
 def test_the_depthwise_benchmark_times_every_conv_of_the_max_config_and_a_step_of_both_ends(tmp_path):
     raw = tiny_params(image_size=8)  # 8x8 images: the last unit's maps are 4x4, under the max config's 7x7 kernels
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
