@@ -15,6 +15,7 @@ import torch
 import ofa
 from conftest import SEED_SPACE, TINY_UNITS, tiny_net, without_onnxruntime
 from ofa.deploy import latency
+from ofa.deploy import parts as subnet_parts
 from ofa.model.subnet import MBBlock, block_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,22 +24,40 @@ SHAPE = (3, 16, 16)
 
 def fake_ms(model, input_shape, runtime, batch_size, threads, device) -> float:
     """A runtime whose costs are known: 0.5 ms for any run, plus each part's own."""
-    if isinstance(model, latency._Overhead):
+    if isinstance(model, subnet_parts._Overhead):
         return 0.5
     if isinstance(model, MBBlock):  # grows with the kernel, the expanded channels and the input's area
         return 0.5 + model.depthwise.kernel_size[0] / 8 + model.depthwise.out_channels / 64 + input_shape[1] / 4
-    if isinstance(model, latency._Head):
+    if isinstance(model, subnet_parts._Head):
         return 0.5 + 3.0
     return 0.5 + 2.0  # the stem
 
 
-def fake_modules(items, runtime, batch_size, threads, device, progress=None) -> list[float]:
-    return [fake_ms(model, shape, runtime, batch_size, threads, device) for model, shape in items]
+def part_inputs(sub, shape) -> list[tuple[int, ...]]:
+    """The input shape of each of the subnet's parts (``subnet_parts._parts``)."""
+    h, shapes = torch.zeros(1, *shape), []
+    with torch.no_grad():
+        for part in subnet_parts._parts(sub.eval()):
+            shapes.append(tuple(h.shape[1:]))
+            h = part(h)
+    return shapes
+
+
+def fake_subnets(subnets, input_shape, parts, runtime, batch_size, threads, device, progress=None,
+                 whole=None) -> tuple[float, list[float], list[float]]:
+    """``_time_subnets`` on the fake runtime: a whole subnet costs the overhead plus its parts' own (or
+    `whole(subnet)`)."""
+    def own(sub) -> list[float]:
+        return [fake_ms(p, s, runtime, batch_size, threads, device) - 0.5
+                for p, s in zip(subnet_parts._parts(sub), part_inputs(sub, input_shape))]
+
+    wholes = [whole(sub) if whole else 0.5 + sum(own(sub)) for sub in subnets]
+    return 0.5, wholes, [0.5 + own(subnets[i])[j] for i, j in parts]
 
 
 @pytest.fixture
 def fake_table(monkeypatch):
-    monkeypatch.setattr(latency, "_time_modules", fake_modules)
+    monkeypatch.setattr(latency, "_time_subnets", fake_subnets)
     return latency.LatencyTable.build(tiny_net(SEED_SPACE), SHAPE, calibrate=0, progress=False)
 
 
@@ -57,19 +76,59 @@ def test_a_fake_runtime_with_known_costs_gives_exact_predictions(fake_table):
     assert len(fake_table.blocks) == 12 and fake_table.overhead_ms == 0.5
 
 
+def test_the_covering_configs_hold_every_part_the_table_times():
+    """The uniform configs at the largest depth, one per kernel and width, hold every block variant of the space:
+    the table's parts are cut out of them. The tiny net, and the shipped CIFAR-10 one (5 units, 32x32)."""
+    from conftest import committed_params
+    from ofa.pipeline.checkpoint import build_net
+    from ofa.pipeline.config import parse_params
+
+    cifar = build_net(parse_params(committed_params()), (3, 32, 32), [str(k) for k in range(10)])
+    for net, shape in ((tiny_net(SEED_SPACE), SHAPE), (cifar, (3, 32, 32))):
+        covering = latency.covering_configs(net.arch)
+        assert len(covering) == len(net.space.kernel) * len(net.space.width)
+        assert all(c.uniform_values()[1] == max(net.space.depth) for c in covering)
+        held = {key for cfg in covering for key in latency._block_keys(net.arch, shape, cfg)}
+        assert held == set(latency._variants(net.arch, shape))
+
+
+def test_parts_cut_out_of_one_export_are_the_graphs_of_the_parts_exported_alone(monkeypatch):
+    """onnxruntime: a subnet exported once with its parts' outputs as graph outputs; the whole and each part cut
+    out of it have the operators of the whole and of that part exported alone, and time in the right order."""
+    import onnx
+
+    from ofa.deploy import timing
+
+    exported = []
+    monkeypatch.setattr(subnet_parts, "_export_all", lambda jobs, progress: exported.extend(
+        timing._export_all(jobs, progress)) or exported)
+    net = tiny_net(SEED_SPACE)
+    sub = net.extract(net.max_config()).eval()
+    pieces = subnet_parts._parts(sub)
+    picked = [1, len(pieces) - 1]  # the first block, the head
+    overhead, wholes, part_ms = latency._time_subnets([sub], SHAPE, [(0, j) for j in picked], "onnxruntime", 1, 1,
+                                                      "cpu")
+    assert 0 < overhead < min(part_ms) and max(part_ms) < wholes[0] < 1000
+    whole, cut = subnet_parts._cut(exported[1], len(pieces), picked)  # exported[0]: the overhead's model
+    ops = lambda graph: [n.op_type for n in onnx.load_model_from_string(graph).graph.node]  # noqa: E731
+    assert ops(whole) == ops(timing._onnx_bytes(sub, torch.randn(1, *SHAPE)))
+    inputs = part_inputs(sub, SHAPE)
+    for j, graph in zip(picked, cut):
+        assert ops(graph) == ops(timing._onnx_bytes(pieces[j].eval(), torch.randn(1, *inputs[j]))), j
+
+
 def test_a_table_is_scaled_to_whole_subnets_measured_beside_it(fake_table, monkeypatch):
     """Whole subnets that cost 10% more than their parts (beyond the fixed cost): the table's scale is 1.1, fitted
     on random per-block configs, and every prediction follows."""
-    from ofa.model import Subnet
+    def whole_costs_more(*args, **kwargs):
+        return fake_subnets(*args, **kwargs, whole=lambda sub: 0.5 + 1.1 * (fake_table.predict(sub.config) - 0.5))
 
-    def whole_costs_more(items, *args, **kwargs):
-        return [0.5 + 1.1 * (fake_table.predict(model.config) - 0.5) if isinstance(model, Subnet)
-                else fake_ms(model, shape, *args) for model, shape in items]
-
-    monkeypatch.setattr(latency, "_time_modules", whole_costs_more)
+    monkeypatch.setattr(latency, "_time_subnets", whole_costs_more)
     net = tiny_net(SEED_SPACE)
-    table = latency.LatencyTable.build(net, SHAPE, calibrate=2, progress=False)
+    checks = net.uniform_configs()[:3]
+    table, measured = latency.LatencyTable.build_and_measure(net, SHAPE, checks, calibrate=2, progress=False)
     assert table.scale == pytest.approx(1.1, abs=1e-5) and fake_table.scale == 1.0
+    assert measured == pytest.approx([0.5 + 1.1 * (fake_table.predict(c) - 0.5) for c in checks])  # in order
     calibrated = [c["config"] for c in table.calibration]
     assert len(set(calibrated)) == 2 and all(c.startswith("kxw-") for c in calibrated)  # per-block, not uniform
     assert calibrated == [str(c) for c in latency.calibration_configs(net.arch, 2)]  # the same on every machine

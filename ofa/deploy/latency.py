@@ -3,7 +3,9 @@
 ``LatencyTable.build`` times (``ofa.deploy.timing``) every distinct part a subnet of an architecture can have,
 each alone (every block variant: a block position's input shape and stride with each kernel and width, SE where
 the block has it; the stem; the head) and the fixed cost of one inference; ``predict(cfg)`` is that cost plus
-the sum of the config's parts. It needs the architecture only, no trained weights: on the target machine,
+the sum of the config's parts. On onnxruntime each part is cut out of the export of a whole subnet that holds
+it (``covering_configs``, ``_cut``): an export per subnet, none per part. It needs the architecture only, no
+trained weights: on the target machine,
 
     python -m ofa.latency build --arch models/arch.json --out table.json [--runtime ... --threads ...]
 
@@ -23,37 +25,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from ..io import write_json
 from ..model import ConfigSpace, OFANet, Subnet, SubnetConfig, macs
-from ..model.subnet import BlockShape, MBBlock, block_shapes, classify, conv_output_size, expanded_channels
-from .timing import RUNTIMES, _time_modules, check_runtime, host, runtime_version  # noqa: F401 - RUNTIMES
+from ..model.subnet import BlockShape, block_shapes, conv_output_size, expanded_channels
+from .parts import _time_subnets
+from .timing import RUNTIMES, check_runtime, host, runtime_version  # noqa: F401 - RUNTIMES
 
 FORMAT = "ofa-latency-table/2"
 CALIBRATION_SEED = 20261206  # the random subnets a table is calibrated on: drawn apart from any check's
+CALIBRATE = 2  # random subnets timed whole to fit a table's scale
 
 
 class LatencyError(ValueError):
     """A latency table that cannot be used here: another architecture, input or format, or an unreadable file."""
-
-
-class _Head(nn.Module):
-    """The final 1x1 layer, pooling, feature mix, dropout and classifier of a subnet: its head."""
-
-    def __init__(self, sub: Subnet) -> None:
-        super().__init__()
-        self.final, self.mix, self.dropout, self.classifier = sub.final, sub.mix, sub.dropout, sub.classifier
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return classify(self.final(x), self.mix, self.dropout, self.classifier)
-
-
-class _Overhead(nn.Module):
-    """As little work as a model can do on the input: what one inference costs beyond its layers."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x[:, :1, :1, :1] + 1
 
 
 def _block_key(shape, size: tuple[int, int]) -> str:
@@ -71,6 +56,15 @@ def _block_inputs(arch: Mapping[str, Any], input_shape: tuple[int, ...]) -> list
         sizes.append((h, w))
         h, w = conv_output_size(h, unit["stride"]), conv_output_size(w, unit["stride"])
     return sizes
+
+
+def _block_keys(arch: Mapping[str, Any], input_shape: tuple[int, ...], cfg: SubnetConfig) -> list[str]:
+    """The block variant (``_block_key``) of each of the config's active blocks, in order."""
+    keys = []
+    for unit, size, blocks in zip(arch["units"], _block_inputs(arch, input_shape), block_shapes(arch, cfg)):
+        after = (conv_output_size(size[0], unit["stride"]), conv_output_size(size[1], unit["stride"]))
+        keys += [_block_key(block, size if b == 0 else after) for b, block in enumerate(blocks)]
+    return keys
 
 
 def _variants(arch: Mapping[str, Any], input_shape: tuple[int, ...]) -> dict[str, tuple]:
@@ -137,54 +131,62 @@ class LatencyTable:
 
     @classmethod
     def build(cls, net: OFANet | Mapping[str, Any], input_shape: tuple[int, ...], *, runtime: str = "onnxruntime",
-              batch_size: int = 1, threads: int = 1, device: str = "cpu", calibrate: int = 2,
+              batch_size: int = 1, threads: int = 1, device: str = "cpu", calibrate: int = CALIBRATE,
               progress: bool = True) -> LatencyTable:
-        """Time the parts of the supernet `net` (or its architecture, ``OFANet.arch``) for inputs of (C, H, W), then
-        `calibrate` random subnets whole to fit `scale` (each whole subnet costs an export: seconds)."""
+        """Time the parts of the supernet `net` (or its architecture, ``OFANet.arch``) for inputs of (C, H, W), and
+        `calibrate` random subnets whole to fit `scale` (``build_and_measure`` without configs of its own)."""
+        return cls.build_and_measure(net, input_shape, (), runtime=runtime, batch_size=batch_size, threads=threads,
+                                     device=device, calibrate=calibrate, progress=progress)[0]
+
+    @classmethod
+    def build_and_measure(cls, net: OFANet | Mapping[str, Any], input_shape: tuple[int, ...],
+                          configs: Sequence[SubnetConfig], *, runtime: str = "onnxruntime", batch_size: int = 1,
+                          threads: int = 1, device: str = "cpu", calibrate: int = CALIBRATE,
+                          progress: bool = True) -> tuple[LatencyTable, list[float]]:
+        """The table (``build``), and each of `configs` timed whole in the same rounds (milliseconds per batch).
+
+        The parts are cut out of the uniform configs at the largest depth (``covering_configs``: every block
+        variant is in one of them), so the subnets exported are those, the calibration's and `configs`, each once
+        (an export costs seconds, its timing a fraction of one).
+        """
         check_runtime(runtime, device)
         start = time.perf_counter()
         arch = json.loads(json.dumps(net.arch if isinstance(net, OFANet) else dict(net)))
         shape = tuple(int(v) for v in input_shape)
         if len(shape) != 3 or shape[0] != arch["in_channels"]:
             raise ValueError(f"input_shape {shape}: expected (C, H, W) with C = {arch['in_channels']}")
+        covering, calibration = covering_configs(arch), calibration_configs(arch, calibrate)
+        order = list(dict.fromkeys([*covering, *calibration, *configs]))  # covering first: part indices below
         torch.manual_seed(0)
-        sub = Subnet.build(arch, ConfigSpace(**arch["space"]).min_config(len(arch["units"])))
-        last = arch["units"][-1]
-        h, w = _block_inputs(arch, shape)[-1]
-        head_input = (last["channels"], conv_output_size(h, last["stride"]), conv_output_size(w, last["stride"]))
-
-        calibration, variants = calibration_configs(arch, calibrate), _variants(arch, shape)
-        items = {"overhead": (_Overhead(), shape), "stem": (sub.stem, shape), "head": (_Head(sub), head_input),
-                 **{key: (MBBlock.build(block), block_input) for key, (block, block_input) in variants.items()},
-                 **{f"whole subnet {cfg}": (Subnet.build(arch, cfg), shape) for cfg in calibration}}
-        times = dict(zip(items, _time_modules(list(items.values()), runtime, batch_size, threads, device,
-                                              progress="latency table" if progress else None)))
-        overhead = times["overhead"]
-        part = {name: round(max(0.0, ms - overhead), 5) for name, ms in times.items()}  # less the overhead it held
+        subnets = [Subnet.build(arch, cfg) for cfg in order]
+        wanted: dict[str, tuple[int, int]] = {}  # part name -> (subnet, part): each distinct part once
+        for i, cfg in enumerate(covering):
+            for j, name in enumerate(["stem", *_block_keys(arch, shape, cfg), "head"]):
+                wanted.setdefault(name, (i, j))
+        overhead, whole, part_ms = _time_subnets(subnets, shape, list(wanted.values()), runtime, batch_size, threads,
+                                                 device, progress="latency table" if progress else None)
+        measured = dict(zip(order, whole))
+        part = {name: round(max(0.0, ms - overhead), 5) for name, ms in zip(wanted, part_ms)}  # less the overhead
         table = cls(arch, shape, runtime, runtime_version(runtime), threads, batch_size, device, host(),
-                    round(overhead, 5), part["stem"], part["head"], {key: part[key] for key in variants})
+                    round(overhead, 5), part["stem"], part["head"], {key: part[key] for key in _variants(arch, shape)})
         for cfg in calibration:
-            table.calibration.append({"config": str(cfg), "measured_ms": round(times[f"whole subnet {cfg}"], 5),
+            table.calibration.append({"config": str(cfg), "measured_ms": round(measured[cfg], 5),
                                       "parts_ms": round(table.predict(cfg), 5)})
         parts = sum(c["parts_ms"] - table.overhead_ms for c in table.calibration)
         if parts > 0:
             table.scale = round(sum(c["measured_ms"] - table.overhead_ms for c in table.calibration) / parts, 5)
         table.build_s = round(time.perf_counter() - start, 1)
-        return table
+        return table, [measured[cfg] for cfg in configs]
 
     def predict(self, cfg: SubnetConfig) -> float:
         """Predicted milliseconds per batch of subnet `cfg`: the overhead, then the stem, its active blocks and the
         head, scaled."""
         total = self.stem_ms + self.head_ms
-        sizes = _block_inputs(self.arch, self.input_shape)
-        for unit, size, blocks in zip(self.arch["units"], sizes, block_shapes(self.arch, cfg)):
-            after = (conv_output_size(size[0], unit["stride"]), conv_output_size(size[1], unit["stride"]))
-            for b, block in enumerate(blocks):
-                key = _block_key(block, size if b == 0 else after)
-                if key not in self.blocks:
-                    raise LatencyError(f"latency table: no entry for block {key} of {cfg} (a config of another "
-                                       "space; build the table for this architecture)")
-                total += self.blocks[key]
+        for key in _block_keys(self.arch, self.input_shape, cfg):
+            if key not in self.blocks:
+                raise LatencyError(f"latency table: no entry for block {key} of {cfg} (a config of another "
+                                   "space; build the table for this architecture)")
+            total += self.blocks[key]
         return self.overhead_ms + self.scale * total
 
     def fastest(self) -> tuple[SubnetConfig, float]:
@@ -233,6 +235,14 @@ class LatencyTable:
         return table
 
 
+def covering_configs(arch: Mapping[str, Any]) -> list[SubnetConfig]:
+    """The uniform configs at the largest depth, one per kernel and width: together they hold every block variant
+    of the space (each block slot of each unit with each kernel and width), the stem and the head."""
+    space = ConfigSpace(**arch["space"])
+    return [space.uniform(len(arch["units"]), kernel, max(space.depth), width)
+            for kernel in space.kernel for width in space.width]
+
+
 def calibration_configs(arch: Mapping[str, Any], count: int) -> list[SubnetConfig]:
     """The `count` random per-block configs a table's scale is fitted on (CALIBRATION_SEED), none uniform."""
     space = ConfigSpace(**arch["space"])
@@ -266,8 +276,9 @@ def validation_configs(arch: Mapping[str, Any], samples: int, seed: int = 0,
 def validate(table: LatencyTable, configs: Sequence[SubnetConfig],
              measure: Callable[[list[SubnetConfig]], list[float]]) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Each config's predicted and `measure`d milliseconds (all measured in one call: ``measure_many`` times them
-    in interleaved rounds); the figures: Kendall's tau, the mean absolute percentage error, the share within 10%
-    of measured, and Kendall's tau of MACs against measured."""
+    in interleaved rounds, ``LatencyTable.build_and_measure`` beside the table's parts); the figures: Kendall's
+    tau, the mean absolute percentage error, the share within 10% of measured, and Kendall's tau of MACs against
+    measured."""
     configs = list(configs)
     records = [{"config": str(cfg), "macs": macs(table.arch, cfg, table.input_shape),
                 "predicted_ms": round(table.predict(cfg), 5), "measured_ms": round(ms, 5),

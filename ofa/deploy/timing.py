@@ -90,10 +90,11 @@ def _timed(run) -> float:
     return (time.perf_counter_ns() - t) / 1e6
 
 
-def _onnx_bytes(model: nn.Module, x: torch.Tensor) -> bytes:
-    """`model` exported as deployment exports it (torch.onnx, dynamo, optimised, a dynamic batch)."""
+def _onnx_bytes(model: nn.Module, x: torch.Tensor, output_names: Sequence[str] = ("output",)) -> bytes:
+    """`model` exported as deployment exports it (torch.onnx, dynamo, optimised, a dynamic batch); its input
+    named "input", its outputs `output_names`."""
     with _quiet_exporter():
-        program = torch.onnx.export(model, (x,), input_names=["input"], output_names=["output"], dynamo=True,
+        program = torch.onnx.export(model, (x,), input_names=["input"], output_names=list(output_names), dynamo=True,
                                     dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), external_data=False,
                                     optimize=True, verbose=False)
     return program.model_proto.SerializeToString()
@@ -136,8 +137,8 @@ def _time_modules(items: Sequence[tuple[nn.Module, tuple[int, ...]]], runtime: s
     if runtime == "torch":
         runners = [_torch_runner(model.eval(), x, device) for (model, _), x in zip(items, inputs)]
     else:
-        exported = _export_all([(model.eval(), x) for (model, _), x in zip(items, inputs)], progress)
-        runners = [_onnx_runner(data, x, threads) for data, x in zip(exported, inputs)]
+        exported = _export_all([(model.eval(), x, ("output",)) for (model, _), x in zip(items, inputs)], progress)
+        return _time_onnx(list(zip(exported, inputs)), threads, progress)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)  # the torch runtime's; onnxruntime's sessions have their own
     try:
@@ -147,17 +148,23 @@ def _time_modules(items: Sequence[tuple[nn.Module, tuple[int, ...]]], runtime: s
         torch.set_num_threads(previous)
 
 
+def _time_onnx(graphs: Sequence[tuple[bytes, torch.Tensor]], threads: int, progress: str | None = None) -> list[float]:
+    """Median milliseconds of each (ONNX model, input) on onnxruntime's CPU execution provider with `threads`
+    intra-op threads, all timed in interleaved rounds (``_least_medians``)."""
+    return _least_medians([_onnx_runner(data, x, threads) for data, x in graphs], progress)
+
+
 EXPORT_PROCESSES = 2  # exports at once, before any timing: tracing is CPU-bound, about 1-4 s a model here
 
 
-def _export_all(models: Sequence[tuple[nn.Module, torch.Tensor]], progress: str | None) -> list[bytes]:
-    """Each (model, example input) exported (``_onnx_bytes``), by EXPORT_PROCESSES forked processes when there are
-    several models and cores: nothing is timed meanwhile, so they slow no measurement."""
+def _export_all(models: Sequence[tuple[nn.Module, torch.Tensor, Sequence[str]]], progress: str | None) -> list[bytes]:
+    """Each (model, example input, output names) exported (``_onnx_bytes``), by EXPORT_PROCESSES forked processes
+    when there are several models and cores: nothing is timed meanwhile, so they slow no measurement."""
     workers = min(EXPORT_PROCESSES, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
     if progress:
         print(f"{progress}: exporting {len(models)} models ({max(1, workers)} at a time)", file=sys.stderr, flush=True)
     if workers < 2 or len(models) < 4:
-        return [_onnx_bytes(model, x) for model, x in models]
+        return [_onnx_bytes(model, x, names) for model, x, names in models]
     context = multiprocessing.get_context("fork")  # the models as they are, no re-import of the caller's script
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=torch.set_num_threads,
                                                 initargs=(1,)) as pool:

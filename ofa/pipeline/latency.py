@@ -20,11 +20,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..deploy import LatencyTable, measure_many
-from ..deploy.latency import validate, validation_configs
+from ..deploy import LatencyTable
+from ..deploy.latency import CALIBRATE, calibration_configs, validate, validation_configs
 from ..deploy.timing import check_runtime
 from ..io import write_json
-from ..model import Subnet
 from . import figures
 from .config import Params, ParamsError
 from .context import METRICS, MODELS, architecture
@@ -46,17 +45,13 @@ def latency(params: Params, root: Path = Path("."), progress: bool = True) -> di
         table = given_table(params, root, arch, shape)
         checked, records = {}, []
     else:
-        table = LatencyTable.build(arch, shape, runtime=lat.runtime, batch_size=lat.batch_size, threads=lat.threads,
-                                   device=lat.hardware, progress=progress)
         configs = validation_configs(arch, lat.validate, seed=params.seed,
-                                     exclude=[c["config"] for c in table.calibration])
-
-        def measure(cfgs: list) -> list[float]:
-            return measure_many([Subnet.build(arch, cfg) for cfg in cfgs], shape, runtime=lat.runtime,
-                                batch_size=lat.batch_size, threads=lat.threads, device=lat.hardware,
-                                progress=f"latency check of {len(cfgs)} subnets" if progress else None)
-
-        checked, records = validate(table, configs, measure)
+                                     exclude=[str(c) for c in calibration_configs(arch, CALIBRATE)])
+        # the checked subnets timed whole beside the parts, in the same rounds (one export each)
+        table, measured = LatencyTable.build_and_measure(arch, shape, configs, runtime=lat.runtime,
+                                                         batch_size=lat.batch_size, threads=lat.threads,
+                                                         device=lat.hardware, calibrate=CALIBRATE, progress=progress)
+        checked, records = validate(table, configs, lambda _: measured)
         if progress:
             for r in records:
                 print(f"{r['config']}: predicted {r['predicted_ms']:.4f} ms, measured {r['measured_ms']:.4f} ms",
