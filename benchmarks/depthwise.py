@@ -25,9 +25,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from schedule import ROOT, read_params  # noqa: E402
+from schedule import ROOT, native_input, read_params  # noqa: E402
 
-from ofa import data as data_mod  # noqa: E402
 from ofa.model import elastic  # noqa: E402
 from ofa.model.depthwise import depthwise_conv2d  # noqa: E402
 from ofa.pipeline.checkpoint import build_net  # noqa: E402
@@ -99,9 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args(argv)
     params = read_params(parser, args.params, args.set)
-    shape, classes = data_mod.NATIVE.get(params.data.dataset, ((3, 32, 32), 10))
-    if params.data.image_size:
-        shape = (shape[0], params.data.image_size, params.data.image_size)
+    shape, classes = native_input(params)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     batch = args.batch or params.train.batch_size

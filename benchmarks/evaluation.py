@@ -26,9 +26,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from schedule import ROOT, random_data, read_params  # noqa: E402
+from schedule import ROOT, native_input, random_data, read_params  # noqa: E402
 
-from ofa import data as data_mod  # noqa: E402
 from ofa.pipeline.checkpoint import build_net  # noqa: E402
 from ofa.train import calibrate_bn, evaluate  # noqa: E402
 from ofa.train.distributed import SINGLE  # noqa: E402
@@ -72,9 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     if min(args.batches) < 1 or args.images < 1 or args.repeats < 1:
         parser.error("--batches, --images and --repeats: positive integers")
     params = read_params(parser, args.params, args.set)
-    shape, classes = data_mod.NATIVE.get(params.data.dataset, ((3, 32, 32), 10))
-    if params.data.image_size:
-        shape = (shape[0], params.data.image_size, params.data.image_size)
+    shape, classes = native_input(params)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     data = random_data(shape, classes, args.images, torch.device("cpu"))

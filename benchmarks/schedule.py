@@ -190,6 +190,15 @@ def read_params(parser: argparse.ArgumentParser, path: Path, overrides: list[str
             parser.error(f"-S {' -S '.join(overrides)}: {why}")
 
 
+def native_input(params: Params) -> tuple[tuple[int, int, int], int]:
+    """The input shape (C, H, W) and the number of classes of the params' dataset: its native ones, resized to
+    `data.image_size` if set (a folder's, unknown without the data: CIFAR-10's)."""
+    shape, classes = data_mod.NATIVE.get(params.data.dataset, ((3, 32, 32), 10))
+    if params.data.image_size:
+        shape = (shape[0], params.data.image_size, params.data.image_size)
+    return shape, classes
+
+
 def _duration(seconds: float) -> str:
     m, s = divmod(round(seconds), 60)
     h, m = divmod(m, 60)
