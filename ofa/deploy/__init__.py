@@ -9,7 +9,8 @@ Stands on ``ofa.model`` and ``ofa.io``.
 from .export import ExportError, export_onnx, load_subnet, save_subnet
 from .latency import LatencyError, LatencyTable
 from .predictor import AccuracyPredictor, PredictorError
-from .timing import measure_latency, measure_many, measure_onnx
+from .timing import measure_latency, measure_many, measure_onnx, measure_onnx_many
 
 __all__ = ["AccuracyPredictor", "ExportError", "LatencyError", "LatencyTable", "PredictorError", "export_onnx",
-           "load_subnet", "measure_latency", "measure_many", "measure_onnx", "save_subnet"]
+           "load_subnet", "measure_latency", "measure_many", "measure_onnx", "measure_onnx_many",
+           "save_subnet"]

@@ -194,9 +194,16 @@ def measure_latency(model: nn.Module, input_shape: tuple[int, ...], *, runtime: 
 def measure_onnx(path: str | Path, input_shape: tuple[int, ...], *, batch_size: int = 1, threads: int = 1) -> float:
     """Median milliseconds per batch of an exported ONNX file (``export_onnx``'s: dynamic batch) on onnxruntime's
     CPU execution provider, fed random inputs of (batch_size, *input_shape) in 0..255 (raw pixels)."""
+    return measure_onnx_many([path], input_shape, batch_size=batch_size, threads=threads)[0]
+
+
+def measure_onnx_many(paths: Sequence[str | Path], input_shape: tuple[int, ...], *, batch_size: int = 1,
+                      threads: int = 1) -> list[float]:
+    """``measure_onnx`` of several files, timed in interleaved rounds: a slow spell of the machine falls on one
+    round of several models rather than on every round of one."""
     check_runtime("onnxruntime", "cpu")
     x = torch.rand(batch_size, *(int(v) for v in input_shape), generator=torch.Generator().manual_seed(0)) * 255
-    return _least_medians([_onnx_runner(Path(path).read_bytes(), x, threads)])[0]
+    return _time_onnx([(Path(path).read_bytes(), x) for path in paths], threads)
 
 
 def host() -> dict[str, Any]:

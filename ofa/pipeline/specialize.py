@@ -27,7 +27,8 @@ from typing import Any
 
 import torch
 
-from ..deploy import AccuracyPredictor, LatencyTable, export_onnx, measure_latency, measure_onnx, save_subnet, search
+from ..deploy import (AccuracyPredictor, LatencyTable, export_onnx, measure_many, measure_onnx_many, save_subnet,
+                      search)
 from ..deploy.timing import check_runtime
 from ..io import md5_file, replaced_dir, write_json
 from ..model import OFANet, Subnet, SubnetConfig
@@ -86,26 +87,25 @@ class _Subnets:
 
 
 class _Timings:
-    """Measured latency on this machine of the exported picks, each measured once: its ONNX model on onnxruntime
-    (raw pixels in, as deployed), and with latency.runtime torch its module too, with latency's threads, batch
-    size and hardware. (The latency stage measured every uniform config whole: metrics/latency_validation.json.)"""
+    """Measured latency on this machine of the exported picks: each ONNX model on onnxruntime (raw pixels in, as
+    deployed), and with latency.runtime torch its module too, with latency's threads, batch size and hardware;
+    all picks timed together in interleaved rounds, so that a slow spell of the machine falls on one round of
+    several of them. (The latency stage measured every uniform config whole: metrics/latency_validation.json.)"""
 
     def __init__(self, lat: LatencyParams, shape: tuple[int, ...]) -> None:
         self.lat, self.shape = lat, shape
-        self.measured: dict[SubnetConfig, dict[str, float]] = {}
 
-    def of(self, sub: Subnet, onnx: Path) -> dict[str, float]:
-        """`sub`'s timings, its ONNX model exported to `onnx`."""
-        if sub.config not in self.measured:
-            lat = self.lat
-            timings = {"measured_onnx_ms": round(measure_onnx(onnx, self.shape, batch_size=lat.batch_size,
-                                                              threads=lat.threads), 5)}
-            if lat.runtime == "torch":
-                timings["measured_torch_ms"] = round(measure_latency(
-                    sub, self.shape, runtime="torch", batch_size=lat.batch_size, threads=lat.threads,
-                    device=lat.hardware), 5)
-            self.measured[sub.config] = timings
-        return self.measured[sub.config]
+    def of(self, picks: dict[SubnetConfig, tuple[Subnet, Path]]) -> dict[SubnetConfig, dict[str, float]]:
+        """Each config's timings, from its subnet and its ONNX model's path."""
+        lat, configs = self.lat, list(picks)
+        timings = [{"measured_onnx_ms": round(ms, 5)} for ms in measure_onnx_many(
+            [picks[c][1] for c in configs], self.shape, batch_size=lat.batch_size, threads=lat.threads)]
+        if lat.runtime == "torch":
+            for t, ms in zip(timings, measure_many([picks[c][0] for c in configs], self.shape, runtime="torch",
+                                                   batch_size=lat.batch_size, threads=lat.threads,
+                                                   device=lat.hardware)):
+                t["measured_torch_ms"] = round(ms, 5)
+        return dict(zip(configs, timings))
 
 
 def specialize(params: Params, root: Path = Path("."), progress: bool = True) -> dict[str, Any] | None:
@@ -206,32 +206,36 @@ def export_picks(candidates: list[search.Candidate], budgets: list[float], subne
     The exports go to a staging folder that replaces `out` only once every one of them is written and checked.
     Budgets that pick the same subnet get copies of one export.
     """
-    picks, exported = {}, {}  # exported: config -> the name it was first exported under
+    picks, exported, chosen = {}, {}, {}  # exported: config -> the name it was first exported under
     label = cost_label(cost)
     with replaced_dir(out) as staging:
         for budget in budgets:
             name = budget_name(budget, cost)
-            chosen = search.best_within(candidates, budget)
+            pick = search.best_within(candidates, budget)
             uniform = search.best_within(candidates, budget, uniform_only=True)
-            picks[name] = {"budget": int(budget) if cost == "macs" else budget, **subnets.report(chosen),
+            chosen[name] = pick, uniform
+            picks[name] = {"budget": int(budget) if cost == "macs" else budget, **subnets.report(pick),
                            "uniform": None if uniform is None else subnets.report(uniform)}
-            if chosen.config in exported:
-                first = exported[chosen.config]
+            if pick.config in exported:
+                first = exported[pick.config]
                 for suffix in (".onnx", ".pt"):
                     shutil.copyfile(staging / f"{first}{suffix}", staging / f"{name}{suffix}")
                 picks[name]["onnx_max_abs_diff"] = picks[first]["onnx_max_abs_diff"]
             else:
-                sub = subnets.kept[chosen.config]
+                sub = subnets.kept[pick.config]
                 picks[name]["onnx_max_abs_diff"] = export_onnx(sub, staging / f"{name}.onnx", shape, mean=mean,
                                                                std=std, check_inputs=check_inputs)
                 save_subnet(sub, staging / f"{name}.pt")
-                exported[chosen.config] = name
-            if timings is not None:
-                picks[name].update(timings.of(subnets.kept[chosen.config], staging / f"{name}.onnx"))
-            if progress:
+                exported[pick.config] = name
+        if timings is not None:  # every export first, then all of them timed together
+            timed = timings.of({c: (subnets.kept[c], staging / f"{name}.onnx") for c, name in exported.items()})
+            for name, (pick, _) in chosen.items():
+                picks[name].update(timed[pick.config])
+        if progress:
+            for name, (pick, uniform) in chosen.items():
                 best = "no uniform config fits" if uniform is None else (
                     f"best uniform {uniform.config} {label(uniform.cost)}, val {uniform.accuracy:.4f}")
-                print(f"{name}: {chosen.config} {label(chosen.cost)}, val {chosen.accuracy:.4f}"
+                print(f"{name}: {pick.config} {label(pick.cost)}, val {pick.accuracy:.4f}"
                       f"{_measured(picks[name])} ({best})", file=sys.stderr, flush=True)
         if predictor is not None:
             predictor.save(staging / "predictor.pt")
