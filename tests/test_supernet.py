@@ -12,6 +12,7 @@ from torch.testing import assert_close
 
 import ofa
 import ofa.model.subnet
+from ofa.model import fold_batch_norm
 from ofa.model.subnet import expanded_channels
 from conftest import PAPER_SPACE, SEED_SPACE, perturb, tiny_net
 
@@ -188,3 +189,35 @@ def test_calibration_recovers_a_subnet_from_shared_statistics():
     bn = sub.units[0][0].expand_bn
     feats = torch.cat([sub.units[0][0].expand(sub.stem(x)) for x in data])
     assert_close(bn.running_mean, feats.mean(dim=(0, 2, 3)), atol=1e-4, rtol=1e-4)
+
+
+def test_folded_batch_norm_gives_the_subnets_logits_without_a_batch_norm():
+    net = perturb(tiny_net(SEED_SPACE)).eval()
+    x = torch.randn(8, 3, 16, 16)
+    for cfg in configs_of(net, n_random=2):
+        sub = net.extract(cfg).train()
+        bns = sum(isinstance(m, nn.BatchNorm2d) for m in sub.modules())
+        folded = fold_batch_norm(sub)
+        assert not folded.training and not any(p.requires_grad for p in folded.parameters())
+        assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
+        assert folded.stem[0].bias is not None and folded.units[0][0].depthwise.bias is not None
+        assert sub.training and sum(isinstance(m, nn.BatchNorm2d) for m in sub.modules()) == bns > 0  # left as it was
+        with torch.no_grad():
+            assert_close(folded(x), sub.eval()(x), atol=1e-5, rtol=1e-4)
+
+
+def test_in_place_activations_give_the_gradients_of_out_of_place_ones():
+    """Every activation runs in place (after a BatchNorm); training through them is unchanged."""
+    x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
+
+    def grads(inplace: bool) -> dict[str, torch.Tensor]:
+        net = perturb(tiny_net(SEED_SPACE)).train()
+        acts = [m for m in net.modules() if isinstance(m, (nn.ReLU, nn.Hardswish))]
+        assert {type(m) for m in acts} == {nn.ReLU, nn.Hardswish} and all(m.inplace for m in acts)
+        for m in acts:
+            m.inplace = inplace
+        for cfg in (net.max_config(), net.min_config()):
+            F.cross_entropy(net(x, cfg), y).backward()
+        return {n: p.grad for n, p in net.named_parameters() if p.grad is not None}
+
+    assert_close(grads(True), grads(False), atol=0, rtol=0)

@@ -5,6 +5,7 @@ The channel arithmetic shared with the elastic twins in ``ofa.model.elastic`` li
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -12,6 +13,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .depthwise import DepthwiseConv2d
 
@@ -49,10 +51,11 @@ def conv_output_size(size: int, stride: int) -> int:
 
 
 def make_activation(name: str) -> nn.Module:
-    """A fresh activation module by name ('relu' or 'hswish')."""
+    """A fresh activation module by name ('relu' or 'hswish'), in place: every activation here follows a BatchNorm
+    whose output nothing else reads (and whose backward needs only its input), so no fresh tensor is needed."""
     if name not in ACTIVATIONS:
         raise ValueError(f"activation {name!r} is not allowed ({' or '.join(ACTIVATIONS)})")
-    return ACTIVATIONS[name](inplace=False)
+    return ACTIVATIONS[name](inplace=True)
 
 
 def conv_bn_act(in_channels: int, out_channels: int, kernel: int, stride: int, activation: str) -> nn.Sequential:
@@ -230,3 +233,22 @@ class Subnet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.final(self.units(self.stem(x)))  # (B, C, H, W)
         return classify(x, self.mix, self.dropout, self.classifier)
+
+
+def fold_batch_norm(subnet: Subnet) -> Subnet:
+    """A copy of `subnet` for inference: each BatchNorm's running statistics and affine folded into the conv before
+    it (a bias added), the BatchNorm replaced by an identity. The same outputs as `subnet` in eval mode, to float
+    rounding, for one pass less over every feature map; the copy is in eval mode and has no gradients (its
+    depthwise convs leave out their bias in training mode). `subnet` itself is left as it was."""
+    folded = copy.deepcopy(subnet).eval().requires_grad_(False)
+    for module in folded.modules():
+        if isinstance(module, MBBlock):
+            for conv, bn in (("expand", "expand_bn"), ("depthwise", "depthwise_bn"), ("project", "project_bn")):
+                setattr(module, conv, fuse_conv_bn_eval(getattr(module, conv), getattr(module, bn)))
+                setattr(module, bn, nn.Identity())
+        elif isinstance(module, nn.Sequential):  # the stem and the final layer: conv, BN, activation
+            for i in range(len(module) - 1):
+                if isinstance(module[i], nn.Conv2d) and isinstance(module[i + 1], nn.BatchNorm2d):
+                    module[i] = fuse_conv_bn_eval(module[i], module[i + 1])
+                    module[i + 1] = nn.Identity()
+    return folded
