@@ -1,6 +1,6 @@
 # make setup: the virtual environment in .venv (TORCH_INDEX=<url>: where pip gets torch, e.g. its CPU index)
 # make test:  the test suite (CPU, about 7 minutes: 2 pytest-xdist workers, whole test files each)
-# make quick: the whole pipeline on Fashion-MNIST on the CPU, as a DVC experiment (8 to 10 minutes on 2 cores)
+# make quick: the whole pipeline on Fashion-MNIST on the CPU, as a DVC experiment (7 to 10 minutes on 2 cores)
 # make bench: speed benchmarks (print figures)
 VENV ?= .venv
 PY := $(VENV)/bin/python
