@@ -241,7 +241,7 @@ def fold_batch_norm(subnet: Subnet) -> Subnet:
     rounding, for one pass less over every feature map; the copy is in eval mode and has no gradients (its
     depthwise convs leave out their bias in training mode). `subnet` itself is left as it was."""
     folded = copy.deepcopy(subnet).eval().requires_grad_(False)
-    for module in folded.modules():
+    for module in list(folded.modules()):  # listed first: the loop replaces children
         if isinstance(module, MBBlock):
             for conv, bn in (("expand", "expand_bn"), ("depthwise", "depthwise_bn"), ("project", "project_bn")):
                 setattr(module, conv, fuse_conv_bn_eval(getattr(module, conv), getattr(module, bn)))
