@@ -65,7 +65,11 @@ def test_onnx_takes_raw_pixels_and_equals_pytorch(subnet, tmp_path):
     for batch in (1, 6):  # any batch size
         got = session.run(None, {"pixels": pixels[:batch].numpy()})[0]
         np.testing.assert_allclose(got, expected[:batch], rtol=0, atol=1e-4)
-    props = {p.key: p.value for p in onnx.load(str(tmp_path / "s.onnx")).metadata_props}
+    model = onnx.load(str(tmp_path / "s.onnx"))
+    ops = {n.op_type for n in model.graph.node}  # batch norm in the convs; the subnet itself left as it was
+    assert "Conv" in ops and "BatchNormalization" not in ops
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in subnet.modules())
+    props = {p.key: p.value for p in model.metadata_props}
     assert ofa.SubnetConfig.from_json(props["ofa.config"]) == subnet.config
     assert props["ofa.input"].startswith("raw pixel values 0..255, RGB, float32 (N, 3, 16, 16); an image of another "
                                          "size: its shorter side resized to 16 (bicubic), then the centre 16x16") and props["ofa.mean"] == "[125.0, 120.0, 110.0]"

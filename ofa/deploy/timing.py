@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..model import fold_batch_norm
 from .export import _quiet_exporter
 
 RUNTIMES = ("onnxruntime", "torch")
@@ -91,10 +92,11 @@ def _timed(run) -> float:
 
 
 def _onnx_bytes(model: nn.Module, x: torch.Tensor, output_names: Sequence[str] = ("output",)) -> bytes:
-    """`model` exported as deployment exports it (torch.onnx, dynamo, optimised, a dynamic batch); its input
-    named "input", its outputs `output_names`."""
+    """`model` exported as deployment exports it (traced with its batch norm folded, torch.onnx, dynamo, optimised,
+    a dynamic batch); its input named "input", its outputs `output_names`."""
     with _quiet_exporter():
-        program = torch.onnx.export(model, (x,), input_names=["input"], output_names=list(output_names), dynamo=True,
+        program = torch.onnx.export(fold_batch_norm(model), (x,), input_names=["input"],
+                                    output_names=list(output_names), dynamo=True,
                                     dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), external_data=False,
                                     optimize=True, verbose=False)
     return program.model_proto.SerializeToString()

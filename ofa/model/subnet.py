@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 import functools
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +16,8 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .depthwise import DepthwiseConv2d
+
+M = TypeVar("M", bound=nn.Module)
 
 ACTIVATIONS = {"relu": nn.ReLU, "hswish": nn.Hardswish}
 
@@ -235,11 +237,12 @@ class Subnet(nn.Module):
         return classify(x, self.mix, self.dropout, self.classifier)
 
 
-def fold_batch_norm(subnet: Subnet) -> Subnet:
-    """A copy of `subnet` for inference: each BatchNorm's running statistics and affine folded into the conv before
-    it (a bias added), the BatchNorm replaced by an identity. The same outputs as `subnet` in eval mode, to float
-    rounding, for one pass less over every feature map; the copy is in eval mode and has no gradients (its
-    depthwise convs leave out their bias in training mode). `subnet` itself is left as it was."""
+def fold_batch_norm(subnet: M) -> M:
+    """A copy of `subnet` (or of any module built of its parts) for inference: each BatchNorm's running statistics
+    and affine folded into the conv before it (a bias added), the BatchNorm replaced by an identity. The same outputs
+    as `subnet` in eval mode, to float rounding, for one pass less over every feature map and a smaller traced
+    graph; the copy is in eval mode and has no gradients (its depthwise convs leave out their bias in training
+    mode). `subnet` itself is left as it was."""
     folded = copy.deepcopy(subnet).eval().requires_grad_(False)
     for module in list(folded.modules()):  # listed first: the loop replaces children
         if isinstance(module, MBBlock):
