@@ -126,7 +126,10 @@ def test_a_failed_export_leaves_no_partial_models_folder(tmp_path, monkeypatch):
         path.write_bytes(b"onnx")
         return 0.0
 
-    monkeypatch.setattr(specialize, "export_onnx", export_twice_then_fail)
+    def serially(export):  # export_onnx_many, one export after the other in this process
+        return lambda jobs, *args, **kwargs: [export(sub, path, *args, **kwargs) for sub, path in jobs]
+
+    monkeypatch.setattr(specialize, "export_onnx_many", serially(export_twice_then_fail))
     out = tmp_path / "models" / "specialized"
     with pytest.raises(ExportError, match="differs"):
         specialize.export_picks(cands, [700_000, 900_000], subnets, out, shape, [128.0] * 3, [64.0] * 3,
@@ -145,7 +148,7 @@ def test_a_failed_export_leaves_no_partial_models_folder(tmp_path, monkeypatch):
         path.write_bytes(str(sub.config).encode())
         return 1e-6
 
-    monkeypatch.setattr(specialize, "export_onnx", export)
+    monkeypatch.setattr(specialize, "export_onnx_many", serially(export))
     picks = specialize.export_picks(cands, [900_000, 2_000_000], subnets, out, shape, [128.0] * 3, [64.0] * 3,
                                     check_inputs=val.images[:4].float(), progress=False)
     assert picks["macs-0.9M"]["config"] == picks["macs-2M"]["config"] == str(best.config)  # no better one below 2M
@@ -153,6 +156,22 @@ def test_a_failed_export_leaves_no_partial_models_folder(tmp_path, monkeypatch):
     files = {p.name: p.read_bytes() for p in out.iterdir()}
     assert files["macs-2M.onnx"] == files["macs-0.9M.onnx"] == str(best.config).encode()
     assert files["macs-2M.pt"] == files["macs-0.9M.pt"] and picks["macs-2M"]["onnx_max_abs_diff"] == 1e-6
+
+
+def test_export_onnx_many_writes_what_export_onnx_writes_in_two_processes(subnet, tmp_path):
+    net = perturb(tiny_net(SEED_SPACE, in_channels=3)).eval()
+    other = net.extract(net.min_config())
+    pixels = torch.randint(0, 256, (4, 3, 16, 16)).float()
+    kwargs = dict(mean=[128.0] * 3, std=[64.0] * 3, check_inputs=pixels)
+    diffs = ofa.deploy.export_onnx_many([(subnet, tmp_path / "a.onnx"), (other, tmp_path / "b.onnx")], (3, 16, 16),
+                                        **kwargs)
+    for name, sub, diff in (("a", subnet, diffs[0]), ("b", other, diffs[1])):
+        assert 0 <= diff <= 1e-4 and ofa.export_onnx(sub, tmp_path / f"{name}1.onnx", (3, 16, 16), **kwargs) <= 1e-4
+        assert (tmp_path / f"{name}.onnx").read_bytes() == (tmp_path / f"{name}1.onnx").read_bytes()
+    (tmp_path / "d.onnx").mkdir()
+    with pytest.raises(IsADirectoryError):  # an error in another process is raised here
+        ofa.deploy.export_onnx_many([(subnet, tmp_path / "c.onnx"), (other, tmp_path / "d.onnx")], (3, 16, 16),
+                                    **kwargs)
 
 
 @pytest.mark.parametrize("channels", [3, 1])

@@ -6,11 +6,11 @@ config.
 Stands on ``ofa.model`` and ``ofa.io``.
 """
 
-from .export import ExportError, export_onnx, load_subnet, save_subnet
+from .export import ExportError, export_onnx, export_onnx_many, load_subnet, save_subnet
 from .latency import LatencyError, LatencyTable
 from .predictor import AccuracyPredictor, PredictorError
 from .timing import measure_latency, measure_many, measure_onnx, measure_onnx_many
 
 __all__ = ["AccuracyPredictor", "ExportError", "LatencyError", "LatencyTable", "PredictorError", "export_onnx",
-           "load_subnet", "measure_latency", "measure_many", "measure_onnx", "measure_onnx_many",
+           "export_onnx_many", "load_subnet", "measure_latency", "measure_many", "measure_onnx", "measure_onnx_many",
            "save_subnet"]

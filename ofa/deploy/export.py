@@ -10,14 +10,19 @@ third more time spent tracing it; the check is against the subnet itself.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import copy
+import functools
 import json
 import logging
 import math
+import multiprocessing
+import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -27,6 +32,8 @@ from ..model import Subnet, SubnetConfig, fold_batch_norm
 
 FORMAT = "ofa-subnet/1"
 ONNX_TOLERANCE = 1e-4  # max abs difference of onnxruntime's logits from PyTorch's, fp32
+EXPORT_PROCESSES = 2  # exports at once: tracing is single-threaded CPU work, seconds a model here
+T = TypeVar("T")
 
 
 class ExportError(RuntimeError):
@@ -160,6 +167,29 @@ def export_onnx(
         raise ExportError(f"{path}: onnxruntime output differs from PyTorch by {diff:.3g} (> {ONNX_TOLERANCE:g})")
     atomic_write(Path(path), lambda f: f.write(data), binary=True)
     return diff
+
+
+def export_onnx_many(jobs: Sequence[tuple[Subnet, str | Path]], input_shape: Sequence[int],
+                     mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                     check_inputs: torch.Tensor | None = None) -> list[float]:
+    """``export_onnx`` of each (subnet, path), with the same input and check, by up to EXPORT_PROCESSES processes
+    at once (``in_processes``); returns each export's max abs logit difference. A failed export raises its error
+    here; those already written stay."""
+    export = functools.partial(export_onnx, input_shape=input_shape, mean=mean, std=std, check_inputs=check_inputs)
+    return in_processes(export, [(_cpu_copy(sub), path) for sub, path in jobs])  # a forked process can't use CUDA
+
+
+def in_processes(fn: Callable[..., T], jobs: Sequence[tuple]) -> list[T]:
+    """``[fn(*job) for job in jobs]``, by up to EXPORT_PROCESSES forked processes of one thread each where there
+    are two jobs or more and the cores for them (exports: tracing uses one core whatever torch's thread count)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = min(EXPORT_PROCESSES, len(jobs), cores)
+    if workers < 2:
+        return [fn(*job) for job in jobs]
+    context = multiprocessing.get_context("fork")  # the models as they are, no re-import of the caller's script
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=torch.set_num_threads,
+                                                initargs=(1,)) as pool:
+        return list(pool.map(fn, *zip(*jobs)))
 
 
 def _input_contract(input_shape: tuple[int, ...], raw: bool) -> str:

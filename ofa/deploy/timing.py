@@ -10,9 +10,7 @@ and the least of three rounds leaves it out.
 
 from __future__ import annotations
 
-import concurrent.futures
 import math
-import multiprocessing
 import os
 import platform
 import statistics
@@ -26,7 +24,7 @@ import torch
 from torch import nn
 
 from ..model import fold_batch_norm
-from .export import _quiet_exporter
+from .export import EXPORT_PROCESSES, _quiet_exporter, in_processes
 
 RUNTIMES = ("onnxruntime", "torch")
 WARMUP = 10  # runs before timing: allocations, caches and the runtime's first-run work
@@ -156,21 +154,13 @@ def _time_onnx(graphs: Sequence[tuple[bytes, torch.Tensor]], threads: int, progr
     return _least_medians([_onnx_runner(data, x, threads) for data, x in graphs], progress)
 
 
-EXPORT_PROCESSES = 2  # exports at once, before any timing: tracing is CPU-bound, about 1-4 s a model here
-
-
 def _export_all(models: Sequence[tuple[nn.Module, torch.Tensor, Sequence[str]]], progress: str | None) -> list[bytes]:
-    """Each (model, example input, output names) exported (``_onnx_bytes``), by EXPORT_PROCESSES forked processes
-    when there are several models and cores: nothing is timed meanwhile, so they slow no measurement."""
-    workers = min(EXPORT_PROCESSES, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+    """Each (model, example input, output names) exported (``_onnx_bytes``), by up to EXPORT_PROCESSES processes at
+    once (``in_processes``): nothing is timed meanwhile, so they slow no measurement."""
     if progress:
-        print(f"{progress}: exporting {len(models)} models ({max(1, workers)} at a time)", file=sys.stderr, flush=True)
-    if workers < 2 or len(models) < 4:
-        return [_onnx_bytes(model, x, names) for model, x, names in models]
-    context = multiprocessing.get_context("fork")  # the models as they are, no re-import of the caller's script
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=torch.set_num_threads,
-                                                initargs=(1,)) as pool:
-        return list(pool.map(_onnx_bytes, *zip(*models)))
+        print(f"{progress}: exporting {len(models)} models (up to {EXPORT_PROCESSES} at a time)", file=sys.stderr,
+              flush=True)
+    return in_processes(_onnx_bytes, models)
 
 
 def measure_many(models: Sequence[nn.Module], input_shape: tuple[int, ...], *, runtime: str = "onnxruntime",

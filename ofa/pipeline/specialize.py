@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ..deploy import (AccuracyPredictor, LatencyTable, export_onnx, measure_many, measure_onnx_many, save_subnet,
+from ..deploy import (AccuracyPredictor, LatencyTable, export_onnx_many, measure_many, measure_onnx_many, save_subnet,
                       search)
 from ..deploy.timing import check_runtime
 from ..io import md5_file, replaced_dir, write_json
@@ -204,9 +204,10 @@ def export_picks(candidates: list[search.Candidate], budgets: list[float], subne
     `timings`, timed; the pick exported under `out`, and `predictor` as out/predictor.pt.
 
     The exports go to a staging folder that replaces `out` only once every one of them is written and checked.
-    Budgets that pick the same subnet get copies of one export.
+    Each subnet picked is exported once (up to two at a time, ``export_onnx_many``); budgets that pick the same
+    subnet get copies of its files.
     """
-    picks, exported, chosen = {}, {}, {}  # exported: config -> the name it was first exported under
+    picks, exported, chosen = {}, {}, {}  # exported: config -> the name it is exported under (its first budget's)
     label = cost_label(cost)
     with replaced_dir(out) as staging:
         for budget in budgets:
@@ -216,17 +217,17 @@ def export_picks(candidates: list[search.Candidate], budgets: list[float], subne
             chosen[name] = pick, uniform
             picks[name] = {"budget": int(budget) if cost == "macs" else budget, **subnets.report(pick),
                            "uniform": None if uniform is None else subnets.report(uniform)}
-            if pick.config in exported:
-                first = exported[pick.config]
+            exported.setdefault(pick.config, name)
+        diffs = dict(zip(exported, export_onnx_many([(subnets.kept[c], staging / f"{name}.onnx")
+                                                     for c, name in exported.items()], shape, mean=mean, std=std,
+                                                    check_inputs=check_inputs)))
+        for config, name in exported.items():
+            save_subnet(subnets.kept[config], staging / f"{name}.pt")
+        for name, (pick, _) in chosen.items():
+            picks[name]["onnx_max_abs_diff"] = diffs[pick.config]
+            if exported[pick.config] != name:
                 for suffix in (".onnx", ".pt"):
-                    shutil.copyfile(staging / f"{first}{suffix}", staging / f"{name}{suffix}")
-                picks[name]["onnx_max_abs_diff"] = picks[first]["onnx_max_abs_diff"]
-            else:
-                sub = subnets.kept[pick.config]
-                picks[name]["onnx_max_abs_diff"] = export_onnx(sub, staging / f"{name}.onnx", shape, mean=mean,
-                                                               std=std, check_inputs=check_inputs)
-                save_subnet(sub, staging / f"{name}.pt")
-                exported[pick.config] = name
+                    shutil.copyfile(staging / f"{exported[pick.config]}{suffix}", staging / f"{name}{suffix}")
         if timings is not None:  # every export first, then all of them timed together
             timed = timings.of({c: (subnets.kept[c], staging / f"{name}.onnx") for c, name in exported.items()})
             for name, (pick, _) in chosen.items():
