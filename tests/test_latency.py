@@ -43,7 +43,7 @@ def part_inputs(sub, shape) -> list[tuple[int, ...]]:
     return shapes
 
 
-def fake_subnets(subnets, input_shape, parts, runtime, batch_size, threads, device, progress=None,
+def fake_subnets(subnets, input_shape, parts, runtime, batch_size, threads, device, progress=None, chains=None,
                  whole=None) -> tuple[float, list[float], list[float]]:
     """``_time_subnets`` on the fake runtime: a whole subnet costs the overhead plus its parts' own (or
     `whole(subnet)`)."""
@@ -115,6 +115,52 @@ def test_parts_cut_out_of_one_export_are_the_graphs_of_the_parts_exported_alone(
     inputs = part_inputs(sub, SHAPE)
     for j, graph in zip(picked, cut):
         assert ops(graph) == ops(timing._onnx_bytes(pieces[j].eval(), torch.randn(1, *inputs[j]))), j
+
+
+def test_a_subnet_chained_from_parts_of_other_exports_is_its_own_export_and_computes_its_parts(monkeypatch):
+    """onnxruntime: a per-block config of the least depth, not exported: its graph is the chain of parts cut out of
+    two other subnets' exports, with the operators and attributes of its own export, in order, and the output of
+    those parts run one after another in PyTorch."""
+    import numpy as np
+    import onnx
+    import onnxruntime
+
+    from ofa.deploy import timing
+    from ofa.model import Subnet, SubnetConfig
+
+    exported, timed = [], []
+    monkeypatch.setattr(subnet_parts, "_export_all", lambda jobs, progress: exported.extend(
+        timing._export_all(jobs, progress)) or exported)
+    monkeypatch.setattr(subnet_parts, "_time_onnx", lambda graphs, threads, progress: timed.extend(graphs) or
+                        [1.0] * len(graphs))
+    net = tiny_net(SEED_SPACE)
+    torch.manual_seed(0)
+    a, b = (Subnet.build(net.arch, c).eval() for c in (net.space.uniform(2, 5, 3, 2), net.space.uniform(2, 7, 3, 4)))
+    mixed = SubnetConfig(kernel=[[5, 7, 0], [7, 5, 0]], depth=[2, 2], width=[[2, 4, 0], [4, 2, 0]])
+    # stem, unit 0's blocks 0 and 1, unit 1's blocks 0 and 1 (parts 4 and 5 of a depth-3 subnet), head
+    chain = [(0, 0), (0, 1), (1, 2), (1, 4), (0, 5), (0, 7)]
+    parts = sorted({*chain, (1, 0)})
+    c = Subnet.build(net.arch, mixed).eval()
+    latency._time_subnets([a, b, c], SHAPE, parts, "onnxruntime", 1, 1, "cpu", chains={2: chain})
+    assert len(exported) == 3  # the overhead's model, a and b: not c
+    chained = timed[3][0]  # the overhead, then a, b and c whole
+
+    def nodes(graph: bytes) -> list[tuple]:
+        return [(n.op_type, sorted((at.name, str(onnx.helper.get_attribute_value(at))) for at in n.attribute
+                                   if at.type != onnx.AttributeProto.TENSOR))
+                for n in onnx.load_model_from_string(graph).graph.node]
+
+    assert nodes(chained) == nodes(timing._onnx_bytes(c, torch.randn(1, *SHAPE)))
+    x = torch.randn(3, *SHAPE)
+    with torch.no_grad():
+        h = x
+        for i, j in chain:
+            h = subnet_parts._parts((a, b)[i])[j](h)
+    session = onnxruntime.InferenceSession(chained, providers=["CPUExecutionProvider"])
+    out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    np.testing.assert_allclose(out, h.numpy(), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="^chains: "):
+        latency._time_subnets([a, b, c], SHAPE, parts, "onnxruntime", 1, 1, "cpu", chains={2: [(1, 3)]})
 
 
 def test_a_table_is_scaled_to_whole_subnets_measured_beside_it(fake_table, monkeypatch):

@@ -4,8 +4,9 @@
 each alone (every block variant: a block position's input shape and stride with each kernel and width, SE where
 the block has it; the stem; the head) and the fixed cost of one inference; ``predict(cfg)`` is that cost plus
 the sum of the config's parts. On onnxruntime each part is cut out of the export of a whole subnet that holds
-it (``covering_configs``, ``_cut``): an export per subnet, none per part. It needs the architecture only, no
-trained weights: on the target machine,
+it (``covering_configs``, ``_cut``): an export per subnet, none per part, and any other subnet timed whole is
+those parts' graphs run one after another (``_chain``). It needs the architecture only, no trained weights: on
+the target machine,
 
     python -m ofa.latency build --arch models/arch.json --out table.json [--runtime ... --threads ...]
 
@@ -146,8 +147,10 @@ class LatencyTable:
         """The table (``build``), and each of `configs` timed whole in the same rounds (milliseconds per batch).
 
         The parts are cut out of the uniform configs at the largest depth (``covering_configs``: every block
-        variant is in one of them), so the subnets exported are those, the calibration's and `configs`, each once
-        (an export costs seconds, its timing a fraction of one).
+        variant is in one of them), so on onnxruntime those four or so are the only subnets exported (an export
+        costs seconds, its timing a fraction of one): every other subnet timed whole, the calibration's and
+        `configs`, is its parts' graphs run one after another (``ofa.deploy.parts._chain``), the operators its own
+        export would have.
         """
         check_runtime(runtime, device)
         start = time.perf_counter()
@@ -159,12 +162,17 @@ class LatencyTable:
         order = list(dict.fromkeys([*covering, *calibration, *configs]))  # covering first: part indices below
         torch.manual_seed(0)
         subnets = [Subnet.build(arch, cfg) for cfg in order]
+
+        def names(cfg: SubnetConfig) -> list[str]:  # a config's parts, in order
+            return ["stem", *_block_keys(arch, shape, cfg), "head"]
+
         wanted: dict[str, tuple[int, int]] = {}  # part name -> (subnet, part): each distinct part once
         for i, cfg in enumerate(covering):
-            for j, name in enumerate(["stem", *_block_keys(arch, shape, cfg), "head"]):
+            for j, name in enumerate(names(cfg)):
                 wanted.setdefault(name, (i, j))
+        chains = {i: [wanted[name] for name in names(cfg)] for i, cfg in enumerate(order) if i >= len(covering)}
         overhead, whole, part_ms = _time_subnets(subnets, shape, list(wanted.values()), runtime, batch_size, threads,
-                                                 device, progress="latency table" if progress else None)
+                                                 device, progress="latency table" if progress else None, chains=chains)
         measured = dict(zip(order, whole))
         part = {name: round(max(0.0, ms - overhead), 5) for name, ms in zip(wanted, part_ms)}  # less the overhead
         table = cls(arch, shape, runtime, runtime_version(runtime), threads, batch_size, device, host(),
