@@ -28,7 +28,7 @@ QUICK_PARAMS := \
 	evaluate.finetune.epochs=1 evaluate.finetune.lr=0.01 evaluate.finetune.images_per_epoch=1500 \
 	'specialize.budgets=[1500000,2000000,2500000,3000000]' specialize.trials=24 \
 	latency.validate=0 \
-	baseline.epochs=1
+	'baseline.configs=[min]' baseline.epochs=1
 
 .PHONY: setup test quick bench
 
