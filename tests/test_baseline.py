@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import committed_params
+from ofa.pipeline import compare
 from ofa.pipeline.baseline import baseline_phase, config_seed, file_name, schedule_length
 from ofa.pipeline.compare import seconds_per_image, totals
 from ofa.pipeline.config import parse_params
@@ -72,3 +73,10 @@ def test_totals_measure_the_trained_and_project_the_rest_of_table_2():
     assert t["alone_over_supernet"] == 1.1 and t["table2_configs"] == 3
     none = totals([], table2, alone, {"train_s": 50.0, "images": 3000})
     assert none["alone"]["projected_s"] is None and "train_s" not in none["alone"]
+    result = {"configs": rows, "totals": t}
+    assert compare.totals_line(result).endswith("(1000 images each; 2 measured, 1 projected from seconds per image "
+                                                "linear in MACs): 1.1x the supernet's")
+    one = totals(rows[:1], table2, alone, {"train_s": 50.0, "images": 3000})  # one config: proportional to MACs
+    assert one["alone"]["projected_s"] == {"c": 40.0, "b": 30.0}
+    assert "(1000 images each; 1 measured, 2 projected in proportion to MACs): 1.6x" in compare.totals_line(
+        {"configs": rows[:1], "totals": one})

@@ -98,9 +98,11 @@ def totals_line(result: dict[str, Any]) -> str:
     line = f"Training time: the supernet's four stages {s['train_s']:.0f} s ({s['images']} images)"
     if "train_s" not in a:
         return f"{line}; no config trained alone (baseline.configs: [])"
+    how = ("from seconds per image linear in MACs" if len({r["macs"] for r in result["configs"]}) > 1
+           else "in proportion to MACs")  # one config measured: no line to fit (seconds_per_image)
     return (f"{line}; Table 2's {t['table2_configs']} configs trained alone {a['train_s']:.0f} s "
             f"({a['images_each']} images each; {len(a['measured_s'])} measured, {len(a['projected_s'])} projected "
-            f"from seconds per image linear in MACs)"
+            f"{how})"
             + (f": {t['alone_over_supernet']:g}x the supernet's" if t.get("alone_over_supernet") else ""))
 
 
