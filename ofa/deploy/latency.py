@@ -147,8 +147,8 @@ class LatencyTable:
         """The table (``build``), and each of `configs` timed whole in the same rounds (milliseconds per batch).
 
         The parts are cut out of the uniform configs at the largest depth (``covering_configs``: every block
-        variant is in one of them), so on onnxruntime those four or so are the only subnets exported (an export
-        costs seconds, its timing a fraction of one): every other subnet timed whole, the calibration's and
+        variant is in one of them), so on onnxruntime those, one per kernel and width, are the only subnets exported
+        (an export costs seconds, its timing a fraction of one): every other subnet timed whole, the calibration's and
         `configs`, is its parts' graphs run one after another (``ofa.deploy.parts._chain``), the operators its own
         export would have.
         """

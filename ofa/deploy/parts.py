@@ -99,12 +99,12 @@ def _time_subnets(subnets: Sequence[Subnet], input_shape: tuple[int, ...], parts
     On onnxruntime a subnet with parts wanted is exported once with every part's output as a graph output, and its
     parts and its whole are cut out of that graph (``_cut``): an export per subnet, none per part. A subnet in
     `chains` (index -> the parts it is made of, in order, each among `parts`) is not exported: its graph is those
-    parts' run one after another (``_chain``). Each part runs on random inputs of the shape it takes in the subnet.
-    The torch runtime runs every subnet whole, as it is.
+    parts' graphs run one after another (``_chain``). Each part runs on random inputs of the shape it takes in the
+    subnet. The torch runtime runs every subnet whole, as it is.
     """
     chains = dict(chains or {})
     split = sorted({i for i, _ in parts})
-    if set(chains) & set(split) or not set(p for chain in chains.values() for p in chain) <= set(parts):
+    if set(chains) & set(split) or not {p for chain in chains.values() for p in chain} <= set(parts):
         raise ValueError("chains: subnets without parts of their own, made of parts among `parts`")
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(batch_size, *input_shape, generator=generator)
