@@ -62,7 +62,12 @@ def main() -> int:
             state.write_text(thawed)
 
     start = time.perf_counter()
-    child = subprocess.Popen(command, preexec_fn=lambda: (group / "cgroup.procs").write_text(str(os.getpid())))
+    try:
+        child = subprocess.Popen(command, preexec_fn=lambda: (group / "cgroup.procs").write_text(str(os.getpid())))
+    except OSError as e:  # no such command: leave no cgroup behind
+        group.rmdir()
+        print(f"error: {command[0]}: {e.strerror}", file=sys.stderr)
+        return 127
     toggler = threading.Thread(target=toggle, daemon=True)
     toggler.start()
     try:
